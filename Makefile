@@ -1,0 +1,60 @@
+# callerid-adopt: the two commands a newcomer needs are `make demo` and `make test`
+# (both as root on a fresh Debian 12 machine; both install what they need).
+
+PY      ?= /usr/bin/python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+LAB     := $(PY) deploy/lab/lab.py
+
+.PHONY: all deps venv proto lint typecheck unit integration test demo lab-up lab-down clean bench
+
+all: venv
+
+deps:
+	bash deploy/install-deps.sh
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Regenerate the checked-in gRPC stubs (tests/unit/test_proto_stubs.py fails when they are stale).
+proto: venv
+	$(VPY) proto/generate.py
+
+lint: venv
+	$(VENV)/bin/ruff check callerid node_agent pam tests deploy proto
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VPY) tests/run_pytest.py tests/unit
+
+integration: deps venv
+	$(VPY) tests/run_pytest.py tests/integration
+
+# The test command (.ci/run calls exactly this): installs everything, then lint,
+# type check, unit tests and the root-only lab integration tests.
+test: deps venv
+	$(MAKE) lint typecheck
+	$(VPY) tests/run_pytest.py tests/unit tests/integration
+
+# The demo: brings up a multi-node lab, shows jobs and the caller-ID chain across nodes, tears down.
+demo: deps venv
+	$(PY) deploy/lab/demo.py --venv $(abspath $(VENV))
+
+lab-up: deps venv
+	$(LAB) up --venv $(abspath $(VENV))
+
+lab-down:
+	$(LAB) down
+
+bench: deps venv
+	$(PY) tests/benchmarks/bench_callerid.py --venv $(abspath $(VENV))
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

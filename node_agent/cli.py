@@ -1,0 +1,338 @@
+"""Command-line entry points: `node-agent` and `adoptctl`.
+
+Both are thin `main(argv)` functions over node_agent.server and node_agent.client.
+One error handler (`_cli`) prints `prog: Category: message` and maps errors to exit
+codes: 1 for an operational failure, 2 for bad arguments or configuration, 130 on
+Ctrl-C; a closed pipe (`adoptctl jobs | head`) is silent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import TextIO
+
+import grpc
+
+from callerid import Endpoint
+from node_agent import config as config_mod
+from node_agent.auth import Authenticator, MungeAuthenticator
+from node_agent.client import AgentClient, target_of
+from node_agent.errors import AuthError
+from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.server import StartupError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + 2
+
+_CATEGORIES = {
+    grpc.StatusCode.UNAVAILABLE: "Agent unreachable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "Timeout",
+    grpc.StatusCode.PERMISSION_DENIED: "Permission denied",
+    grpc.StatusCode.UNAUTHENTICATED: "Authentication failed",
+    grpc.StatusCode.NOT_FOUND: "Not found",
+    grpc.StatusCode.ALREADY_EXISTS: "Already exists",
+    grpc.StatusCode.INVALID_ARGUMENT: "Invalid argument",
+    grpc.StatusCode.FAILED_PRECONDITION: "Failed",
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+class CliError(Exception):
+    """An operational failure detected by the CLI itself: `prog: category: message`."""
+
+    def __init__(self, category: str, message: str) -> None:
+        super().__init__(message)
+        self.category = category
+
+
+def _cli(prog: str, body: Callable[[], int], err: TextIO) -> int:
+    """Run a CLI body with the shared error handling."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Silence the flush at exit too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
+    except (UsageError, config_mod.ConfigError) as e:
+        print(f"{prog}: {'Configuration' if isinstance(e, config_mod.ConfigError) else 'Usage'}:"
+              f" {e}", file=err)
+        return EXIT_USAGE
+    except grpc.RpcError as e:
+        code = e.code()  # type: ignore[attr-defined]
+        details = e.details() or code.name  # type: ignore[attr-defined]
+        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
+            details = f"no agent answers ({details})"
+        print(f"{prog}: {_CATEGORIES.get(code, 'Error')}: {details}", file=err)
+        return EXIT_FAILURE
+    except CliError as e:
+        print(f"{prog}: {e.category}: {e}", file=err)
+        return EXIT_FAILURE
+    except AuthError as e:
+        print(f"{prog}: MUNGE: {e}", file=err)
+        return EXIT_FAILURE
+    except StartupError as e:
+        print(f"{prog}: Cannot start: {e}", file=err)
+        return EXIT_FAILURE
+    except ValueError as e:
+        print(f"{prog}: Invalid argument: {e}", file=err)
+        return EXIT_USAGE
+
+
+# -- node-agent ---------------------------------------------------------------------------
+
+def agent_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="node-agent",
+        description="The callerid-adopt node agent: answers caller-ID questions, keeps the "
+                    "native job registry, and (later) admits ssh logins and ssh-to-job "
+                    "sessions. Runs as root, one per compute node.",
+    )
+    parser.add_argument("--config", default=config_mod.DEFAULT_PATH,
+                        help="configuration file (default: %(default)s)")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration and munged, then exit")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from node_agent import server
+
+        cfg = config_mod.load(args.config)
+        logging.basicConfig(
+            level=cfg.log_level.upper(), stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if args.check:
+            MungeAuthenticator(cfg.munge.socket, cfg.munge.library).self_test()
+            print(f"node-agent: {args.config}: OK")
+            return 0
+        server.run(cfg)
+        return 0
+
+    return _cli("node-agent", body, sys.stderr)
+
+
+# -- adoptctl -----------------------------------------------------------------------------
+
+ADOPTCTL_EPILOG = """\
+examples:
+  adoptctl jobs
+  adoptctl job run --id 42 --user alice -- mpirun ./a.out
+  adoptctl job end 42
+  adoptctl whois 10.0.0.11:41234 10.0.0.12:22      # which job on 10.0.0.11 owns it?
+
+whois is the equivalent of Slurm's `scontrol callerid`: give the connection as the
+destination sees it (SSH_CONNECTION order: source address and port, then destination);
+the agent on the source node answers, or the one given with --node.
+"""
+
+
+def _client(args: argparse.Namespace, cfg: config_mod.AgentConfig,
+            node: str | None = None, auth: Authenticator | None = None) -> AgentClient:
+    auth = auth or MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
+    if node:
+        target = target_of(node, cfg.port)
+    elif args.agent:
+        target = target_of(args.agent, cfg.port)
+    else:
+        target = f"unix:{cfg.socket}"
+    return AgentClient(target, auth, timeout=args.timeout)
+
+
+def _fmt_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
+
+
+def _print_jobs(reply: pb.ListJobsReply, out: TextIO, as_json: bool) -> None:
+    if as_json:
+        json.dump([{"id": j.id, "user": j.user, "uid": j.uid, "state": j.state,
+                    "main_pid": j.main_pid or None, "start_time": j.start_time,
+                    "node": j.node, "cgroups": list(j.cgroups), "pids": list(j.pids)}
+                   for j in reply.jobs], out, indent=2)
+        out.write("\n")
+        return
+    rows = [("JOBID", "USER", "STATE", "MAIN_PID", "NPROCS", "STARTED")]
+    for j in reply.jobs:
+        rows.append((j.id, j.user, j.state, str(j.main_pid or "-"), str(len(j.pids)),
+                     _fmt_time(j.start_time)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _print_whois(reply: pb.CallerIdReply, src: Endpoint, dst: Endpoint, asked: str,
+                 out: TextIO, as_json: bool) -> None:
+    found = reply.outcome == pb.CallerIdReply.FOUND
+    if as_json:
+        json.dump({"connection": {"src": str(src), "dst": str(dst)}, "node": reply.node,
+                   "asked": asked, "found": found, "job_id": reply.job_id or None,
+                   "user": reply.user or None, "uid": reply.uid if found else None,
+                   "pid": reply.pid or None, "method": reply.method,
+                   "steps": [{"name": s.name, "detail": s.detail, "micros": s.micros}
+                             for s in reply.steps]}, out, indent=2)
+        out.write("\n")
+        return
+    out.write(f"connection  {src} -> {dst}\n")
+    out.write(f"asked       {reply.node or '?'} ({asked})\n")
+    if found:
+        out.write(f"job         {reply.job_id}\n")
+        out.write(f"user        {reply.user} (uid {reply.uid})\n")
+    else:
+        out.write("job         unknown (no such connection, not in a job, or not yours)\n")
+    out.write(f"pid         {reply.pid or 'unknown'}\n")
+    out.write(f"method      {reply.method}\n")
+    if reply.steps:
+        out.write("steps\n")
+        width = max(len(s.name) for s in reply.steps)
+        for s in reply.steps:
+            out.write(f"  {s.name.ljust(width)}  {s.detail}  ({s.micros:.1f} us)\n")
+
+
+def _parse_env(items: Sequence[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--env expects NAME=VALUE, got {item!r}")
+        env[key] = value
+    return env
+
+
+def adoptctl_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="adoptctl",
+        description="Talk to the callerid-adopt node agent: jobs of the native registry, "
+                    "and which job owns a connection.",
+        epilog=ADOPTCTL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="agent configuration to read the socket, port and MUNGE "
+                   f"socket from (default: ${config_mod.ENV_VAR}, then {config_mod.DEFAULT_PATH})")
+    p.add_argument("--agent", metavar="TARGET",
+                   help="agent to ask: unix:/path, HOST or HOST:PORT (default: this node's)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="deadline of each call in seconds (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    jobs = sub.add_parser("jobs", help="list the jobs on the node")
+    jobs.add_argument("--user", default="", help="only this user's jobs")
+    jobs.add_argument("--json", action="store_true")
+
+    job = sub.add_parser("job", help="manage jobs of the native registry (root)")
+    jsub = job.add_subparsers(dest="job_command", metavar="ACTION", required=True)
+    run = jsub.add_parser("run", help="create the job and start CMD as USER inside it",
+                          description="Create job ID (its cgroups on this node) and start CMD as "
+                          "USER inside it. The job ends when CMD exits, or with `adoptctl job "
+                          "end`. The same ID may run on several nodes.")
+    start = jsub.add_parser("start", help="create the job without a command (scheduler prolog); "
+                            "attach processes with `adoptctl job attach`")
+    for sp in (run, start):
+        sp.add_argument("--id", required=True, dest="job_id", help="job id")
+        sp.add_argument("--user", required=True, help="the job's user")
+    run.add_argument("--cwd", default="", help="working directory (default: the user's home)")
+    run.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                     help="environment variable for CMD (repeatable)")
+    run.add_argument("--output", default="", metavar="FILE",
+                     help="file for CMD's stdout and stderr, opened as USER (default: /dev/null)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    attach = jsub.add_parser("attach", help="move a process (and its future children) into a job")
+    attach.add_argument("job_id", metavar="ID")
+    attach.add_argument("pid", type=int)
+    end = jsub.add_parser("end", help="kill every process of the job, remove its cgroups")
+    end.add_argument("job_id", metavar="ID")
+    end.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                     help="how long to wait for the processes to die (default: %(default)s)")
+    show = jsub.add_parser("show", help="one job, with its processes and cgroups")
+    show.add_argument("job_id", metavar="ID")
+    show.add_argument("--json", action="store_true")
+
+    whois = sub.add_parser("whois", help="which job owns a TCP connection (scontrol callerid)",
+                           description="Ask the agent on the source node which job owns the "
+                           "connection SRC -> DST (as in SSH_CONNECTION), and how it found out.")
+    whois.add_argument("src", metavar="SRC_IP:PORT", help="the connecting side (IPv6 as [addr]:port)")
+    whois.add_argument("dst", metavar="DST_IP:PORT", help="the accepting side")
+    whois.add_argument("--node", metavar="HOST",
+                       help="ask this node's agent (default: the agent at SRC_IP)")
+    whois.add_argument("--json", action="store_true")
+    return p
+
+
+def adoptctl_main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+                  err: TextIO | None = None, authenticator: Authenticator | None = None) -> int:
+    """`adoptctl`; tests pass argv, streams and a fake authenticator."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = adoptctl_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+    def body() -> int:
+        cfg = config_mod.find(args.config)
+        if args.command == "jobs":
+            with _client(args, cfg, auth=authenticator) as c:
+                _print_jobs(c.list_jobs(user=args.user, with_pids=True), out, args.json)
+            return 0
+        if args.command == "whois":
+            try:
+                src, dst = Endpoint.parse(args.src), Endpoint.parse(args.dst)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            node = args.node or (f"[{src.ip}]" if src.ip.version == 6 else str(src.ip))
+            with _client(args, cfg, node=node, auth=authenticator) as c:
+                reply = c.whois(AgentClient.connection(str(src.ip), src.port, str(dst.ip),
+                                                       dst.port))
+                _print_whois(reply, src, dst, c.target, out, args.json)
+            return 0 if reply.outcome == pb.CallerIdReply.FOUND else EXIT_FAILURE
+        # job ...
+        jc = args.job_command
+        with _client(args, cfg, auth=authenticator) as c:
+            if jc in ("run", "start"):
+                cmd = list(getattr(args, "cmd", []) or [])
+                if cmd and cmd[0] == "--":
+                    cmd = cmd[1:]
+                if jc == "run" and not cmd:
+                    raise UsageError("job run needs a command after --")
+                j = c.start_job(args.job_id, args.user, cmd,
+                                cwd=getattr(args, "cwd", ""),
+                                env=_parse_env(getattr(args, "env", [])),
+                                output=getattr(args, "output", ""))
+                what = f"main pid {j.main_pid}: {shlex.join(cmd)}" if cmd else "no command"
+                out.write(f"job {j.id} of {j.user} started on {j.node}, {what}\n")
+            elif jc == "attach":
+                j = c.attach(args.job_id, args.pid)
+                out.write(f"pid {args.pid} attached to job {j.id} on {j.node}\n")
+            elif jc == "end":
+                reply = c.end_job(args.job_id, timeout=args.wait)
+                out.write(f"job {reply.job.id} ended on {reply.job.node}: "
+                          f"{reply.killed} processes killed\n")
+            elif jc == "show":
+                reply = c.list_jobs(job_id=args.job_id, with_pids=True)
+                if not reply.jobs:
+                    raise CliError("Not found", f"no job {args.job_id} on {reply.node} "
+                                   "(or not yours)")
+                if args.json:
+                    _print_jobs(reply, out, True)
+                else:
+                    j = reply.jobs[0]
+                    out.write(f"job         {j.id}\nuser        {j.user} (uid {j.uid})\n"
+                              f"node        {j.node}\nstate       {j.state}\n"
+                              f"started     {_fmt_time(j.start_time)}\n"
+                              f"main pid    {j.main_pid or '-'}\n"
+                              f"pids        {' '.join(map(str, j.pids)) or '-'}\n")
+                    for cg in j.cgroups:
+                        out.write(f"cgroup      {cg}\n")
+        return 0
+
+    return _cli("adoptctl", body, err)

@@ -1,0 +1,106 @@
+"""A client of the node agent, used by the CLIs and by other agents.
+
+Every call carries a fresh MUNGE credential (node_agent.auth.CredentialPlugin) and a
+deadline. Targets are "unix:/path", an IP literal with a port, or a host name that is
+resolved here with the system resolver (/etc/hosts first), so that gRPC never does a
+DNS lookup of its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+
+import grpc
+
+from node_agent.auth import Authenticator, CredentialPlugin
+from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.proto.v1 import agent_pb2_grpc
+
+
+def grpc_target(host: str, port: int) -> str:
+    """An explicit ipv4:/ipv6: target for a host name or IP literal (no DNS from gRPC)."""
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            raise ValueError(f"cannot resolve node name {host!r}: {e.strerror}") from None
+        ip = ipaddress.ip_address(infos[0][4][0])
+    if ip.version == 6:
+        return f"ipv6:[{ip}]:{port}"
+    return f"ipv4:{ip}:{port}"
+
+
+def target_of(spec: str, default_port: int) -> str:
+    """'unix:/p', 'HOST', 'HOST:PORT', '[v6]:PORT' or 'v6' -> a gRPC target."""
+    if spec.startswith("unix:"):
+        return spec
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        return grpc_target(host, int(rest[1:]) if rest.startswith(":") else default_port)
+    if spec.count(":") == 1:
+        host, port = spec.split(":")
+        return grpc_target(host, int(port))
+    return grpc_target(spec, default_port)
+
+
+class AgentClient:
+    """Typed calls to one agent. Use as a context manager, or call close()."""
+
+    def __init__(self, target: str, authenticator: Authenticator, timeout: float = 5.0) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.intercept_channel(
+            grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]),
+            CredentialPlugin(authenticator),
+        )
+        self.stub = agent_pb2_grpc.NodeAgentStub(self._channel)
+
+    def __enter__(self) -> AgentClient:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @staticmethod
+    def connection(src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> pb.Connection:
+        return pb.Connection(src_ip=src_ip, src_port=src_port, dst_ip=dst_ip, dst_port=dst_port)
+
+    def caller_id(self, conn: pb.Connection, want_pid: bool = False,
+                  timeout: float | None = None) -> pb.CallerIdReply:
+        return self.stub.CallerId(pb.CallerIdRequest(connection=conn, want_pid=want_pid),
+                                  timeout=timeout or self.timeout)
+
+    def whois(self, conn: pb.Connection, timeout: float | None = None) -> pb.CallerIdReply:
+        return self.stub.Whois(pb.CallerIdRequest(connection=conn, want_pid=True),
+                               timeout=timeout or self.timeout)
+
+    def list_jobs(self, user: str = "", job_id: str = "", with_pids: bool = False,
+                  ) -> pb.ListJobsReply:
+        return self.stub.ListJobs(
+            pb.ListJobsRequest(user=user, job_id=job_id, with_pids=with_pids),
+            timeout=self.timeout)
+
+    def start_job(self, job_id: str, user: str, argv: Sequence[str] = (), *, cwd: str = "",
+                  env: Mapping[str, str] | None = None, output: str = "") -> pb.Job:
+        return self.stub.StartJob(
+            pb.StartJobRequest(job_id=job_id, user=user, argv=list(argv), cwd=cwd,
+                               env=dict(env or {}), output=output),
+            timeout=self.timeout).job
+
+    def attach(self, job_id: str, pid: int) -> pb.Job:
+        return self.stub.AttachToJob(pb.AttachToJobRequest(job_id=job_id, pid=pid),
+                                     timeout=self.timeout).job
+
+    def end_job(self, job_id: str, timeout: float = 10.0) -> pb.EndJobReply:
+        return self.stub.EndJob(pb.EndJobRequest(job_id=job_id, timeout=timeout),
+                                timeout=max(self.timeout, timeout + 5))

@@ -1,0 +1,186 @@
+"""The agent's configuration file (TOML), shared by the agent and its CLIs.
+
+The agent reads `/etc/callerid-adopt/agent.toml` (or `--config FILE`). The CLIs read the
+same file for the local socket path, the peers' port and the MUNGE socket; they look for
+it in this order: `--config`, `$CALLERID_ADOPT_CONFIG`, `/etc/callerid-adopt/agent.toml`,
+and fall back to the built-in defaults when none exists.
+
+A bad file is refused with one message naming the file and the key
+(`ConfigError`); unknown keys are errors too, so a typo cannot silently turn a
+setting back to its default. deploy/agent.toml.example documents every key.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from callerid import CgroupConfig
+
+DEFAULT_PATH = "/etc/callerid-adopt/agent.toml"
+ENV_VAR = "CALLERID_ADOPT_CONFIG"
+DEFAULT_PORT = 7011
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+@dataclass(frozen=True)
+class MungeConfig:
+    socket: str = "/run/munge/munge.socket.2"
+    library: str = "libmunge.so.2"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str = field(default_factory=socket.gethostname)
+    # TCP addresses the gRPC service listens on ("10.0.0.1:7011", "[fd00::1]:7011").
+    listen: tuple[str, ...] = ()
+    # The local gRPC socket (CLIs on this node use it).
+    socket: str = "/run/callerid-adopt/agent.sock"
+    # The port other nodes' agents listen on (caller-ID questions go to <source ip>:port).
+    port: int = DEFAULT_PORT
+    state_dir: str = "/var/lib/callerid-adopt"
+    # Besides root, these uids may learn about any job and manage the native registry.
+    admin_uids: tuple[int, ...] = ()
+    log_level: str = "info"
+    # Prometheus metrics endpoint ("host:port"); "" disables it.
+    metrics_listen: str = ""
+    procfs: str = "/proc"
+    # Use netlink sock_diag for caller-ID lookups (else the /proc/net/tcp scan).
+    use_netlink: bool = True
+    # Deadline of every call to another agent, in seconds.
+    rpc_timeout: float = 2.0
+    # gRPC worker threads.
+    max_workers: int = 16
+    munge: MungeConfig = field(default_factory=MungeConfig)
+    cgroup: CgroupConfig = field(default_factory=CgroupConfig)
+    # Where the file came from ("" for built-in defaults), for messages.
+    path: str = ""
+
+
+def _expect(where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # TOML booleans are Python bools, and bool is a subclass of int: `port = true`
+    # must not pass as port 1.
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    return value
+
+
+def _str_list(where: str, value: Any) -> tuple[str, ...]:
+    _expect(where, value, list, "a list of strings")
+    for item in value:
+        _expect(where, item, str, "a list of strings")
+    return tuple(value)
+
+
+def _check_hostport(where: str, text: str) -> None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where}: expected HOST:PORT (IPv6 as [addr]:port), got {text!r}")
+
+
+def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
+    """Build an AgentConfig from parsed TOML, checking every key and type."""
+    data = dict(data)
+    kw: dict[str, Any] = {"path": path}
+    munge = data.pop("munge", {})
+    cgroup = data.pop("cgroup", {})
+    simple: dict[str, tuple[type | tuple[type, ...], str]] = {
+        "node_name": (str, "a string"),
+        "socket": (str, "a path"),
+        "port": (int, "a port number"),
+        "state_dir": (str, "a path"),
+        "log_level": (str, "one of " + ", ".join(LOG_LEVELS)),
+        "metrics_listen": (str, "HOST:PORT or an empty string"),
+        "procfs": (str, "a path"),
+        "use_netlink": (bool, "true or false"),
+        "rpc_timeout": ((int, float), "a number of seconds"),
+        "max_workers": (int, "a number of threads"),
+    }
+    for key, value in data.items():
+        where = f"{path}: {key}"
+        if key == "listen":
+            kw["listen"] = _str_list(where, value)
+            for item in kw["listen"]:
+                _check_hostport(where, item)
+        elif key == "admin_uids":
+            _expect(where, value, list, "a list of uids")
+            for uid in value:
+                _expect(where, uid, int, "a list of uids")
+            kw["admin_uids"] = tuple(value)
+        elif key in simple:
+            kind, what = simple[key]
+            kw[key] = _expect(where, value, kind, what)
+        else:
+            raise ConfigError(f"{where}: unknown setting")
+    if kw.get("log_level", "info") not in LOG_LEVELS:
+        raise ConfigError(f"{path}: log_level: expected one of {', '.join(LOG_LEVELS)}")
+    if not 0 < kw.get("port", DEFAULT_PORT) < 65536:
+        raise ConfigError(f"{path}: port: expected 1..65535")
+    if kw.get("rpc_timeout", 1.0) <= 0:
+        raise ConfigError(f"{path}: rpc_timeout: expected a positive number of seconds")
+    if kw.get("max_workers", 1) < 1:
+        raise ConfigError(f"{path}: max_workers: expected at least 1")
+    if kw.get("metrics_listen"):
+        _check_hostport(f"{path}: metrics_listen", kw["metrics_listen"])
+
+    _expect(f"{path}: [munge]", munge, dict, "a table")
+    mkw: dict[str, Any] = {}
+    for key, value in munge.items():
+        if key not in ("socket", "library"):
+            raise ConfigError(f"{path}: munge.{key}: unknown setting")
+        mkw[key] = _expect(f"{path}: munge.{key}", value, str, "a string")
+    kw["munge"] = MungeConfig(**mkw)
+
+    _expect(f"{path}: [cgroup]", cgroup, dict, "a table")
+    ckw: dict[str, Any] = {}
+    for key, value in cgroup.items():
+        where = f"{path}: cgroup.{key}"
+        if key in ("v1", "v2_controllers"):
+            ckw[key] = _str_list(where, value)
+        elif key == "v2":
+            ckw[key] = _expect(where, value, bool, "true or false")
+        elif key in ("mount_root", "subtree"):
+            ckw[key] = _expect(where, value, str, "a string")
+        else:
+            raise ConfigError(f"{where}: unknown setting")
+    subtree = ckw.get("subtree", "callerid")
+    if not subtree or subtree.startswith("/") or ".." in subtree.split("/"):
+        raise ConfigError(f"{path}: cgroup.subtree: expected a relative path without '..'")
+    kw["cgroup"] = CgroupConfig(**ckw)
+    return AgentConfig(**kw)
+
+
+def load(path: str | os.PathLike[str]) -> AgentConfig:
+    """Read and check one configuration file."""
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such configuration file") from None
+    except PermissionError:
+        raise ConfigError(f"{p}: permission denied") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse(data, str(p))
+
+
+def find(explicit: str | None = None, required: bool = False) -> AgentConfig:
+    """The CLIs' search order: explicit path, $CALLERID_ADOPT_CONFIG, /etc, defaults."""
+    if explicit:
+        return load(explicit)
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return load(env)
+    if Path(DEFAULT_PATH).exists() or required:
+        return load(DEFAULT_PATH)
+    return AgentConfig()

@@ -1,0 +1,69 @@
+"""The agent's error catalog: each domain error maps to one gRPC status and a public message.
+
+Servicers raise these; `node_agent.service` turns them into `context.abort(code, message)`
+in one place. The CLIs map the status codes back to a category and exit code
+(`node_agent.cli`). Errors from the `callerid` library are mapped here too.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+import callerid
+
+
+class AgentError(Exception):
+    """Base of the agent's errors; `code` is the gRPC status the client sees."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class AuthError(AgentError):
+    """A credential could not be made or verified (or munged is unreachable)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+    def __init__(self, message: str, *, unavailable: bool = False,
+                 replayed: bool = False) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+        self.replayed = replayed
+
+
+class InvalidRequest(AgentError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class PermissionDenied(AgentError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class JobNotFound(AgentError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, job_id: str, node: str) -> None:
+        super().__init__(f"no job {job_id} on {node}")
+
+
+class JobExists(AgentError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+    def __init__(self, job_id: str, node: str) -> None:
+        super().__init__(f"job {job_id} already exists on {node}")
+
+
+class JobStartFailed(AgentError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and public message for an exception raised while serving."""
+    if isinstance(exc, AgentError):
+        return exc.code, str(exc)
+    if isinstance(exc, callerid.InvalidJobId):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, callerid.CgroupError):
+        return grpc.StatusCode.INTERNAL, f"cgroup operation failed: {exc}"
+    if isinstance(exc, ValueError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error (see the agent's log)"

@@ -1,0 +1,51 @@
+"""Start a job's main process: join the job's cgroups, drop to the user, exec.
+
+The agent runs this file with `python -I -S launch.py` (stdlib only, no site-packages,
+so it starts fast and cannot be influenced by the environment) instead of using
+`preexec_fn`, which is unsafe in the multi-threaded gRPC server. The spec arrives as
+JSON on fd 3; anything that goes wrong before exec is written to fd 4, which is
+close-on-exec, so the agent reads EOF on success and a message on failure.
+
+Order matters: the process writes itself into every cgroup *before* it execs, so the
+job's first instruction already runs inside the job, and no child can escape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    status_fd = 4
+    os.set_inheritable(status_fd, False)
+    try:
+        with os.fdopen(3, "rb") as f:
+            spec = json.load(f)
+        pid = str(os.getpid())
+        for procs in spec["cgroup_procs"]:
+            with open(procs, "w") as f:
+                f.write(pid)
+        os.setgroups(spec["groups"])
+        os.setgid(spec["gid"])
+        os.setuid(spec["uid"])
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        out = os.open(spec["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        for fd in (null, out):
+            if fd > 2:
+                os.close(fd)
+        os.chdir(spec["cwd"])
+        os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+    except BaseException as e:  # report anything, then die without running the job
+        try:
+            os.write(status_fd, f"{type(e).__name__}: {e}".encode()[:4000])
+        finally:
+            os._exit(127)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

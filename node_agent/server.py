@@ -1,0 +1,145 @@
+"""Build and run the node agent.
+
+`create_server()` builds a gRPC server with every service and interceptor and binds it;
+it does not start it (tests bind port 0 and start/stop it themselves). `run()` is the
+daemon: it checks the configuration and munged, recovers the job registry, serves,
+tells systemd it is ready (Type=notify) and stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Sequence
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from callerid import CgroupLayout, Resolver
+from node_agent import metrics
+from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator
+from node_agent.config import AgentConfig
+from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
+from node_agent.registry import JobRegistry
+from node_agent.service import NodeAgentServicer
+
+log = logging.getLogger("node_agent")
+
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
+
+
+class StartupError(RuntimeError):
+    """The agent cannot start; the message says why and what to do."""
+
+
+def create_server(servicer: NodeAgentServicer, authenticator: Authenticator,
+                  addresses: Sequence[str], *, max_workers: int = 16,
+                  ) -> tuple[grpc.Server, list[int]]:
+    """A bound, not yet started server. Returns it and the port bound for each address
+    (0 for unix: addresses); "host:0" binds an ephemeral port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=[metrics.MetricsInterceptor(), AuthInterceptor(authenticator)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    ports = []
+    for addr in addresses:
+        try:
+            port = server.add_insecure_port(addr)
+        except RuntimeError as e:
+            raise StartupError(f"cannot listen on {addr}: {e}") from None
+        if port == 0 and not addr.startswith("unix:"):
+            raise StartupError(f"cannot listen on {addr} (address in use or not on this node?)")
+        ports.append(port)
+    return server, ports
+
+
+def sd_notify(state: str) -> None:
+    """The sd_notify(3) protocol with the stdlib: one datagram to $NOTIFY_SOCKET."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    # Like sd_notify(3), a manager that went away is not an error.
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.debug("sd_notify(%r) to %s: %s", state.split("\n")[0], path, e)
+
+
+def _prepare_socket(path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        if stat.S_ISSOCK(p.lstat().st_mode):
+            p.unlink()  # stale, from a previous run (we hold the pid file lock via systemd)
+        else:
+            raise StartupError(f"{p} exists and is not a socket; refusing to replace it")
+    except FileNotFoundError:
+        pass
+
+
+def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None:
+    """Run the agent until SIGTERM/SIGINT."""
+    if os.geteuid() != 0:
+        raise StartupError("the node agent must run as root (it creates cgroups and reads "
+                           "other users' /proc/<pid>/fd)")
+    auth = authenticator or MungeAuthenticator(config.munge.socket, config.munge.library)
+    if isinstance(auth, MungeAuthenticator):
+        auth.self_test()
+    try:
+        layout = CgroupLayout.discover(config.cgroup, procfs=config.procfs)
+    except Exception as e:
+        raise StartupError(f"cgroups: {e}") from None
+    registry = JobRegistry(config.state_dir, layout, node=config.node_name,
+                           procfs=config.procfs)
+    registry.recover()
+    registry.start_watcher()
+    metrics.JOBS.set(len(registry.list()))
+    resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
+    servicer = NodeAgentServicer(node=config.node_name, resolver=resolver, registry=registry,
+                                 admin_uids=config.admin_uids)
+    _prepare_socket(config.socket)
+    addresses = [f"unix:{config.socket}", *config.listen]
+    server, _ = create_server(servicer, auth, addresses, max_workers=config.max_workers)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server.start()
+    # Anyone may connect; every call is authenticated with MUNGE.
+    os.chmod(config.socket, 0o666)
+    if config.metrics_listen:
+        try:
+            metrics.serve(config.metrics_listen)
+        except OSError as e:
+            server.stop(0)
+            raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {e}") from None
+    log.info("node agent for %s serving on %s (%d jobs)%s", config.node_name,
+             ", ".join(addresses), len(registry.list()),
+             f", metrics on {config.metrics_listen}" if config.metrics_listen else "")
+    sd_notify(f"READY=1\nSTATUS=serving {len(registry.list())} jobs\nMAINPID={os.getpid()}")
+    try:
+        stop.wait()
+    finally:
+        sd_notify("STOPPING=1")
+        log.info("stopping")
+        server.stop(grace=5).wait()
+        registry.close()
+        resolver.close()

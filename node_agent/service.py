@@ -1,0 +1,181 @@
+"""The NodeAgent gRPC servicer: thin over the callerid resolver and the job registry.
+
+Authorization follows slurmd's caller-ID handler: root and the configured admin uids
+may learn about any connection and manage the registry; anyone else learns only about
+connections and jobs of their own. A question about somebody else's connection is
+answered UNKNOWN, exactly as a connection that does not exist, and the agent logs a
+security line. Domain errors become gRPC statuses in one place (`_serve`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+import callerid
+from callerid import Connection, Endpoint, Resolution, Resolver
+from node_agent import metrics
+from node_agent.auth import Identity, current_identity
+from node_agent.errors import InvalidRequest, JobNotFound, PermissionDenied, status_for
+from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.proto.v1 import agent_pb2_grpc
+from node_agent.registry import JobRecord, JobRegistry
+
+log = logging.getLogger("node_agent.service")
+security = logging.getLogger("node_agent.security")
+
+R = TypeVar("R")
+
+
+def _serve(fn: Callable[..., R]) -> Callable[..., R]:
+    """Turn the agent's exceptions into a status code and a public message."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> R:
+        try:
+            return fn(self, request, context)
+        except Exception as e:  # one catalog: node_agent.errors.status_for
+            code, message = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", fn.__name__)
+            else:
+                log.info("%s refused: %s", fn.__name__, message)
+            context.abort(code, message)
+            raise  # not reached: abort raises
+
+    return wrapper
+
+
+def connection_from_pb(msg: pb.Connection) -> Connection:
+    """Validate a request's connection; the src/dst -> local/remote swap is callerid's."""
+    try:
+        src = Endpoint(callerid.normalize_ip(msg.src_ip), msg.src_port)
+        dst = Endpoint(callerid.normalize_ip(msg.dst_ip), msg.dst_port)
+    except ValueError as e:
+        raise InvalidRequest(f"invalid connection: {e}") from None
+    if not (src.port and dst.port):
+        raise InvalidRequest("invalid connection: ports must be 1..65535")
+    return Connection.from_ssh_connection(src, dst)
+
+
+def job_to_pb(rec: JobRecord, registry: JobRegistry, with_pids: bool = False) -> pb.Job:
+    j = rec.job
+    return pb.Job(
+        id=j.id, user=j.user, uid=j.uid, gid=j.gid, start_time=j.start_time,
+        main_pid=j.main_pid or 0, state=rec.state, node=registry.node,
+        cgroups=registry.cgroup_names(j.id),
+        pids=registry.pids(j.id) if with_pids else [],
+    )
+
+
+class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
+    def __init__(self, *, node: str, resolver: Resolver, registry: JobRegistry,
+                 admin_uids: tuple[int, ...] = ()) -> None:
+        self.node = node
+        self.resolver = resolver
+        self.registry = registry
+        self.admin_uids = frozenset((0, *admin_uids))
+
+    def _privileged(self, ident: Identity) -> bool:
+        return ident.uid in self.admin_uids
+
+    def _require_admin(self, ident: Identity, what: str) -> None:
+        if not self._privileged(ident):
+            security.warning("SECURITY: uid %d tried to %s on %s: refused", ident.uid, what,
+                             self.node)
+            raise PermissionDenied(f"only root and admin uids may {what}")
+
+    # -- caller ID -----------------------------------------------------------------------
+    def _answer(self, request: pb.CallerIdRequest, explain: bool) -> pb.CallerIdReply:
+        ident = current_identity()
+        conn = connection_from_pb(request.connection)
+        t0 = time.perf_counter()
+        res: Resolution = self.resolver.resolve(conn, want_pid=explain or request.want_pid)
+        rec = self.registry.get(res.job_id) if res.job_id else None
+        metrics.RESOLVE_SECONDS.observe(time.perf_counter() - t0)
+        owner_uid = rec.job.uid if rec else res.uid
+        if not self._privileged(ident) and owner_uid is not None and owner_uid != ident.uid:
+            # Not yours: the same answer as "no such connection", and a record of the question.
+            security.warning(
+                "SECURITY: uid %d asked %s about %s -> %s, owned by uid %d%s: answered unknown",
+                ident.uid, self.node, conn.local, conn.remote, owner_uid,
+                f" (job {rec.job.id})" if rec else "")
+            metrics.ANSWERS.labels("denied").inc()
+            return pb.CallerIdReply(outcome=pb.CallerIdReply.UNKNOWN, node=self.node,
+                                    method="not-found")
+        reply = pb.CallerIdReply(node=self.node, method=res.method, pid=res.pid or 0,
+                                 uid=res.uid if res.uid is not None else 0)
+        if rec is not None:
+            reply.outcome = pb.CallerIdReply.FOUND
+            reply.job_id = rec.job.id
+            reply.user = rec.job.user
+            reply.uid = rec.job.uid
+            metrics.ANSWERS.labels("found").inc()
+        else:
+            reply.outcome = pb.CallerIdReply.UNKNOWN
+            metrics.ANSWERS.labels("unknown").inc()
+        if explain:
+            reply.steps.extend(pb.Step(name=s.name, detail=s.detail, micros=s.micros)
+                               for s in res.steps)
+        log.debug("caller-id for uid %d: %s -> %s: %s job %s pid %s (%s)", ident.uid,
+                  conn.local, conn.remote, pb.CallerIdReply.Outcome.Name(reply.outcome),
+                  reply.job_id or "-", reply.pid or "-", res.method)
+        return reply
+
+    @_serve
+    def CallerId(self, request: pb.CallerIdRequest,
+                 context: grpc.ServicerContext) -> pb.CallerIdReply:
+        return self._answer(request, explain=False)
+
+    @_serve
+    def Whois(self, request: pb.CallerIdRequest,
+              context: grpc.ServicerContext) -> pb.CallerIdReply:
+        return self._answer(request, explain=True)
+
+    # -- jobs ----------------------------------------------------------------------------
+    @_serve
+    def ListJobs(self, request: pb.ListJobsRequest,
+                 context: grpc.ServicerContext) -> pb.ListJobsReply:
+        ident = current_identity()
+        recs = self.registry.list(request.user or None)
+        if request.job_id:
+            recs = [r for r in recs if r.job.id == request.job_id]
+        if not self._privileged(ident):
+            recs = [r for r in recs if r.job.uid == ident.uid]
+        return pb.ListJobsReply(
+            node=self.node, jobs=[job_to_pb(r, self.registry, request.with_pids) for r in recs])
+
+    @_serve
+    def StartJob(self, request: pb.StartJobRequest,
+                 context: grpc.ServicerContext) -> pb.StartJobReply:
+        self._require_admin(current_identity(), "start jobs")
+        if not request.user:
+            raise InvalidRequest("a job needs a user")
+        rec = self.registry.start(request.job_id, request.user, list(request.argv),
+                                  cwd=request.cwd, env=dict(request.env), output=request.output)
+        metrics.JOBS.set(len(self.registry.list()))
+        return pb.StartJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
+
+    @_serve
+    def AttachToJob(self, request: pb.AttachToJobRequest,
+                    context: grpc.ServicerContext) -> pb.AttachToJobReply:
+        self._require_admin(current_identity(), "attach processes to jobs")
+        callerid.validate_job_id(request.job_id)
+        rec = self.registry.attach(request.job_id, request.pid)
+        return pb.AttachToJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
+
+    @_serve
+    def EndJob(self, request: pb.EndJobRequest,
+               context: grpc.ServicerContext) -> pb.EndJobReply:
+        self._require_admin(current_identity(), "end jobs")
+        callerid.validate_job_id(request.job_id)
+        if self.registry.get(request.job_id) is None:
+            raise JobNotFound(request.job_id, self.node)
+        rec, killed = self.registry.end(request.job_id, timeout=request.timeout or 10.0)
+        metrics.JOBS.set(len(self.registry.list()))
+        return pb.EndJobReply(job=job_to_pb(rec, self.registry), killed=killed)

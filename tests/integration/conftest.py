@@ -1,0 +1,60 @@
+"""Fixtures for the root-only integration tests: the multi-node lab (deploy/lab/lab.py).
+
+One lab for the whole session (bringing it up costs seconds); it is torn down at the
+end even when tests fail or are interrupted. Lab processes run inside the lab's
+namespaces only; the tests talk to them through `lab.run(node, argv)`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "deploy" / "lab"))
+
+import lab as lab_mod  # noqa: E402
+
+PROGS = REPO / "deploy" / "lab" / "progs"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() == 0:
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError("the integration tests need root (CI runs as root)")
+    skip = pytest.mark.skip(reason="needs root: run `sudo make test`")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[lab_mod.Lab]:
+    the_lab = lab_mod.Lab(dir="/run/callerid-lab-it", nodes=2, venv=REPO / ".venv")
+    try:
+        the_lab.up()
+        yield the_lab
+    finally:
+        the_lab.down()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Iterator[Path]:
+    """A directory every lab user can read and write (outputs of jobs, test programs)."""
+    d = Path(tempfile.mkdtemp(prefix="callerid-it-"))
+    d.chmod(0o1777)
+    for prog in PROGS.iterdir():
+        if prog.suffix == ".py":
+            shutil.copy(prog, d / prog.name)
+            (d / prog.name).chmod(0o644)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

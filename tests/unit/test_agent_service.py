@@ -1,0 +1,342 @@
+"""The agent's gRPC service in-process: authentication, authorization, the registry,
+errors, health and reflection, and adoptctl against it.
+
+A real grpc server on 127.0.0.1:0 and a unix socket; a fake authenticator instead of
+munged; a fake resolver (the resolution chain has its own tests); a real JobRegistry
+on a fake cgroup tree under tmp_path.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from callerid import CgroupLayout, Connection, Hierarchy, Resolution, Step
+from node_agent import metrics
+from node_agent.cli import adoptctl_main
+from node_agent.client import AgentClient
+from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.proto.v1 import agent_pb2_grpc
+from node_agent.registry import JobRegistry
+from node_agent.server import create_server
+from node_agent.service import NodeAgentServicer
+from tests.unit.fakes import FakeAuthenticator
+
+ALICE = 1001
+BOB = 1002
+
+
+@dataclass
+class FakeResolver:
+    """Answers from a table: (local, remote) text -> (job id, socket uid, pid)."""
+
+    table: dict[tuple[str, str], tuple[str | None, int, int]] = field(default_factory=dict)
+    asked: list[Connection] = field(default_factory=list)
+
+    def resolve(self, conn: Connection, want_pid: bool = False) -> Resolution:
+        self.asked.append(conn)
+        hit = self.table.get((str(conn.local), str(conn.remote)))
+        if hit is None:
+            return Resolution(conn, None, None, None, None, "not-found",
+                              (Step("sock_diag", "no such connection", 1.0),))
+        job, uid, pid = hit
+        return Resolution(conn, job, pid if want_pid else None, uid, 4242,
+                          "netlink+cgroup-id", (Step("sock_diag", f"inode 4242 uid {uid}", 1.0),
+                                                Step("cgroup-id", f"job {job}", 1.0)))
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Agent:
+    auth: FakeAuthenticator
+    resolver: FakeResolver
+    registry: JobRegistry
+    tcp: str
+    unix: str
+    cgroot: Path
+
+    def client(self, uid: int = 0, unix: bool = False) -> AgentClient:
+        return AgentClient(self.unix if unix else self.tcp, self.auth.as_uid(uid), timeout=5)
+
+
+@pytest.fixture
+def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
+    # The registry looks users up; make alice and bob exist without touching /etc/passwd.
+    import pwd as pwd_mod
+
+    real_getpwnam = pwd_mod.getpwnam
+    users = {"alice": ALICE, "bob": BOB}
+
+    def getpwnam(name: str) -> pwd_mod.struct_passwd:
+        if name in users:
+            uid = users[name]
+            return pwd_mod.struct_passwd((name, "x", uid, uid, "", f"/home/{name}", "/bin/sh"))
+        return real_getpwnam(name)
+
+    monkeypatch.setattr("node_agent.registry.pwd.getpwnam", getpwnam)
+    cgroot = tmp_path / "cgroup"
+    hier = (Hierarchy("freezer", 1, cgroot / "freezer"), Hierarchy("unified", 2, cgroot / "unified"))
+    for h in hier:
+        h.mountpoint.mkdir(parents=True)
+    layout = CgroupLayout(hier, "callerid")
+    registry = JobRegistry(tmp_path / "state", layout, node="testnode", procfs=str(tmp_path / "proc"))
+    registry.recover()
+    resolver = FakeResolver()
+    servicer = NodeAgentServicer(node="testnode", resolver=resolver, registry=registry,  # type: ignore[arg-type]
+                                 admin_uids=(1500,))
+    auth = FakeAuthenticator()
+    sock = tmp_path / "agent.sock"
+    server, ports = create_server(servicer, auth, [f"unix:{sock}", "127.0.0.1:0"])
+    server.start()
+    try:
+        yield Agent(auth, resolver, registry, f"127.0.0.1:{ports[1]}", f"unix:{sock}", cgroot)
+    finally:
+        server.stop(0)
+        registry.close()
+
+
+CONN = AgentClient.connection("10.0.0.1", 40000, "10.0.0.2", 22)
+
+
+def test_caller_id_root_sees_any_job(agent: Agent) -> None:
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("42", ALICE, 777)
+    agent.registry.start("42", "alice")
+    with agent.client(0) as c:
+        reply = c.caller_id(CONN)
+    assert reply.outcome == pb.CallerIdReply.FOUND
+    assert (reply.job_id, reply.user, reply.uid, reply.node) == ("42", "alice", ALICE, "testnode")
+    # The swap: SSH_CONNECTION's src is this node's local end.
+    asked = agent.resolver.asked[-1]
+    assert (str(asked.local), str(asked.remote)) == ("10.0.0.1:40000", "10.0.0.2:22")
+    assert not reply.steps  # only Whois explains
+
+
+def test_caller_id_owner_and_admin_see_it_others_get_unknown(
+        agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("42", ALICE, 777)
+    agent.registry.start("42", "alice")
+    with agent.client(ALICE) as c:
+        assert c.caller_id(CONN).job_id == "42"
+    with agent.client(1500) as c:  # configured admin uid
+        assert c.caller_id(CONN).job_id == "42"
+    caplog.set_level(logging.WARNING, logger="node_agent.security")
+    with agent.client(BOB) as c:
+        reply = c.whois(CONN)
+    assert reply.outcome == pb.CallerIdReply.UNKNOWN
+    assert reply.job_id == "" and reply.pid == 0 and not reply.steps and reply.user == ""
+    lines = [r.getMessage() for r in caplog.records if r.name == "node_agent.security"]
+    assert any("uid 1002" in m and "job 42" in m and "SECURITY" in m for m in lines), lines
+
+
+def test_socket_of_another_user_without_job_is_unknown_too(
+        agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = (None, ALICE, 777)
+    caplog.set_level(logging.WARNING, logger="node_agent.security")
+    with agent.client(BOB) as c:
+        reply = c.whois(CONN)
+    assert reply.outcome == pb.CallerIdReply.UNKNOWN and reply.pid == 0
+    assert any("uid 1002" in r.getMessage() for r in caplog.records)
+
+
+def test_whois_explains_and_finds_pid(agent: Agent) -> None:
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("42", ALICE, 777)
+    agent.registry.start("42", "alice")
+    with agent.client(ALICE, unix=True) as c:
+        reply = c.whois(CONN)
+    assert reply.pid == 777
+    assert [s.name for s in reply.steps] == ["sock_diag", "cgroup-id"]
+
+
+def test_resolved_job_unknown_to_registry_is_unknown(agent: Agent) -> None:
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("99", ALICE, 777)
+    with agent.client(0) as c:
+        assert c.caller_id(CONN).outcome == pb.CallerIdReply.UNKNOWN
+
+
+@pytest.mark.parametrize("conn, needle", [
+    (pb.Connection(src_ip="10.0.0.999", src_port=1, dst_ip="10.0.0.2", dst_port=22), "invalid"),
+    (pb.Connection(src_ip="10.0.0.1", src_port=0, dst_ip="10.0.0.2", dst_port=22), "ports"),
+    (pb.Connection(src_ip="10.0.0.1", src_port=70000, dst_ip="10.0.0.2", dst_port=22), "invalid"),
+    (pb.Connection(), "invalid"),
+])
+def test_malformed_connection_is_invalid_argument(agent: Agent, conn: pb.Connection,
+                                                   needle: str) -> None:
+    with agent.client(0) as c, pytest.raises(grpc.RpcError) as e:
+        c.caller_id(conn)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert needle in e.value.details()
+
+
+def test_ipv4_mapped_is_normalised(agent: Agent) -> None:
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("42", ALICE, 777)
+    agent.registry.start("42", "alice")
+    conn = AgentClient.connection("::ffff:10.0.0.1", 40000, "::ffff:10.0.0.2", 22)
+    with agent.client(0) as c:
+        assert c.caller_id(conn).job_id == "42"
+
+
+def test_calls_without_valid_credentials_are_refused(agent: Agent) -> None:
+    channel = grpc.insecure_channel(agent.tcp)
+    stub = agent_pb2_grpc.NodeAgentStub(channel)
+    req = pb.CallerIdRequest(connection=CONN)
+    method = "/callerid_adopt.v1.NodeAgent/CallerId"
+    with pytest.raises(grpc.RpcError) as e:
+        stub.CallerId(req, timeout=5)
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "no MUNGE credential" in e.value.details()
+    cred = agent.auth.encode(method.encode())
+    stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", cred)])
+    with pytest.raises(grpc.RpcError) as e:  # the same credential again: replay
+        stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", cred)])
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "Replayed" in e.value.details()
+    other = agent.auth.encode(b"/callerid_adopt.v1.NodeAgent/ListJobs")
+    with pytest.raises(grpc.RpcError) as e:  # minted for another method
+        stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", other)])
+    assert "not minted for this method" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", "garbage")])
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    channel.close()
+
+
+def test_health_and_reflection_need_no_credential(agent: Agent) -> None:
+    with grpc.insecure_channel(agent.tcp) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        resp = health.Check(health_pb2.HealthCheckRequest(service="callerid_adopt.v1.NodeAgent"),
+                            timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = list(refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert "callerid_adopt.v1.NodeAgent" in names
+
+
+def test_registry_rpcs_need_root_or_admin(agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="node_agent.security")
+    with agent.client(ALICE) as c:
+        for call in (lambda: c.start_job("7", "alice"), lambda: c.end_job("7"),
+                     lambda: c.attach("7", 1234)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert not list((agent.cgroot / "freezer").rglob("job_7"))
+    assert any("uid 1001 tried to start jobs" in r.getMessage() for r in caplog.records)
+    with agent.client(1500) as c:
+        assert c.start_job("7", "alice").id == "7"
+
+
+@pytest.mark.parametrize("job_id", ["../x", "a/b", "x" * 4096, "a\x00b", "", ".", "..", " x"])
+def test_hostile_job_ids_never_become_paths(agent: Agent, job_id: str) -> None:
+    with agent.client(0) as c, pytest.raises(grpc.RpcError) as e:
+        c.start_job(job_id, "alice")
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "job id" in e.value.details().lower()
+    created = sorted(str(p.relative_to(agent.cgroot)) for p in agent.cgroot.rglob("*"))
+    assert all(p in ("freezer", "unified") for p in created), created
+    assert agent.registry.list() == []
+
+
+def test_job_lifecycle_and_listing(agent: Agent) -> None:
+    with agent.client(0) as c:
+        c.start_job("42", "alice")
+        c.start_job("43", "bob")
+        with pytest.raises(grpc.RpcError) as e:
+            c.start_job("42", "alice")
+        assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.RpcError) as e:
+            c.start_job("44", "no-such-user-here")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "unknown user" in e.value.details()
+        assert [j.id for j in c.list_jobs().jobs] == ["42", "43"]
+        for h in ("freezer", "unified"):
+            assert (agent.cgroot / h / "callerid" / "job_42" / "main").is_dir()
+    with agent.client(ALICE) as c:  # a user sees only their own jobs
+        assert [j.id for j in c.list_jobs().jobs] == ["42"]
+    with agent.client(0) as c:
+        reply = c.end_job("42")
+        assert reply.job.id == "42"
+        assert not (agent.cgroot / "freezer" / "callerid" / "job_42").exists()
+        with pytest.raises(grpc.RpcError) as e:
+            c.end_job("42")
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert [j.id for j in c.list_jobs().jobs] == ["43"]
+
+
+def test_registry_survives_restart(agent: Agent, tmp_path: Path) -> None:
+    agent.registry.start("42", "alice")
+    # A job with a (fake) process in its cgroup is kept across a restart.
+    procs = agent.cgroot / "unified" / "callerid" / "job_42" / "main" / "cgroup.procs"
+    procs.write_text("1\n")
+    again = JobRegistry(tmp_path / "state", agent.registry.layout, node="testnode",
+                        procfs="/proc")
+    again.recover()
+    assert [r.job.id for r in again.list()] == ["42"]
+    again.close()
+
+
+def test_metrics_count_requests_and_answers(agent: Agent) -> None:
+    before = metrics.ANSWERS.labels("unknown")._value.get()
+    with agent.client(0) as c:
+        c.caller_id(CONN)
+    assert metrics.ANSWERS.labels("unknown")._value.get() == before + 1
+    assert metrics.REQUESTS.labels("CallerId", "OK")._value.get() >= 1
+
+
+# -- adoptctl against the in-process agent -------------------------------------------------
+
+def adoptctl(agent: Agent, uid: int, *argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    rc = adoptctl_main(["--agent", agent.tcp.replace("127.0.0.1", "127.0.0.1"), *argv],
+                       out=out, err=err, authenticator=agent.auth.as_uid(uid))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_adoptctl_jobs_and_errors(agent: Agent) -> None:
+    rc, out, err = adoptctl(agent, 0, "job", "start", "--id", "42", "--user", "alice")
+    assert rc == 0 and "job 42 of alice started on testnode" in out, err
+    rc, out, _ = adoptctl(agent, 0, "jobs")
+    assert rc == 0 and out.splitlines()[0].split()[:3] == ["JOBID", "USER", "STATE"]
+    assert out.splitlines()[1].split()[:3] == ["42", "alice", "running"]
+    rc, out, err = adoptctl(agent, 0, "job", "end", "../../etc")
+    assert rc == 1 and err.startswith("adoptctl: Invalid argument: ") and "job id" in err.lower()
+    rc, out, err = adoptctl(agent, ALICE, "job", "end", "42")
+    assert rc == 1 and err.startswith("adoptctl: Permission denied: ")
+    rc, out, err = adoptctl(agent, 0, "job", "show", "nope")
+    assert rc == 1 and "Not found" in err
+    rc, out, err = adoptctl(agent, 0, "job", "run", "--id", "9", "--user", "alice")
+    assert rc == 2 and "needs a command" in err
+
+
+def test_adoptctl_whois_prints_the_chain(agent: Agent) -> None:
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("42", ALICE, 777)
+    agent.registry.start("42", "alice")
+    rc, out, err = adoptctl(agent, ALICE, "whois", "10.0.0.1:40000", "10.0.0.2:22",
+                            "--node", agent.tcp)
+    assert rc == 0, err
+    assert "job         42" in out and "pid         777" in out and "cgroup-id" in out
+    rc, out, err = adoptctl(agent, BOB, "whois", "10.0.0.1:40000", "10.0.0.2:22",
+                            "--node", agent.tcp)
+    assert rc == 1 and "unknown" in out
+    rc, out, err = adoptctl(agent, 0, "whois", "10.0.0.1", "10.0.0.2:22")
+    assert rc == 2 and "Usage" in err
+
+
+def test_adoptctl_unreachable_agent(tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    rc = adoptctl_main(["--agent", f"unix:{tmp_path}/nothing.sock", "--timeout", "1", "jobs"],
+                       out=out, err=err, authenticator=FakeAuthenticator())
+    assert rc == 1
+    assert err.getvalue().startswith("adoptctl: ") and (
+        "unreachable" in err.getvalue() or "Timeout" in err.getvalue())

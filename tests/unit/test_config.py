@@ -1,0 +1,82 @@
+"""The agent's configuration file: every key checked, clear messages naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node_agent import config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "agent.toml.example"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_parses() -> None:
+    cfg = config.load(EXAMPLE)
+    assert cfg.port == 7011
+    assert "memory" not in cfg.cgroup.v1 or cfg.cgroup.v1  # the example is loadable
+    assert cfg.socket.startswith("/run/")
+
+
+def test_full_config(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, """
+node_name = "n1"
+listen = ["10.0.0.1:7011", "[fd00::1]:7011"]
+admin_uids = [1500]
+rpc_timeout = 0.5
+[munge]
+socket = "/tmp/m.sock"
+[cgroup]
+v1 = ["freezer", "pids"]
+v2 = false
+subtree = "site/callerid"
+"""))
+    assert cfg.node_name == "n1"
+    assert cfg.listen == ("10.0.0.1:7011", "[fd00::1]:7011")
+    assert cfg.admin_uids == (1500,)
+    assert cfg.rpc_timeout == 0.5
+    assert cfg.munge.socket == "/tmp/m.sock"
+    assert cfg.cgroup.v1 == ("freezer", "pids")
+    assert cfg.cgroup.v2 is False
+    assert cfg.cgroup.subtree == "site/callerid"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("nonsense = 1", "nonsense: unknown setting"),
+    ("port = true", "port: expected a port number"),
+    ("port = 70000", "port: expected 1..65535"),
+    ("listen = '10.0.0.1:1'", "listen: expected a list"),
+    ("listen = ['10.0.0.1']", "expected HOST:PORT"),
+    ("log_level = 'loud'", "log_level"),
+    ("rpc_timeout = 0", "rpc_timeout"),
+    ("admin_uids = ['root']", "admin_uids: expected a list of uids"),
+    ("[munge]\nsockets = 'x'", "munge.sockets: unknown setting"),
+    ("[cgroup]\nv1 = 'freezer'", "cgroup.v1: expected a list of strings"),
+    ("[cgroup]\nsubtree = '../escape'", "cgroup.subtree"),
+    ("[cgroup]\nsubtree = '/abs'", "cgroup.subtree"),
+    ("node_name = ", "not valid TOML"),
+])
+def test_bad_config_names_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert str(p) in str(e.value)
+    assert needle in str(e.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="no such configuration file"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_find_uses_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = write(tmp_path, "port = 7100\n")
+    monkeypatch.setenv(config.ENV_VAR, str(p))
+    assert config.find().port == 7100
+    assert config.find(str(p)).path == str(p)
