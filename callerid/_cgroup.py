@@ -135,6 +135,10 @@ def _under(path: str, root: str) -> bool:
 
 def _write(path: Path, text: str) -> None:
     """One write(2) of *text*: cgroupfs acts on each write, and may reject a partial one."""
+    # O_CREAT|O_APPEND: in a fake tree (tests) control files are plain files that appear on
+    # first write and accumulate lines like cgroup.procs does; on cgroupfs the file always
+    # exists (kernfs cannot create one, so a missing file still fails) and both flags are
+    # ignored.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, text.encode())
@@ -425,8 +429,17 @@ class CgroupLayout:
 
     def _scan_ids(self, h: Hierarchy) -> dict[int, tuple[str, Path]]:
         cache: dict[int, tuple[str, Path]] = {}
-        for job in self.existing_jobs():
-            for d in self._dirs(self.job_path(h, job)):
+        try:
+            entries = list(os.scandir(self.subtree_path(h)))
+        except FileNotFoundError:
+            return cache
+        for entry in entries:
+            if not entry.name.startswith(_JOB_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                continue
+            job = self.job_for_path(f"/{self.subtree}/{entry.name}")
+            if job is None:
+                continue  # not a valid job id: not ours
+            for d in self._dirs(Path(entry.path)):
                 try:
                     cache[os.stat(d).st_ino] = (job, d)
                 except FileNotFoundError:

@@ -22,11 +22,24 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from node_agent.errors import AuthError
+
+if TYPE_CHECKING:  # grpc-stubs makes these generic; the runtime classes are not.
+    ServerInterceptor = grpc.ServerInterceptor[Any, Any]
+    _UUClient = grpc.UnaryUnaryClientInterceptor[Any, Any]
+    _USClient = grpc.UnaryStreamClientInterceptor[Any, Any]
+    _SUClient = grpc.StreamUnaryClientInterceptor[Any, Any]
+    _SSClient = grpc.StreamStreamClientInterceptor[Any, Any]
+else:
+    ServerInterceptor = grpc.ServerInterceptor
+    _UUClient = grpc.UnaryUnaryClientInterceptor
+    _USClient = grpc.UnaryStreamClientInterceptor
+    _SUClient = grpc.StreamUnaryClientInterceptor
+    _SSClient = grpc.StreamStreamClientInterceptor
 
 METADATA_KEY = "x-munge-cred"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -132,7 +145,7 @@ class MungeAuthenticator:
             out = ctypes.c_void_p()
             buf = ctypes.create_string_buffer(payload, len(payload))
             rc = self._lib.munge_encode(ctypes.byref(out), ctx, buf, len(payload))
-            if rc != 0:
+            if rc != 0 or out.value is None:
                 raise self._error(rc, ctx, "encode")
             try:
                 return ctypes.string_at(out.value).decode("ascii")
@@ -157,7 +170,8 @@ class MungeAuthenticator:
             try:
                 if rc != 0:
                     raise self._error(rc, ctx, "decode")
-                payload = ctypes.string_at(buf.value, length.value) if buf.value else b""
+                payload = (ctypes.string_at(buf.value, length.value)
+                           if buf.value is not None else b"")
             finally:
                 # The payload is allocated even for some errors (munge.h).
                 if buf.value:
@@ -188,8 +202,9 @@ def current_identity() -> Identity:
     return ident
 
 
-def _wrap(handler: grpc.RpcMethodHandler,
-          wrap_fn: Callable[[Callable[..., Any]], Callable[..., Any]]) -> grpc.RpcMethodHandler:
+def wrap_handler(handler: grpc.RpcMethodHandler[Any, Any],
+          wrap_fn: Callable[[Callable[..., Any]], Callable[..., Any]],
+          ) -> grpc.RpcMethodHandler[Any, Any]:
     """Rebuild a method handler with its behaviour wrapped (grpc has no helper for this)."""
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
@@ -203,12 +218,13 @@ def _wrap(handler: grpc.RpcMethodHandler,
         return grpc.stream_unary_rpc_method_handler(
             wrap_fn(handler.stream_unary), handler.request_deserializer,
             handler.response_serializer)
+    assert handler.stream_stream is not None
     return grpc.stream_stream_rpc_method_handler(
         wrap_fn(handler.stream_stream), handler.request_deserializer,
         handler.response_serializer)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(ServerInterceptor):
     """Decodes the MUNGE credential of every call; refuses calls without a valid one.
 
     Decoding happens in the worker thread that runs the call (the interceptor itself
@@ -256,11 +272,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     _identity.reset(token)
             return authenticated
 
-        return _wrap(handler, wrap_fn)
+        return wrap_handler(handler, wrap_fn)
 
 
-class CredentialPlugin(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                       grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):
     """Client side: adds a fresh credential, bound to the method, to every call."""
 
     def __init__(self, authenticator: Authenticator) -> None:

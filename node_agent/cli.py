@@ -72,8 +72,8 @@ def _cli(prog: str, body: Callable[[], int], err: TextIO) -> int:
               f" {e}", file=err)
         return EXIT_USAGE
     except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        details = e.details() or code.name  # type: ignore[attr-defined]
+        code = e.code()
+        details = e.details() or code.name
         if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
             details = f"no agent answers ({details})"
         print(f"{prog}: {_CATEGORIES.get(code, 'Error')}: {details}", file=err)
@@ -259,7 +259,8 @@ def adoptctl_parser() -> argparse.ArgumentParser:
     whois = sub.add_parser("whois", help="which job owns a TCP connection (scontrol callerid)",
                            description="Ask the agent on the source node which job owns the "
                            "connection SRC -> DST (as in SSH_CONNECTION), and how it found out.")
-    whois.add_argument("src", metavar="SRC_IP:PORT", help="the connecting side (IPv6 as [addr]:port)")
+    whois.add_argument("src", metavar="SRC_IP:PORT",
+                       help="the connecting side (IPv6 as [addr]:port)")
     whois.add_argument("dst", metavar="DST_IP:PORT", help="the accepting side")
     whois.add_argument("--node", metavar="HOST",
                        help="ask this node's agent (default: the agent at SRC_IP)")
@@ -314,18 +315,18 @@ def adoptctl_main(argv: Sequence[str] | None = None, out: TextIO | None = None,
                 j = c.attach(args.job_id, args.pid)
                 out.write(f"pid {args.pid} attached to job {j.id} on {j.node}\n")
             elif jc == "end":
-                reply = c.end_job(args.job_id, timeout=args.wait)
-                out.write(f"job {reply.job.id} ended on {reply.job.node}: "
-                          f"{reply.killed} processes killed\n")
+                ended = c.end_job(args.job_id, timeout=args.wait)
+                out.write(f"job {ended.job.id} ended on {ended.job.node}: "
+                          f"{ended.killed} processes killed\n")
             elif jc == "show":
-                reply = c.list_jobs(job_id=args.job_id, with_pids=True)
-                if not reply.jobs:
-                    raise CliError("Not found", f"no job {args.job_id} on {reply.node} "
+                listing = c.list_jobs(job_id=args.job_id, with_pids=True)
+                if not listing.jobs:
+                    raise CliError("Not found", f"no job {args.job_id} on {listing.node} "
                                    "(or not yours)")
                 if args.json:
-                    _print_jobs(reply, out, True)
+                    _print_jobs(listing, out, True)
                 else:
-                    j = reply.jobs[0]
+                    j = listing.jobs[0]
                     out.write(f"job         {j.id}\nuser        {j.user} (uid {j.uid})\n"
                               f"node        {j.node}\nstate       {j.state}\n"
                               f"started     {_fmt_time(j.start_time)}\n"

@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from node_agent.auth import ServerInterceptor, wrap_handler
+
 REQUESTS = Counter("callerid_agent_requests", "gRPC requests served",
                    ["method", "code"])
 LATENCY = Histogram("callerid_agent_request_seconds", "gRPC request latency", ["method"],
@@ -33,11 +35,9 @@ def serve(listen: str) -> None:
     start_http_server(int(port), addr=host.strip("[]"))
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(ServerInterceptor):
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
-        from node_agent.auth import _wrap  # one helper to rebuild handlers
-
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -57,4 +57,4 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     REQUESTS.labels(method, code.name).inc()
             return timed
 
-        return _wrap(handler, wrap_fn)
+        return wrap_handler(handler, wrap_fn)

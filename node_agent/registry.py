@@ -175,7 +175,7 @@ class JobRegistry:
         with self._lock:
             return self._jobs.get(job_id)
 
-    def list(self, user: str | None = None) -> list[JobRecord]:
+    def list_jobs(self, user: str | None = None) -> list[JobRecord]:
         with self._lock:
             recs = list(self._jobs.values())
         return sorted((r for r in recs if user is None or r.job.user == user),

@@ -112,7 +112,7 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
                            procfs=config.procfs)
     registry.recover()
     registry.start_watcher()
-    metrics.JOBS.set(len(registry.list()))
+    metrics.JOBS.set(len(registry.list_jobs()))
     resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
     servicer = NodeAgentServicer(node=config.node_name, resolver=resolver, registry=registry,
                                  admin_uids=config.admin_uids)
@@ -132,9 +132,9 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
             server.stop(0)
             raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {e}") from None
     log.info("node agent for %s serving on %s (%d jobs)%s", config.node_name,
-             ", ".join(addresses), len(registry.list()),
+             ", ".join(addresses), len(registry.list_jobs()),
              f", metrics on {config.metrics_listen}" if config.metrics_listen else "")
-    sd_notify(f"READY=1\nSTATUS=serving {len(registry.list())} jobs\nMAINPID={os.getpid()}")
+    sd_notify(f"READY=1\nSTATUS=serving {len(registry.list_jobs())} jobs\nMAINPID={os.getpid()}")
     try:
         stop.wait()
     finally:

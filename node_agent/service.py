@@ -142,7 +142,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def ListJobs(self, request: pb.ListJobsRequest,
                  context: grpc.ServicerContext) -> pb.ListJobsReply:
         ident = current_identity()
-        recs = self.registry.list(request.user or None)
+        recs = self.registry.list_jobs(request.user or None)
         if request.job_id:
             recs = [r for r in recs if r.job.id == request.job_id]
         if not self._privileged(ident):
@@ -158,7 +158,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             raise InvalidRequest("a job needs a user")
         rec = self.registry.start(request.job_id, request.user, list(request.argv),
                                   cwd=request.cwd, env=dict(request.env), output=request.output)
-        metrics.JOBS.set(len(self.registry.list()))
+        metrics.JOBS.set(len(self.registry.list_jobs()))
         return pb.StartJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
 
     @_serve
@@ -177,5 +177,5 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         if self.registry.get(request.job_id) is None:
             raise JobNotFound(request.job_id, self.node)
         rec, killed = self.registry.end(request.job_id, timeout=request.timeout or 10.0)
-        metrics.JOBS.set(len(self.registry.list()))
+        metrics.JOBS.set(len(self.registry.list_jobs()))
         return pb.EndJobReply(job=job_to_pb(rec, self.registry), killed=killed)

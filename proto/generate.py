@@ -33,7 +33,8 @@ def generate(out: Path) -> list[Path]:
         "protoc-gen-mypy_grpc", path=str(Path(sys.executable).parent)
     )
     if not protoc_gen_mypy or not protoc_gen_mypy_grpc:
-        raise SystemExit("generate.py: mypy-protobuf's plugins are missing (pip install -e '.[dev]')")
+        raise SystemExit(
+            "generate.py: mypy-protobuf's plugins are missing (pip install -e '.[dev]')")
     out.mkdir(parents=True, exist_ok=True)
     rel = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
     args = [
@@ -68,8 +69,10 @@ def generate(out: Path) -> list[Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO, help="output root (default: the repository)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO,
+                        help="output root (default: the repository)")
     args = parser.parse_args()
     for path in generate(args.out):
         print(path)

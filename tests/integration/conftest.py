@@ -1,7 +1,8 @@
 """Fixtures for the root-only integration tests: the multi-node lab (deploy/lab/lab.py).
 
-One lab for the whole session (bringing it up costs seconds); it is torn down at the
-end even when tests fail or are interrupted. Lab processes run inside the lab's
+One lab per test module (the lab allows one per machine, and each module may want its
+own shape); it is torn down at the end of the module even when tests fail or are
+interrupted. Lab processes run inside the lab's
 namespaces only; the tests talk to them through `lab.run(node, argv)`.
 """
 
@@ -35,7 +36,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab() -> Iterator[lab_mod.Lab]:
     the_lab = lab_mod.Lab(dir="/run/callerid-lab-it", nodes=2, venv=REPO / ".venv")
     try:

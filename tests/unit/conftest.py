@@ -167,7 +167,7 @@ class FakeCgroupFS:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self._lines: list[str] = [
-            f"22 1 0:21 / /proc rw,nosuid - proc proc rw\n",
+            "22 1 0:21 / /proc rw,nosuid - proc proc rw\n",
             f"31 23 0:28 / {root} rw,relatime - tmpfs tmpfs rw,mode=755\n",
         ]
         self._next_id = 40

@@ -85,15 +85,17 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
 
     monkeypatch.setattr("node_agent.registry.pwd.getpwnam", getpwnam)
     cgroot = tmp_path / "cgroup"
-    hier = (Hierarchy("freezer", 1, cgroot / "freezer"), Hierarchy("unified", 2, cgroot / "unified"))
+    hier = (Hierarchy("freezer", 1, cgroot / "freezer"),
+            Hierarchy("unified", 2, cgroot / "unified"))
     for h in hier:
         h.mountpoint.mkdir(parents=True)
     layout = CgroupLayout(hier, "callerid")
-    registry = JobRegistry(tmp_path / "state", layout, node="testnode", procfs=str(tmp_path / "proc"))
+    registry = JobRegistry(tmp_path / "state", layout, node="testnode",
+                           procfs=str(tmp_path / "proc"))
     registry.recover()
     resolver = FakeResolver()
-    servicer = NodeAgentServicer(node="testnode", resolver=resolver, registry=registry,  # type: ignore[arg-type]
-                                 admin_uids=(1500,))
+    servicer = NodeAgentServicer(node="testnode", resolver=resolver,  # type: ignore[arg-type]
+                                 registry=registry, admin_uids=(1500,))
     auth = FakeAuthenticator()
     sock = tmp_path / "agent.sock"
     server, ports = create_server(servicer, auth, [f"unix:{sock}", "127.0.0.1:0"])
@@ -245,7 +247,7 @@ def test_hostile_job_ids_never_become_paths(agent: Agent, job_id: str) -> None:
     assert "job id" in e.value.details().lower()
     created = sorted(str(p.relative_to(agent.cgroot)) for p in agent.cgroot.rglob("*"))
     assert all(p in ("freezer", "unified") for p in created), created
-    assert agent.registry.list() == []
+    assert agent.registry.list_jobs() == []
 
 
 def test_job_lifecycle_and_listing(agent: Agent) -> None:
@@ -282,7 +284,7 @@ def test_registry_survives_restart(agent: Agent, tmp_path: Path) -> None:
     again = JobRegistry(tmp_path / "state", agent.registry.layout, node="testnode",
                         procfs="/proc")
     again.recover()
-    assert [r.job.id for r in again.list()] == ["42"]
+    assert [r.job.id for r in again.list_jobs()] == ["42"]
     again.close()
 
 

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.unit.conftest import TCP_HEADER, FakeProc, kernel_endpoint
 
 from callerid import (
     TCP_ESTABLISHED,
@@ -23,6 +22,7 @@ from callerid import (
     read_tcp_tables,
 )
 from callerid._procnet import _encode_endpoint
+from tests.unit.conftest import TCP_HEADER, FakeProc, kernel_endpoint
 
 little_endian = pytest.mark.skipif(sys.byteorder != "little", reason="literal x86 kernel text")
 
@@ -140,9 +140,7 @@ BAD_LINES = [
 
 
 @pytest.mark.parametrize(("line", "why"), BAD_LINES)
-def test_malformed_line_raises_with_file_line_and_text(
-    tmp_path: Path, line: str, why: str
-) -> None:
+def test_malformed_line_raises_with_file_line_and_text(tmp_path: Path, line: str, why: str) -> None:
     path = tmp_path / "tcp"
     path.write_text(REAL_TCP + line)
     with pytest.raises(KernelFormatError, match=why) as info:

@@ -15,7 +15,8 @@ def test_generated_stubs_are_current(tmp_path: Path) -> None:
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
     assert generated, "generate.py produced nothing"
     stale = [str(rel) for rel in generated
-             if not (REPO / rel).exists() or (REPO / rel).read_bytes() != (tmp_path / rel).read_bytes()]
+             if not (REPO / rel).exists()
+             or (REPO / rel).read_bytes() != (tmp_path / rel).read_bytes()]
     assert not stale, f"stale stubs (run `make proto`): {stale}"
 
 
