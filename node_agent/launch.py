@@ -2,9 +2,13 @@
 
 The agent runs this file with `python -I -S launch.py` (stdlib only, no site-packages,
 so it starts fast and cannot be influenced by the environment) instead of using
-`preexec_fn`, which is unsafe in the multi-threaded gRPC server. The spec arrives as
-JSON on fd 3; anything that goes wrong before exec is written to fd 4, which is
-close-on-exec, so the agent reads EOF on success and a message on failure.
+`preexec_fn`, which is unsafe in the multi-threaded gRPC server:
+
+    python3 -I -S launch.py SPEC_FD STATUS_FD
+
+The spec arrives as JSON on SPEC_FD; anything that goes wrong before exec is written to
+STATUS_FD, which is made close-on-exec, so the agent reads EOF on success and a message
+on failure.
 
 Order matters: the process writes itself into every cgroup *before* it execs, so the
 job's first instruction already runs inside the job, and no child can escape.
@@ -14,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 
 def main() -> None:
-    status_fd = 4
+    spec_fd, status_fd = int(sys.argv[1]), int(sys.argv[2])
     os.set_inheritable(status_fd, False)
     try:
-        with os.fdopen(3, "rb") as f:
+        with os.fdopen(spec_fd, "rb") as f:
             spec = json.load(f)
         pid = str(os.getpid())
         for procs in spec["cgroup_procs"]:

@@ -20,7 +20,6 @@ scheduler ends a job when its batch script exits. `end()` does the same on reque
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -274,23 +273,12 @@ class JobRegistry:
         return proc.pid, start
 
     def _popen_launcher(self, spec_r: int, status_w: int) -> subprocess.Popen[bytes]:
-        # The launcher reads its spec on fd 3 and reports on fd 4. A tiny /bin/sh
-        # renumbers the pipes (exec keeps the pid); copies at fd >= 10 first, so the
-        # redirections cannot clobber each other whatever numbers the pipes got.
-        hi_spec = fcntl.fcntl(spec_r, fcntl.F_DUPFD_CLOEXEC, 10)
-        hi_status = fcntl.fcntl(status_w, fcntl.F_DUPFD_CLOEXEC, 10)
-        try:
-            return subprocess.Popen(
-                ["/bin/sh", "-c",
-                 f'exec "$0" -I -S "$1" 3<&{hi_spec} 4>&{hi_status} {hi_spec}<&- {hi_status}>&-',
-                 sys.executable, launch.__file__],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(hi_spec, hi_status), start_new_session=True,
-                env={"PATH": LOGIN_PATH},
-            )
-        finally:
-            os.close(hi_spec)
-            os.close(hi_status)
+        # The launcher reads its spec from the first fd and reports on the second.
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", launch.__file__, str(spec_r), str(status_w)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=(spec_r, status_w), start_new_session=True, env={"PATH": LOGIN_PATH},
+        )
 
     def attach(self, job_id: str, pid: int) -> JobRecord:
         rec = self.get(job_id)
