@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 
@@ -104,3 +105,33 @@ class AgentClient:
     def end_job(self, job_id: str, timeout: float = 10.0) -> pb.EndJobReply:
         return self.stub.EndJob(pb.EndJobRequest(job_id=job_id, timeout=timeout),
                                 timeout=max(self.timeout, timeout + 5))
+
+
+class PeerPool:
+    """Clients of other nodes' agents, one channel per peer, reused across calls
+    (a new channel costs a connection handshake; logins should not pay it each time)."""
+
+    def __init__(self, authenticator: Authenticator, port: int) -> None:
+        self._auth = authenticator
+        self._port = port
+        self._clients: dict[str, AgentClient] = {}
+        self._lock = threading.Lock()
+
+    def client(self, host: str) -> AgentClient:
+        target = grpc_target(host, self._port)
+        with self._lock:
+            c = self._clients.get(target)
+            if c is None:
+                c = self._clients[target] = AgentClient(target, self._auth)
+            return c
+
+    def caller_id(self, host: str, conn: pb.Connection, deadline: float) -> str | None:
+        """The job the agent on `host` says owns `conn`, or None (raises grpc.RpcError)."""
+        reply = self.client(host).caller_id(conn, timeout=deadline)
+        return reply.job_id if reply.outcome == pb.CallerIdReply.FOUND else None
+
+    def close(self) -> None:
+        with self._lock:
+            for c in self._clients.values():
+                c.close()
+            self._clients.clear()

@@ -44,6 +44,8 @@ class AgentConfig:
     listen: tuple[str, ...] = ()
     # The local gRPC socket (CLIs on this node use it).
     socket: str = "/run/callerid-adopt/agent.sock"
+    # Root-only socket where pam_adopt.py asks whether to admit (and adopt) a login.
+    admission_socket: str = "/run/callerid-adopt/admission.sock"
     # The port other nodes' agents listen on (caller-ID questions go to <source ip>:port).
     port: int = DEFAULT_PORT
     state_dir: str = "/var/lib/callerid-adopt"
@@ -96,6 +98,7 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
     simple: dict[str, tuple[type | tuple[type, ...], str]] = {
         "node_name": (str, "a string"),
         "socket": (str, "a path"),
+        "admission_socket": (str, "a path"),
         "port": (int, "a port number"),
         "state_dir": (str, "a path"),
         "log_level": (str, "one of " + ", ".join(LOG_LEVELS)),

@@ -24,7 +24,9 @@ from grpc_reflection.v1alpha import reflection
 
 from callerid import CgroupLayout, Resolver
 from node_agent import metrics
+from node_agent.admission import Admission, AdmissionServer
 from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator
+from node_agent.client import PeerPool
 from node_agent.config import AgentConfig
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
 from node_agent.registry import JobRegistry
@@ -116,6 +118,10 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
     resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
     servicer = NodeAgentServicer(node=config.node_name, resolver=resolver, registry=registry,
                                  admin_uids=config.admin_uids)
+    peers = PeerPool(auth, config.port)
+    admission = AdmissionServer(
+        config.admission_socket,
+        Admission(registry, peers.caller_id, rpc_timeout=config.rpc_timeout))
     _prepare_socket(config.socket)
     addresses = [f"unix:{config.socket}", *config.listen]
     server, _ = create_server(servicer, auth, addresses, max_workers=config.max_workers)
@@ -123,6 +129,7 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     server.start()
+    admission.start()
     # Anyone may connect; every call is authenticated with MUNGE.
     os.chmod(config.socket, 0o666)
     if config.metrics_listen:
@@ -131,8 +138,8 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         except OSError as e:
             server.stop(0)
             raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {e}") from None
-    log.info("node agent for %s serving on %s (%d jobs)%s", config.node_name,
-             ", ".join(addresses), len(registry.list_jobs()),
+    log.info("node agent for %s serving on %s, admission on %s (%d jobs)%s", config.node_name,
+             ", ".join(addresses), config.admission_socket, len(registry.list_jobs()),
              f", metrics on {config.metrics_listen}" if config.metrics_listen else "")
     sd_notify(f"READY=1\nSTATUS=serving {len(registry.list_jobs())} jobs\nMAINPID={os.getpid()}")
     try:
@@ -140,6 +147,8 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
     finally:
         sd_notify("STOPPING=1")
         log.info("stopping")
+        admission.close()
         server.stop(grace=5).wait()
+        peers.close()
         registry.close()
         resolver.close()

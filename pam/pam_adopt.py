@@ -1,0 +1,298 @@
+"""pam_adopt: admit an ssh login only for a user with a job here, and put it in that job.
+
+The account-phase PAM module of callerid-adopt, loaded by pam_python:
+
+    -account  required  /lib/security/pam_python.so /opt/callerid-adopt/pam/pam_adopt.py [options]
+
+It imports nothing but the standard library and never gRPC (DESIGN.md decision 1: the
+interpreter starts for every login, `import grpc` alone would cost ~100 ms, and gRPC is
+not fork-safe while sshd forks after PAM). It sends one request to the local node agent
+over a root-only Unix socket and applies the reply. The agent does the work: it finds
+the user's jobs on this node, asks the source node's agent which job owns the ssh
+connection when there are several, and moves this process (sshd's privileged process
+for the login, which the agent identifies with SO_PEERCRED) into that job's cgroups.
+
+Decision order (pam_slurm_adopt's, with failure defaults that deny):
+
+1. root is ignored (PAM_IGNORE) before anything else can fail;
+2. a PAM service other than `service=` (default sshd) is ignored;
+3. the agent answers: no jobs here -> `action_no_jobs`; one job -> adopted; several ->
+   the job that owns the connection on the source node, else `action_unknown`;
+   adoption failing -> `action_adopt_failure`;
+4. the agent cannot be asked (down, slow past `timeout=`, garbled) ->
+   `action_generic_failure`.
+
+Options (`key=value`; a bad value is logged and replaced by its default, an unknown key
+is logged and ignored):
+
+    action_no_jobs=deny|ignore              default deny
+    action_unknown=newest|allow|deny        default newest
+    action_adopt_failure=allow|deny         default deny
+    action_generic_failure=ignore|allow|deny  default deny
+    service=NAME|*                          default sshd
+    log_level=debug|info|error|quiet        default info
+    socket=PATH                             default /run/callerid-adopt/admission.sock
+    timeout=SECONDS                         default 2
+
+A denied user sees one sentence (e.g. "Access denied by pam_adopt: you have no active
+jobs on this node"); the details go to syslog (authpriv).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import socket
+import syslog
+import time
+
+DEFAULT_SOCKET = "/run/callerid-adopt/admission.sock"
+
+# name -> (default, allowed values or a parser)
+CHOICES = {
+    "action_no_jobs": ("deny", ("deny", "ignore")),
+    "action_unknown": ("newest", ("newest", "allow", "deny")),
+    "action_adopt_failure": ("deny", ("allow", "deny")),
+    "action_generic_failure": ("deny", ("ignore", "allow", "deny")),
+    "log_level": ("info", ("debug", "info", "error", "quiet")),
+}
+LEVELS = {"debug": 3, "info": 2, "error": 1, "quiet": 0}
+
+MSG_GENERIC = "Access denied by pam_adopt: the node agent could not be asked"
+MSG_GENERIC_DEFAULT = "Access denied by pam_adopt"
+
+
+class Options:
+    """Parsed module options with safe defaults (one parser, like pam_slurm_adopt)."""
+
+    def __init__(self) -> None:
+        for key, (default, _) in CHOICES.items():
+            setattr(self, key, default)
+        self.service = "sshd"
+        self.socket = DEFAULT_SOCKET
+        self.timeout = 2.0
+        self.problems: list[str] = []
+
+    @classmethod
+    def parse(cls, args: list[str]) -> Options:
+        opts = cls()
+        for arg in args:
+            key, sep, value = arg.partition("=")
+            if not sep:
+                opts.problems.append(f"ignoring option {arg!r}: expected key=value")
+                continue
+            if key in CHOICES:
+                default, allowed = CHOICES[key]
+                if value in allowed:
+                    setattr(opts, key, value)
+                else:
+                    opts.problems.append(f"{key}={value!r} is not one of "
+                                         f"{'|'.join(allowed)}; using {default}")
+            elif key == "service":
+                if value:
+                    opts.service = value
+                else:
+                    opts.problems.append("service= is empty; using sshd")
+            elif key == "socket":
+                if value.startswith("/"):
+                    opts.socket = value
+                else:
+                    opts.problems.append(f"socket={value!r} is not an absolute path; "
+                                         f"using {DEFAULT_SOCKET}")
+            elif key == "timeout":
+                try:
+                    t = float(value)
+                    if not 0 < t <= 60:
+                        raise ValueError
+                    opts.timeout = t
+                except ValueError:
+                    opts.problems.append(f"timeout={value!r} is not a number of seconds "
+                                         "in (0, 60]; using 2")
+            else:
+                opts.problems.append(f"ignoring unknown option {key!r}")
+        return opts
+
+
+class Log:
+    """syslog (authpriv), filtered by log_level."""
+
+    def __init__(self, level: str) -> None:
+        self.level = LEVELS.get(level, 2)
+        syslog.openlog("pam_adopt", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+
+    def debug(self, msg: str) -> None:
+        if self.level >= 3:
+            syslog.syslog(syslog.LOG_DEBUG, msg)
+
+    def info(self, msg: str) -> None:
+        if self.level >= 2:
+            syslog.syslog(syslog.LOG_INFO, msg)
+
+    def error(self, msg: str) -> None:
+        if self.level >= 1:
+            syslog.syslog(syslog.LOG_ERR, msg)
+
+
+class AgentError(Exception):
+    """The agent could not be asked, or its answer made no sense."""
+
+
+def ask_agent(path: str, request: dict, timeout: float) -> dict:
+    """One request line, one reply line, all within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            s.sendall((json.dumps(request) + "\n").encode())
+            buf = b""
+            while b"\n" not in buf:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError()
+                s.settimeout(left)
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        except TimeoutError:
+            raise AgentError(
+                f"no answer from the agent at {path} within {timeout:g} s") from None
+        except OSError as e:
+            raise AgentError(f"cannot reach the agent at {path}: {e.strerror or e}") from None
+    finally:
+        s.close()
+    try:
+        reply = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError:
+        raise AgentError(f"garbled answer from the agent at {path}: {buf[:200]!r}") from None
+    if not isinstance(reply, dict) or reply.get("decision") not in ("ALLOW", "DENY", "IGNORE"):
+        raise AgentError(f"answer without a decision from the agent at {path}: {buf[:200]!r}")
+    return reply
+
+
+def build_request(user: str, service: str, rhost: str, ssh_connection: str,
+                  opts: Options) -> dict:
+    """The JSON mapping of callerid_adopt.v1.AdmissionRequest (proto field names)."""
+    return {
+        "user": user,
+        "service": service,
+        "rhost": rhost,
+        "ssh_connection": ssh_connection,
+        "options": {
+            "action_no_jobs": opts.action_no_jobs,
+            "action_unknown": opts.action_unknown,
+            "action_adopt_failure": opts.action_adopt_failure,
+            "timeout": opts.timeout,
+        },
+    }
+
+
+def _tell(pamh, flags: int, text: str) -> None:
+    """One sentence to the user, unless the application asked for silence."""
+    if not text or flags & getattr(pamh, "PAM_SILENT", 0x8000):
+        return
+    try:
+        pamh.conversation(pamh.Message(pamh.PAM_ERROR_MSG, text))
+    except Exception:  # pam_python raises pamh.exception when there is no conversation
+        pass
+
+
+def _is_root(user: str) -> bool:
+    if user == "root":
+        return True
+    try:
+        return pwd.getpwnam(user).pw_uid == 0
+    except KeyError:
+        return False
+
+
+def _generic_failure(pamh, flags: int, opts: Options, log: Log, why: str) -> int:
+    action = opts.action_generic_failure
+    log.error(f"{why}; action_generic_failure={action}")
+    if action == "ignore":
+        return pamh.PAM_IGNORE
+    if action == "allow":
+        return pamh.PAM_SUCCESS
+    _tell(pamh, flags, MSG_GENERIC)
+    return pamh.PAM_PERM_DENIED
+
+
+def acct_mgmt(pamh, flags: int, argv: list[str]) -> int:
+    """The decision order of the module docstring."""
+    # 1. root first, before anything that can fail.
+    try:
+        user = pamh.get_user(None)
+    except Exception:
+        user = getattr(pamh, "user", None)
+    if user and _is_root(user):
+        return pamh.PAM_IGNORE
+    opts = Options.parse(list(argv[1:]))
+    log = Log(opts.log_level)
+    for problem in opts.problems:
+        log.error(problem)
+    if not user:
+        return _generic_failure(pamh, flags, opts, log, "no user name")
+    # 2. other services are not ours.
+    service = pamh.service or ""
+    if opts.service != "*" and service != opts.service:
+        log.debug(f"service {service!r} is not {opts.service!r}: ignored")
+        return pamh.PAM_IGNORE
+    # 3. ask the agent.
+    try:
+        ssh_connection = pamh.env.get("SSH_CONNECTION") or os.environ.get("SSH_CONNECTION", "")
+    except Exception:
+        ssh_connection = ""
+    request = build_request(user, service, pamh.rhost or "", ssh_connection or "", opts)
+    try:
+        reply = ask_agent(opts.socket, request, opts.timeout)
+    except AgentError as e:
+        # 4. the agent could not be asked.
+        return _generic_failure(pamh, flags, opts, log, f"{user}: {e}")
+    decision = reply["decision"]
+    reason = reply.get("reason", "")
+    job = reply.get("job_id", "")
+    detail = reply.get("detail", "")
+    summary = (f"{user} from {pamh.rhost or '?'} ({ssh_connection or 'no SSH_CONNECTION'}): "
+               f"{decision.lower()} ({reason}{', job ' + job if job else ''})"
+               f"{': ' + detail if detail else ''}")
+    if decision == "ALLOW":
+        log.info(summary)
+        for key, value in (reply.get("env") or {}).items():
+            try:
+                pamh.env[key] = value
+            except Exception as e:
+                log.error(f"cannot export {key}: {e}")
+        return pamh.PAM_SUCCESS
+    if decision == "IGNORE":
+        log.info(summary)
+        return pamh.PAM_IGNORE
+    log.info(summary)
+    _tell(pamh, flags, reply.get("message") or MSG_GENERIC_DEFAULT)
+    return pamh.PAM_PERM_DENIED
+
+
+def pam_sm_acct_mgmt(pamh, flags, argv):
+    try:
+        return acct_mgmt(pamh, flags, argv)
+    except Exception as e:  # never let a bug turn into an open door: deny
+        try:
+            syslog.openlog("pam_adopt", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+            syslog.syslog(syslog.LOG_ERR, f"internal error: {type(e).__name__}: {e}")
+        except Exception:
+            pass
+        return pamh.PAM_SYSTEM_ERR
+
+
+def _not_ours(pamh, flags, argv):
+    return pamh.PAM_IGNORE
+
+
+# pam_adopt is an account module; in any other stack it stays out of the way.
+pam_sm_authenticate = _not_ours
+pam_sm_setcred = _not_ours
+pam_sm_open_session = _not_ours
+pam_sm_close_session = _not_ours
+pam_sm_chauthtok = _not_ours

@@ -1,0 +1,104 @@
+"""The agent as a sysadmin meets it in the lab: clear errors for bad configuration,
+missing munged and unreachable peers; health, reflection and metrics endpoints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+
+def run(lab: Any, node: str, *argv: str, user: str | None = None) -> Any:
+    return lab.run(node, list(argv), user=user, check=False, timeout=60)
+
+
+def test_bad_configuration_is_one_clear_line(lab: Any, shared_dir: Path) -> None:
+    agent = lab.venv_bin("node-agent")
+    r = run(lab, "node1", agent, "--config", str(shared_dir / "absent.toml"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"node-agent: Configuration: {shared_dir}/absent.toml: "
+                                "no such configuration file")
+    bad = shared_dir / "bad.toml"
+    bad.write_text('listen = ["10.77.0.11:7011"]\n[cgroup]\nv1 = ["freezer"]\nsubtre = "x"\n')
+    r = run(lab, "node1", agent, "--config", str(bad))
+    assert r.returncode == 2 and "cgroup.subtre: unknown setting" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_munged_is_named(lab: Any, shared_dir: Path) -> None:
+    cfg = shared_dir / "nomunge.toml"
+    cfg.write_text('[munge]\nsocket = "/run/munge/nothing-here.socket"\n')
+    r = run(lab, "node1", lab.venv_bin("node-agent"), "--config", str(cfg), "--check")
+    assert r.returncode == 1
+    assert "munged is not running: no socket at /run/munge/nothing-here.socket" in r.stderr
+    r = run(lab, "node1", lab.venv_bin("adoptctl"), "--config", str(cfg), "jobs")
+    assert r.returncode == 1 and r.stderr.startswith("adoptctl: MUNGE: munged is not reachable")
+
+
+def test_agent_check_passes_on_a_good_node(lab: Any) -> None:
+    r = run(lab, "node1", lab.venv_bin("node-agent"), "--config",
+            "/etc/callerid-adopt/agent.toml", "--check")
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+
+
+def test_listen_address_not_on_this_node(lab: Any, shared_dir: Path) -> None:
+    cfg = shared_dir / "wrongaddr.toml"
+    cfg.write_text(f'listen = ["{lab.ip("node2")}:7999"]\nsocket = "{shared_dir}/x.sock"\n'
+                   f'state_dir = "{shared_dir}/state-x"\n[cgroup]\nv1 = ["freezer"]\n')
+    r = run(lab, "node1", lab.venv_bin("node-agent"), "--config", str(cfg))
+    assert r.returncode == 1
+    assert f"cannot listen on {lab.ip('node2')}:7999" in r.stderr
+
+
+def test_unreachable_peer_costs_at_most_the_timeout(lab: Any) -> None:
+    lab.agent_stop("node2")
+    try:
+        t0 = time.monotonic()
+        r = run(lab, "node1", lab.venv_bin("adoptctl"), "--timeout", "2", "whois",
+                f"{lab.ip('node2')}:40000", f"{lab.ip('node1')}:22")
+        elapsed = time.monotonic() - t0
+        assert r.returncode == 1
+        assert r.stderr.startswith("adoptctl: Agent unreachable: ") or \
+            r.stderr.startswith("adoptctl: Timeout: "), r.stderr
+        assert elapsed < 2 + 3  # the deadline, plus starting the CLI in the node
+    finally:
+        lab.agent_start("node2")
+
+
+HEALTH = """
+import grpc, sys
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+ch = grpc.insecure_channel(sys.argv[1])
+h = health_pb2_grpc.HealthStub(ch).Check(
+    health_pb2.HealthCheckRequest(service="callerid_adopt.v1.NodeAgent"), timeout=5)
+print(health_pb2.HealthCheckResponse.ServingStatus.Name(h.status))
+r = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+print(" ".join(sorted(s.name for s in next(r).list_services_response.service)))
+"""
+
+
+def test_health_and_reflection_from_another_node(lab: Any) -> None:
+    r = lab.run("node2", [lab.venv_bin("python"), "-c", HEALTH,
+                          f"ipv6:[{lab.ip('node1', 6)}]:7011"])
+    status, services = r.stdout.splitlines()
+    assert status == "SERVING"
+    assert "callerid_adopt.v1.NodeAgent" in services.split()
+    assert "grpc.health.v1.Health" in services.split()
+
+
+def test_metrics_endpoint(lab: Any) -> None:
+    run(lab, "node1", lab.venv_bin("adoptctl"), "jobs")
+    code = ("import urllib.request, sys; "
+            "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
+    r = lab.run("node2", ["/usr/bin/python3", "-c", code,
+                          f"http://{lab.ip('node1')}:9817/metrics"])
+    assert 'callerid_agent_requests_total{code="OK",method="ListJobs"}' in r.stdout
+    assert "callerid_agent_request_seconds_bucket" in r.stdout
+    assert "callerid_agent_jobs" in r.stdout

@@ -1,0 +1,262 @@
+"""The agent's admission decisions (node_agent.admission) and its root-only socket.
+
+A real JobRegistry on a fake cgroup tree; a fake caller-ID function instead of the
+source node's agent; real Unix sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+
+from callerid import CgroupLayout, Hierarchy
+from node_agent.admission import (
+    ADOPTED_LEAF,
+    MSG_NO_JOBS,
+    MSG_UNKNOWN,
+    Admission,
+    AdmissionServer,
+    Peer,
+    parse_ssh_connection,
+)
+from node_agent.proto.v1 import admission_pb2 as apb
+from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.registry import JobRegistry
+
+PEER = Peer(pid=4321, uid=0, gid=0)
+SSH = "10.0.0.1 40000 10.0.0.2 22"
+
+
+class FakeCallerId:
+    def __init__(self) -> None:
+        self.answer: str | None = None
+        self.error: grpc.RpcError | None = None
+        self.calls: list[tuple[str, pb.Connection, float]] = []
+
+    def __call__(self, host: str, conn: pb.Connection, deadline: float) -> str | None:
+        self.calls.append((host, conn, deadline))
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+class Unavailable(grpc.RpcError):
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def details(self) -> str:
+        return "Deadline Exceeded"
+
+
+@pytest.fixture
+def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobRegistry]:
+    import pwd as pwd_mod
+
+    def getpwnam(name: str) -> pwd_mod.struct_passwd:
+        uid = {"alice": 1001, "bob": 1002}[name]
+        return pwd_mod.struct_passwd((name, "x", uid, uid, "", f"/home/{name}", "/bin/sh"))
+
+    monkeypatch.setattr("node_agent.registry.pwd.getpwnam", getpwnam)
+    root = tmp_path / "cg"
+    hier = (Hierarchy("freezer", 1, root / "freezer"), Hierarchy("unified", 2, root / "unified"))
+    for h in hier:
+        h.mountpoint.mkdir(parents=True)
+    reg = JobRegistry(tmp_path / "state", CgroupLayout(hier, "callerid"), node="n2")
+    reg.recover()
+    yield reg
+    reg.close()
+
+
+def request(user: str = "alice", ssh: str = SSH, **options: object) -> apb.AdmissionRequest:
+    return apb.AdmissionRequest(user=user, service="sshd", rhost="10.0.0.1", ssh_connection=ssh,
+                                options=apb.AdmissionOptions(**options))  # type: ignore[arg-type]
+
+
+def adopted_pids(reg: JobRegistry, job: str) -> list[set[str]]:
+    out = []
+    for h in reg.layout.hierarchies:
+        procs = reg.layout.leaf_path(h, job, ADOPTED_LEAF) / "cgroup.procs"
+        out.append(set(procs.read_text().split()) if procs.exists() else set())
+    return out
+
+
+def test_no_jobs_denies_with_the_sentence_or_ignores(registry: JobRegistry) -> None:
+    adm = Admission(registry, FakeCallerId())
+    r = adm.decide(request(), PEER)
+    assert (r.decision, r.reason, r.message) == (apb.AdmissionReply.DENY, "no-jobs", MSG_NO_JOBS)
+    assert MSG_NO_JOBS == "Access denied by pam_adopt: you have no active jobs on this node"
+    r = adm.decide(request(action_no_jobs="ignore"), PEER)
+    assert r.decision == apb.AdmissionReply.IGNORE
+
+
+def test_another_users_job_does_not_admit(registry: JobRegistry) -> None:
+    registry.start("7", "bob")
+    r = Admission(registry, FakeCallerId()).decide(request("alice"), PEER)
+    assert r.decision == apb.AdmissionReply.DENY and r.reason == "no-jobs"
+
+
+def test_one_job_adopts_without_asking_anyone(registry: JobRegistry) -> None:
+    registry.start("42", "alice")
+    cid = FakeCallerId()
+    r = Admission(registry, cid).decide(request(), PEER)
+    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "one-job", "42")
+    assert r.env["CALLERID_JOB_ID"] == "42"
+    assert cid.calls == []
+    assert adopted_pids(registry, "42") == [{"4321"}, {"4321"}]
+
+
+def test_several_jobs_ask_the_source_node(registry: JobRegistry) -> None:
+    registry.start("A", "alice")
+    time.sleep(0.01)
+    registry.start("B", "alice")
+    cid = FakeCallerId()
+    cid.answer = "A"
+    adm = Admission(registry, cid, rpc_timeout=5.0)
+    r = adm.decide(request(timeout=2.0), PEER)
+    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "caller-id", "A")
+    host, conn, deadline = cid.calls[0]
+    assert host == "10.0.0.1" and (conn.src_port, conn.dst_port) == (40000, 22)
+    assert deadline <= 2.0 * 0.6 + 1e-9  # inside the module's timeout
+    assert adopted_pids(registry, "A") == [{"4321"}, {"4321"}]
+
+
+@pytest.mark.parametrize("answer, error", [(None, False), ("other-users-job", False),
+                                           (None, True)])
+def test_unknown_source_applies_action_unknown(registry: JobRegistry, answer: str | None,
+                                               error: bool) -> None:
+    registry.start("A", "alice")
+    time.sleep(0.01)
+    registry.start("B", "alice")
+    cid = FakeCallerId()
+    cid.answer = answer
+    cid.error = Unavailable() if error else None
+    adm = Admission(registry, cid)
+    r = adm.decide(request(), PEER)  # default: newest
+    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "unknown-newest", "B")
+    r = adm.decide(request(action_unknown="allow"), Peer(99, 0, 0))
+    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "unknown-allow", "")
+    r = adm.decide(request(action_unknown="deny"), Peer(98, 0, 0))
+    assert (r.decision, r.message) == (apb.AdmissionReply.DENY, MSG_UNKNOWN)
+    assert "99" not in adopted_pids(registry, "A")[0] | adopted_pids(registry, "B")[0]
+    if error:
+        assert "DEADLINE_EXCEEDED" in r.detail
+
+
+def test_missing_ssh_connection_never_calls_out(registry: JobRegistry) -> None:
+    registry.start("A", "alice")
+    registry.start("B", "alice")
+    cid = FakeCallerId()
+    r = Admission(registry, cid).decide(request(ssh="", action_unknown="deny"), PEER)
+    assert r.decision == apb.AdmissionReply.DENY and "SSH_CONNECTION" in r.detail
+    assert cid.calls == []
+
+
+def test_adoption_failure(registry: JobRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry.start("42", "alice")
+
+    def boom(*a: object, **k: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(registry.layout, "attach", boom)
+    adm = Admission(registry, FakeCallerId())
+    r = adm.decide(request(), PEER)
+    assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "adopt-failed")
+    assert "could not be added to your job" in r.message
+    r = adm.decide(request(action_adopt_failure="allow"), PEER)
+    assert (r.decision, r.job_id) == (apb.AdmissionReply.ALLOW, "")
+
+
+def test_bad_option_values_fall_back_to_defaults(registry: JobRegistry) -> None:
+    r = Admission(registry, FakeCallerId()).decide(request(action_no_jobs="maybe"), PEER)
+    assert r.decision == apb.AdmissionReply.DENY  # the default, not an error
+
+
+@pytest.mark.parametrize("text, ok", [
+    (SSH, True), ("::ffff:10.0.0.1 40000 ::ffff:10.0.0.2 22", True),
+    ("fd00::1 40000 fd00::2 22", True), ("", False), ("10.0.0.1 40000 10.0.0.2", False),
+    ("10.0.0.1 port 10.0.0.2 22", False), ("10.0.0.1 99999 10.0.0.2 22", False),
+])
+def test_parse_ssh_connection(text: str, ok: bool) -> None:
+    conn = parse_ssh_connection(text)
+    assert (conn is not None) == ok
+    if conn is not None:
+        assert not conn.src_ip.startswith("::ffff:")
+
+
+# -- the socket ------------------------------------------------------------------------------
+
+def ask(path: Path, line: bytes) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        s.sendall(line)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    result: dict[str, object] = json.loads(data)
+    return result
+
+
+@pytest.fixture
+def server(registry: JobRegistry, tmp_path: Path) -> Iterator[tuple[AdmissionServer, Path]]:
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, FakeCallerId()))
+    srv.start()
+    yield srv, path
+    srv.close()
+
+
+def test_socket_is_root_only_and_answers_json(server: tuple[AdmissionServer, Path],
+                                              registry: JobRegistry) -> None:
+    _, path = server
+    assert path.stat().st_mode & 0o777 == 0o600
+    registry.start("42", "alice")
+    line = json_format.MessageToJson(request(), preserving_proto_field_name=True, indent=None)
+    reply = ask(path, line.encode() + b"\n")
+    assert reply["decision"] == "ALLOW" and reply["job_id"] == "42"
+    # The pid adopted is the caller's, from SO_PEERCRED: this test process.
+    assert str(os.getpid()) in adopted_pids(registry, "42")[0]
+
+
+@pytest.mark.parametrize("line", [b"not json\n", b'{"user": 5}\n', b'{"nonsense": 1}\n', b"\n"])
+def test_malformed_requests_are_denied_clearly(server: tuple[AdmissionServer, Path],
+                                               line: bytes) -> None:
+    reply = ask(server[1], line)
+    assert reply["decision"] == "DENY" and reply["reason"] == "bad-request"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_non_root_peer_is_refused(registry: JobRegistry) -> None:
+    d = Path(tempfile.mkdtemp(prefix="admission-test-"))
+    d.chmod(0o755)
+    path = d / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, FakeCallerId()))
+    srv.start()
+    try:
+        _ask_as_nobody(path)
+    finally:
+        srv.close()
+        d.rmdir()
+
+
+def _ask_as_nobody(path: Path) -> None:
+    path.chmod(0o666)  # get past the file mode, to check the SO_PEERCRED rule behind it
+    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+            "s.sendall(b'{}\\n'); print(s.recv(4096).decode())")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], user=65534,
+                         capture_output=True, text=True, timeout=20, check=True).stdout
+    assert json.loads(out)["reason"] == "not-root"
