@@ -54,7 +54,7 @@ lab-down:
 	$(LAB) down
 
 bench: deps venv
-	$(PY) tests/benchmarks/bench_callerid.py --venv $(abspath $(VENV))
+	$(VPY) tests/benchmarks/bench_callerid.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -34,6 +34,8 @@ PathLike = str | os.PathLike[str]
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 _JOB_PREFIX = "job_"
+# How long a cgroup id that names no job is remembered as such (seconds).
+_MISS_TTL = 1.0
 _POLL_S = 0.02
 
 
@@ -176,6 +178,7 @@ class CgroupLayout:
         self._v2 = next((h for h in self.hierarchies if h.version == 2), None)
         # cgroup id (v2 directory inode) -> (job id, directory); see job_for_cgroup_id.
         self._id_cache: dict[int, tuple[str, Path]] = {}
+        self._miss_cache: dict[int, float] = {}
 
     def __repr__(self) -> str:
         return f"CgroupLayout({list(self.hierarchies)!r}, {self.subtree!r})"
@@ -369,6 +372,12 @@ class CgroupLayout:
                 text = _read(path)
             except FileNotFoundError:
                 continue
+            except OSError as e:
+                # Race: a cgroup removed between listing and reading answers ENODEV
+                # (kernfs node already deactivated), not ENOENT.
+                if e.errno == errno.ENODEV:
+                    continue
+                raise
             for lineno, line in enumerate(text.splitlines(), 1):
                 line = line.strip()
                 if not line:
@@ -422,10 +431,21 @@ class CgroupLayout:
                     return hit[0]
             except OSError:
                 pass
+        # A miss is remembered briefly: sockets of processes in no job would otherwise
+        # cost a rescan of every job cgroup per question. Never wrong, only slower: the
+        # resolver falls back to the fd walk and the process's cgroup path on a miss.
+        now = time.monotonic()
+        if self._miss_cache.get(cgroup_id, 0.0) > now:
+            return None
         cache = self._scan_ids(self._v2)
         self._id_cache = cache  # one assignment: readers in other threads see old or new
         hit = cache.get(cgroup_id)
-        return hit[0] if hit is not None else None
+        if hit is None:
+            if len(self._miss_cache) > 4096:
+                self._miss_cache = {k: t for k, t in self._miss_cache.items() if t > now}
+            self._miss_cache[cgroup_id] = now + _MISS_TTL
+            return None
+        return hit[0]
 
     def _scan_ids(self, h: Hierarchy) -> dict[int, tuple[str, Path]]:
         cache: dict[int, tuple[str, Path]] = {}

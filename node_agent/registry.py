@@ -80,6 +80,7 @@ class JobRegistry:
         self._lock = threading.RLock()
         self._jobs: dict[str, JobRecord] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._finishing: dict[str, threading.Event] = {}
         self._watch_fds: dict[int, tuple[str, int]] = {}   # pidfd -> (job id, pid)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._closing = False
@@ -298,7 +299,24 @@ class JobRegistry:
         return rec, killed
 
     def _finish(self, job_id: str, *, reason: str, timeout: float = 10.0) -> int:
-        """Kill what is left in the job, remove its cgroups, forget it. Idempotent."""
+        """Kill what is left in the job, remove its cgroups, forget it. Idempotent, and
+        one at a time per job: ending a job kills its main process, whose exit the
+        watcher reports while the first _finish is still running; the second caller
+        waits for the first instead of racing it over the same cgroups."""
+        with self._lock:
+            running = self._finishing.get(job_id)
+            if running is None:
+                self._finishing[job_id] = threading.Event()
+        if running is not None:
+            running.wait(timeout + 5)
+            return 0
+        try:
+            return self._finish_once(job_id, reason, timeout)
+        finally:
+            with self._lock:
+                self._finishing.pop(job_id).set()
+
+    def _finish_once(self, job_id: str, reason: str, timeout: float) -> int:
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is not None and rec.state != "ending":
