@@ -78,8 +78,9 @@ def demo(lab: lab_mod.Lab, work: Path) -> None:
         banner("node2 sees a connection from node1; which job sent it? (node1's agent answers)")
         line = Path(f"{accepted}-2").read_text().splitlines()[0]
         src_ip, src_port, dst_ip, dst_port = line.split()
+        v4_src, v4_dst = f"{src_ip}:{src_port}", f"{dst_ip}:{dst_port}"
         show(lab, "node2", ["cat", "/etc/hosts"])
-        show(lab, "node2", [adoptctl, "whois", f"{src_ip}:{src_port}", f"{dst_ip}:{dst_port}"])
+        show(lab, "node2", [adoptctl, "whois", v4_src, v4_dst])
         banner("the same over IPv6, seen from node3")
         line = Path(f"{accepted}-3").read_text().splitlines()[0]
         src_ip, src_port, dst_ip, dst_port = line.split()
@@ -104,8 +105,7 @@ def demo(lab: lab_mod.Lab, work: Path) -> None:
         show(lab, "node1", [adoptctl, "job", "end", "42"])
         show(lab, "node1", [adoptctl, "job", "end", "43"])
         show(lab, "node1", [adoptctl, "jobs"])
-        show(lab, "node2", [adoptctl, "whois", f"{src_ip}:{src_port}", f"{dst_ip}:{dst_port}",
-                            "--node", "node1"], check=False)
+        show(lab, "node2", [adoptctl, "whois", v4_src, v4_dst, "--node", "node1"], check=False)
     finally:
         for p in (listener2, listener3):
             p.kill()
