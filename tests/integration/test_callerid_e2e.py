@@ -204,3 +204,20 @@ def test_hostile_job_ids_are_refused(lab: Any) -> None:
         assert r.returncode == 1 and "Invalid argument" in r.stderr, r.stderr
     listing = lab.run("node1", ["ls", "/sys/fs/cgroup/freezer/callerid"], check=False).stdout
     assert "x" not in listing.split()
+
+
+def test_same_job_id_on_several_nodes(lab: Any) -> None:
+    for node in ("node1", "node2"):
+        adoptctl(lab, node, "job", "run", "--id", "777", "--user", "bob", "--",
+                 "/bin/sleep", "100000")
+    try:
+        for node in ("node1", "node2"):
+            jobs = json.loads(adoptctl(lab, node, "jobs", "--json").stdout)
+            mine = [j for j in jobs if j["id"] == "777"]
+            assert len(mine) == 1 and mine[0]["node"] == node and mine[0]["user"] == "bob"
+        r = adoptctl(lab, "node1", "job", "run", "--id", "777", "--user", "bob", "--", "true",
+                     check=False)
+        assert r.returncode == 1 and "already exists on node1" in r.stderr
+    finally:
+        for node in ("node1", "node2"):
+            adoptctl(lab, node, "job", "end", "777", check=False)
