@@ -36,6 +36,7 @@ import grpc
 from google.protobuf import json_format
 
 import callerid
+from node_agent import metrics
 from node_agent.proto.v1 import admission_pb2 as apb
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.registry import JobRecord, JobRegistry
@@ -114,11 +115,14 @@ class Admission:
     def decide(self, request: apb.AdmissionRequest, peer: Peer) -> apb.AdmissionReply:
         t0 = time.perf_counter()
         reply = self._decide(request, peer)
+        elapsed = time.perf_counter() - t0
+        metrics.ADMISSIONS.labels(apb.AdmissionReply.Decision.Name(reply.decision),
+                                  reply.reason).observe(elapsed)
         log.info("admission: %s from %s (%s) pid %d: %s %s%s (%.1f ms)%s", request.user,
                  request.rhost or "?", request.ssh_connection or "no SSH_CONNECTION", peer.pid,
                  apb.AdmissionReply.Decision.Name(reply.decision), reply.reason,
                  f" job {reply.job_id}" if reply.job_id else "",
-                 (time.perf_counter() - t0) * 1000,
+                 elapsed * 1000,
                  f": {reply.detail}" if reply.detail else "")
         return reply
 

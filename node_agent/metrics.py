@@ -26,6 +26,11 @@ RESOLVE_SECONDS = Histogram("callerid_agent_resolve_seconds",
                                      0.001, 0.0025, 0.01, 0.1, 1.0))
 ANSWERS = Counter("callerid_agent_callerid_answers", "caller-ID answers by outcome",
                   ["outcome"])
+ADMISSIONS = Histogram("callerid_agent_admission_seconds",
+                       "time to decide (and adopt) an ssh login, by decision and reason",
+                       ["decision", "reason"],
+                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
+                                0.5, 1.0, 2.0, 5.0))
 JOBS = Gauge("callerid_agent_jobs", "jobs in the native registry")
 
 

@@ -267,3 +267,14 @@ def test_module_imports_only_the_standard_library() -> None:
               if isinstance(n, ast.ImportFrom) and n.module}
     assert names <= set(sys.stdlib_module_names) | {"__future__"}, names
     assert "grpc" not in names
+
+
+def test_deploy_example_line_uses_only_valid_options() -> None:
+    example = (MODULE.parents[1] / "deploy" / "pam" / "sshd.example").read_text()
+    lines = [ln for ln in example.splitlines() if "pam_adopt.py" in ln and not ln.startswith("#")]
+    assert len(lines) == 1
+    fields = lines[0].split()
+    assert fields[0] == "-account" and fields[1] == "required"
+    opts = pam_adopt.Options.parse(fields[fields.index(
+        "/opt/callerid-adopt/pam/pam_adopt.py") + 1:])
+    assert opts.problems == []
