@@ -10,6 +10,7 @@ PACKAGES=(
     libpam-python pamtester         # the PAM module and its fast tests
     munge libmunge2                 # identity on every gRPC call
     iproute2 util-linux procps psmisc  # lab namespaces, veth, nsenter/unshare
+    nftables                        # the lab's black-holed ports (lab.blackhole)
     python3-venv python3-dev        # the venv is made from Debian's /usr/bin/python3
     libnss-wrapper tmux rsync       # ssh-to-job: users without passwd entries, tty tests, rsync
 )

@@ -44,7 +44,6 @@ import json
 import os
 import pwd
 import socket
-import syslog
 import time
 
 DEFAULT_SOCKET = "/run/callerid-adopt/admission.sock"
@@ -115,23 +114,39 @@ class Options:
 
 
 class Log:
-    """syslog (authpriv), filtered by log_level."""
+    """syslog (authpriv), filtered by log_level.
 
-    def __init__(self, level: str) -> None:
+    Written straight to /dev/log with a datagram socket, not with the syslog module:
+    openlog() would change the ident of the whole sshd process, and every later line of
+    pam_unix or sshd would carry ours.
+    """
+
+    FACILITY = 10 << 3  # LOG_AUTHPRIV
+
+    def __init__(self, level: str, path: str = "/dev/log") -> None:
         self.level = LEVELS.get(level, 2)
-        syslog.openlog("pam_adopt", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
+        self.path = path
+
+    def _send(self, severity: int, msg: str) -> None:
+        line = f"<{self.FACILITY | severity}>pam_adopt[{os.getpid()}]: {msg}"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+                s.settimeout(0.2)
+                s.sendto(line.encode(errors="replace")[:8000], self.path)
+        except OSError:
+            pass  # no syslog daemon: nothing to keep the line, and never a reason to fail
 
     def debug(self, msg: str) -> None:
         if self.level >= 3:
-            syslog.syslog(syslog.LOG_DEBUG, msg)
+            self._send(7, msg)
 
     def info(self, msg: str) -> None:
         if self.level >= 2:
-            syslog.syslog(syslog.LOG_INFO, msg)
+            self._send(6, msg)
 
     def error(self, msg: str) -> None:
         if self.level >= 1:
-            syslog.syslog(syslog.LOG_ERR, msg)
+            self._send(3, msg)
 
 
 class AgentError(Exception):
@@ -278,11 +293,7 @@ def pam_sm_acct_mgmt(pamh, flags, argv):
     try:
         return acct_mgmt(pamh, flags, argv)
     except Exception as e:  # never let a bug turn into an open door: deny
-        try:
-            syslog.openlog("pam_adopt", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
-            syslog.syslog(syslog.LOG_ERR, f"internal error: {type(e).__name__}: {e}")
-        except Exception:
-            pass
+        Log("error").error(f"internal error: {type(e).__name__}: {e}")
         return pamh.PAM_SYSTEM_ERR
 
 
