@@ -31,6 +31,7 @@ from node_agent.config import AgentConfig
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
 from node_agent.registry import JobRegistry
 from node_agent.service import NodeAgentServicer
+from node_agent.warmup import MigrationWarmer
 
 log = logging.getLogger("node_agent")
 
@@ -119,9 +120,10 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
     servicer = NodeAgentServicer(node=config.node_name, resolver=resolver, registry=registry,
                                  admin_uids=config.admin_uids)
     peers = PeerPool(auth, config.port)
+    warmer = MigrationWarmer(layout)
     admission = AdmissionServer(
         config.admission_socket,
-        Admission(registry, peers.caller_id, rpc_timeout=config.rpc_timeout))
+        Admission(registry, peers.caller_id, rpc_timeout=config.rpc_timeout, warmer=warmer))
     _prepare_socket(config.socket)
     addresses = [f"unix:{config.socket}", *config.listen]
     server, _ = create_server(servicer, auth, addresses, max_workers=config.max_workers)
@@ -148,6 +150,7 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         sd_notify("STOPPING=1")
         log.info("stopping")
         admission.close()
+        warmer.close()
         server.stop(grace=5).wait()
         peers.close()
         registry.close()
