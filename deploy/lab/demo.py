@@ -1,11 +1,13 @@
-"""The demo: a 3-node lab, jobs, and the caller-ID chain across nodes, as a user sees it.
+"""The demo: a 3-node lab, jobs, caller ID and ssh adoption across nodes, as a user sees it.
 
     python3 deploy/lab/demo.py [--venv .venv] [--keep]
 
 Brings the lab up (deploy/lab/lab.py), runs a job of alice on node1 that connects to
 node2 and node3, asks node2 "which job owns this connection?" with `adoptctl whois`
-(node1's agent answers), shows what bob is told about the same connection, ends the
-job and shows that nothing of it is left. Tears the lab down at the end (unless --keep),
+(node1's agent answers), shows what bob is told about the same connection; then real ssh
+logins: bob, who has no job on node2, is refused; alice's jobs ssh to node2 and each
+session lands in the job it came from; ending a job on node2 ends its ssh sessions.
+Finally the jobs end and nothing of them is left. Tears the lab down at the end (unless --keep),
 also after a failure. Every command is printed as it would be typed on the node.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +50,61 @@ def wait_for(path: Path, timeout: float = 20.0) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"demo: {path} did not appear")
         time.sleep(0.05)
+
+
+def in_job(lab: lab_mod.Lab, node: str, job: str, user: str, argv: list[str],
+           shown: str) -> None:
+    """Run argv as user on node inside job (as a process the job started would)."""
+    print(f"{user}@{node} (a process of job {job})$ {shown}")
+    p = lab.popen(node, ["/bin/sh", "-c", 'read go; exec "$@"', "sh", *argv], user=user,
+                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                  text=True)
+    lab.run(node, [lab.venv_bin("adoptctl"), "job", "attach", job, str(p.pid)])
+    out, _ = p.communicate("go\n", timeout=60)
+    if out.strip():
+        print("    " + out.rstrip().replace("\n", "\n    "))
+
+
+def adoption(lab: lab_mod.Lab) -> None:
+    adoptctl = lab.venv_bin("adoptctl")
+    banner("ssh into a node where you have no job: refused (pam_adopt in sshd's account stack)")
+    print("bob@node1$ ssh node2 hostname")
+    r = lab.run("node1", lab.ssh_argv("node2", ["hostname"], family=0), user="bob",
+                check=False)
+    print("    " + (r.stdout + r.stderr).strip().replace("\n", "\n    "))
+    print(f"    (exit status {r.returncode})")
+
+    banner("alice's job 42 runs on node2 too, and so does her job 43")
+    show(lab, "node2", [adoptctl, "job", "run", "--id", "42", "--user", "alice", "--",
+                        "/bin/sleep", "1000000"])
+    show(lab, "node2", [adoptctl, "job", "run", "--id", "43", "--user", "alice", "--",
+                        "/bin/sleep", "1000000"])
+    banner("job 42 on node1 runs `ssh node2 ...`: the session lands in job 42 on node2")
+    remote = ("hostname; cat /proc/self/cgroup | grep -E 'freezer|^0::'; "
+              "echo CALLERID_JOB_ID=$CALLERID_JOB_ID")
+    in_job(lab, "node1", "42", "alice", lab.ssh_argv("node2", remote, family=0),
+           f"ssh node2 '{remote}'")
+    print("    (node2's agent asked node1's which job owns the connection; its log:)")
+    for line in lab.agent_log("node2").splitlines():
+        if "admission:" in line:
+            print("    " + line.split(" node_agent.admission: ", 1)[-1])
+    banner("the same from job 43 lands in job 43; ending job 43 on node2 ends its sessions")
+    p = lab.popen("node1", ["/bin/sh", "-c", 'read go; exec "$@"', "sh",
+                            *lab.ssh_argv("node2", "echo connected; exec sleep 1000000",
+                                          family=0)],
+                  user="alice", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                  stderr=subprocess.DEVNULL, text=True)
+    lab.run("node1", [adoptctl, "job", "attach", "43", str(p.pid)])
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write("go\n")
+    p.stdin.flush()
+    print("alice@node1 (a process of job 43)$ ssh node2 'echo connected; exec sleep 1000000' &")
+    print("    " + p.stdout.readline().strip())
+    show(lab, "node2", [adoptctl, "job", "show", "43"])
+    show(lab, "node2", [adoptctl, "job", "end", "43"])
+    rc = p.wait(timeout=30)
+    print(f"    (the ssh session on node1 ended with status {rc})")
+    show(lab, "node2", [adoptctl, "job", "end", "42"])
 
 
 def demo(lab: lab_mod.Lab, work: Path) -> None:
@@ -100,6 +158,8 @@ def demo(lab: lab_mod.Lab, work: Path) -> None:
         lab.agent_stop("node1", sig=9)
         lab.agent_start("node1")
         show(lab, "node1", [adoptctl, "jobs"])
+
+        adoption(lab)
 
         banner("the job ends: every process in it is killed, its cgroups removed")
         show(lab, "node1", [adoptctl, "job", "end", "42"])
