@@ -8,6 +8,7 @@ tells systemd it is ready (Type=notify) and stops cleanly on SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -111,47 +112,51 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         layout = CgroupLayout.discover(config.cgroup, procfs=config.procfs)
     except Exception as e:
         raise StartupError(f"cgroups: {e}") from None
-    registry = JobRegistry(config.state_dir, layout, node=config.node_name,
-                           procfs=config.procfs)
-    registry.recover()
-    registry.start_watcher()
-    metrics.JOBS.set(len(registry.list_jobs()))
-    resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
-    servicer = NodeAgentServicer(node=config.node_name, resolver=resolver, registry=registry,
-                                 admin_uids=config.admin_uids)
-    peers = PeerPool(auth, config.port)
-    warmer = MigrationWarmer(layout)
-    admission = AdmissionServer(
-        config.admission_socket,
-        Admission(registry, peers.caller_id, rpc_timeout=config.rpc_timeout, warmer=warmer))
-    _prepare_socket(config.socket)
-    addresses = [f"unix:{config.socket}", *config.listen]
-    server, _ = create_server(servicer, auth, addresses, max_workers=config.max_workers)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    server.start()
-    admission.start()
-    # Anyone may connect; every call is authenticated with MUNGE.
-    os.chmod(config.socket, 0o666)
-    if config.metrics_listen:
-        try:
-            metrics.serve(config.metrics_listen)
-        except OSError as e:
-            server.stop(0)
-            raise StartupError(f"cannot serve metrics on {config.metrics_listen}: {e}") from None
-    log.info("node agent for %s serving on %s, admission on %s (%d jobs)%s", config.node_name,
-             ", ".join(addresses), config.admission_socket, len(registry.list_jobs()),
-             f", metrics on {config.metrics_listen}" if config.metrics_listen else "")
-    sd_notify(f"READY=1\nSTATUS=serving {len(registry.list_jobs())} jobs\nMAINPID={os.getpid()}")
-    try:
+    # Everything made from here on is undone in reverse order, on a start-up failure
+    # too (a helper process or a socket must not outlive a failed start).
+    with contextlib.ExitStack() as undo:
+        registry = JobRegistry(config.state_dir, layout, node=config.node_name,
+                               procfs=config.procfs)
+        undo.callback(registry.close)
+        registry.recover()
+        registry.start_watcher()
+        metrics.JOBS.set(len(registry.list_jobs()))
+        resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
+        undo.callback(resolver.close)
+        servicer = NodeAgentServicer(node=config.node_name, resolver=resolver,
+                                     registry=registry, admin_uids=config.admin_uids)
+        peers = PeerPool(auth, config.port)
+        undo.callback(peers.close)
+        _prepare_socket(config.socket)
+        addresses = [f"unix:{config.socket}", *config.listen]
+        server, _ = create_server(servicer, auth, addresses, max_workers=config.max_workers)
+        undo.callback(lambda: server.stop(grace=5).wait())
+        warmer = MigrationWarmer(layout)
+        undo.callback(warmer.close)
+        admission = AdmissionServer(
+            config.admission_socket,
+            Admission(registry, peers.caller_id, rpc_timeout=config.rpc_timeout,
+                      warmer=warmer))
+        undo.callback(admission.close)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        server.start()
+        admission.start()
+        # Anyone may connect; every call is authenticated with MUNGE.
+        os.chmod(config.socket, 0o666)
+        if config.metrics_listen:
+            try:
+                metrics.serve(config.metrics_listen)
+            except OSError as e:
+                raise StartupError(
+                    f"cannot serve metrics on {config.metrics_listen}: {e}") from None
+        log.info("node agent for %s serving on %s, admission on %s (%d jobs)%s",
+                 config.node_name, ", ".join(addresses), config.admission_socket,
+                 len(registry.list_jobs()),
+                 f", metrics on {config.metrics_listen}" if config.metrics_listen else "")
+        sd_notify(f"READY=1\nSTATUS=serving {len(registry.list_jobs())} jobs\n"
+                  f"MAINPID={os.getpid()}")
+        undo.callback(log.info, "stopping")
+        undo.callback(sd_notify, "STOPPING=1")
         stop.wait()
-    finally:
-        sd_notify("STOPPING=1")
-        log.info("stopping")
-        admission.close()
-        warmer.close()
-        server.stop(grace=5).wait()
-        peers.close()
-        registry.close()
-        resolver.close()

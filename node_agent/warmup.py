@@ -49,7 +49,8 @@ class MigrationWarmer:
             for d in self._dirs:
                 d.mkdir(parents=True, exist_ok=True)
             self._proc = subprocess.Popen(["sleep", "infinity"], stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.DEVNULL, start_new_session=True)
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True)
             (self._dirs[0] / "cgroup.procs").write_text(str(self._proc.pid))
         except OSError as e:
             log.warning("migration warm-up disabled: %s", e)
