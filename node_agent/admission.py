@@ -263,14 +263,25 @@ class AdmissionServer:
                         decision=DENY, reason="not-root", message=MSG_BAD_REQUEST)))
                     return
                 line = self._read_line(conn)
+                if not line.strip():
+                    # pam_adopt.py connects before it knows whether it will ask (root,
+                    # another service): a connection closed without a request is normal.
+                    log.debug("admission: pid %d closed without a request", peer.pid)
+                    return
                 request = apb.AdmissionRequest()
                 try:
                     json_format.Parse(line, request)
-                except json_format.ParseError as e:
+                except Exception as e:  # ParseError, or TypeError for a non-object ("[]")
                     log.error("admission: malformed request from pid %d: %s", peer.pid, e)
                     conn.sendall(_reply_line(apb.AdmissionReply(
                         decision=DENY, reason="bad-request", message=MSG_BAD_REQUEST,
                         detail=str(e))))
+                    return
+                if not request.user:
+                    log.error("admission: request from pid %d names no user", peer.pid)
+                    conn.sendall(_reply_line(apb.AdmissionReply(
+                        decision=DENY, reason="bad-request", message=MSG_BAD_REQUEST,
+                        detail="no user")))
                     return
                 conn.sendall(_reply_line(self.admission.decide(request, peer)))
             except (OSError, ValueError) as e:

@@ -10,10 +10,29 @@ The cache is Python's own (__pycache__/pam_adopt_impl.cpython-3XX.pyc next to th
 checked against the source's mtime and size, rewritten when stale); it is written by the
 first login, as root, into the module's own root-owned directory. Only C-level and
 already-loaded modules are used: `importlib.util` alone would cost ~9 ms.
+
+Before loading the logic it connects to the agent's default admission socket: on
+accept the agent starts switching the kernel's cgroup lock for the coming adoption
+(node_agent/warmup.py), so that toll (an RCU grace period, several ms) overlaps with
+loading. The logic uses that connection when its `socket=` is the default, and closes
+it otherwise. Nothing here can fail a login: an error just means no early connection.
 """
 
 import _frozen_importlib_external as _bootstrap  # the interpreter's own import machinery
+import _socket
 import sys
+
+DEFAULT_SOCKET = "/run/callerid-adopt/admission.sock"
+
+_early = None
+try:
+    _early = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    _early.settimeout(0.2)
+    _early.connect(DEFAULT_SOCKET)
+except OSError:
+    if _early is not None:
+        _early.close()
+    _early = None
 
 _path = __file__.rsplit("/", 1)[0] + "/pam_adopt_impl.py"
 sys.dont_write_bytecode = False  # pam_python sets it; this interpreter lives for one login
@@ -21,6 +40,8 @@ impl = type(sys)("pam_adopt_impl")
 impl.__file__ = _path
 exec(_bootstrap.SourceFileLoader("pam_adopt_impl", _path).get_code("pam_adopt_impl"),
      impl.__dict__)
+if _early is not None:
+    impl.EARLY = (DEFAULT_SOCKET, _early)
 
 pam_sm_acct_mgmt = impl.pam_sm_acct_mgmt
 pam_sm_authenticate = impl.pam_sm_authenticate

@@ -325,14 +325,35 @@ class AgentError(Exception):
     """The agent could not be asked, or its answer made no sense."""
 
 
+# A connection the loader (pam_adopt.py) opened to the default socket before this file
+# was even loaded: (path, socket). See take_early().
+EARLY = None
+
+
+def take_early(path: str):
+    """The loader's early connection, if it goes to `path` (else it is closed)."""
+    global EARLY
+    early, EARLY = EARLY, None
+    if early is None:
+        return None
+    if early[0] == path:
+        return early[1]
+    early[1].close()
+    return None
+
+
 def ask_agent(path: str, request: dict, timeout: float) -> dict:
     """One request line, one reply line, all within `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s = take_early(path)
+    connected = s is not None
+    if s is None:
+        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         s.settimeout(timeout)
         try:
-            s.connect(path)
+            if not connected:
+                s.connect(path)
             s.sendall((json_dumps(request) + "\n").encode())
             buf = b""
             while b"\n" not in buf:
@@ -467,6 +488,8 @@ def pam_sm_acct_mgmt(pamh, flags, argv):
     except Exception as e:  # never let a bug turn into an open door: deny
         Log("error").error(f"internal error: {type(e).__name__}: {e}")
         return pamh.PAM_SYSTEM_ERR
+    finally:
+        take_early("")  # unused (root, another service, another socket): close it
 
 
 def _not_ours(pamh, flags, argv):

@@ -232,11 +232,25 @@ def test_socket_is_root_only_and_answers_json(server: tuple[AdmissionServer, Pat
     assert str(os.getpid()) in adopted_pids(registry, "42")[0]
 
 
-@pytest.mark.parametrize("line", [b"not json\n", b'{"user": 5}\n', b'{"nonsense": 1}\n', b"\n"])
+@pytest.mark.parametrize("line", [b"not json\n", b'{"user": 5}\n', b'{"nonsense": 1}\n',
+                                  b"[]\n"])
 def test_malformed_requests_are_denied_clearly(server: tuple[AdmissionServer, Path],
                                                line: bytes) -> None:
     reply = ask(server[1], line)
     assert reply["decision"] == "DENY" and reply["reason"] == "bad-request"
+
+
+def test_connection_without_request_is_closed_quietly(server: tuple[AdmissionServer, Path],
+                                                      registry: JobRegistry) -> None:
+    # pam_adopt.py connects before it knows it will ask (root logins, other services).
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(server[1]))
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b""
+    registry.start("42", "alice")
+    line = json_format.MessageToJson(request(), preserving_proto_field_name=True, indent=None)
+    assert ask(server[1], line.encode() + b"\n")["decision"] == "ALLOW"  # still serving
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")

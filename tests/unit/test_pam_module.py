@@ -333,3 +333,19 @@ def test_codec_reads_protobuf_json() -> None:
 def test_codec_rejects_malformed(bad: str) -> None:
     with pytest.raises(ValueError):
         pam_adopt.json_loads(bad)
+
+
+def test_early_connection_is_used_for_the_default_path_only(
+        agent: Callable[..., FakeAgent], agent_path: Path) -> None:
+    a = agent(lambda r: {"decision": "ALLOW", "reason": "one-job", "job_id": "1"})
+    early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    early.connect(str(agent_path))
+    pam_adopt.EARLY = (str(agent_path), early)
+    assert call(FakePamh(), f"socket={agent_path}") == FakePamh.PAM_SUCCESS
+    assert early.fileno() == -1 and pam_adopt.EARLY is None  # used, then closed
+    assert len(a.requests) == 1
+    # For root the early connection is not used, and closed all the same.
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    pam_adopt.EARLY = (str(agent_path), other)
+    assert call(FakePamh("root"), f"socket={agent_path}") == FakePamh.PAM_IGNORE
+    assert pam_adopt.EARLY is None and other.fileno() == -1
