@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from tests.integration.helpers import adoptctl, process_alive
+
 pytestmark = pytest.mark.root
 
 DENY_NO_JOBS = "Access denied by pam_adopt: you have no active jobs on this node"
@@ -28,8 +30,6 @@ DENY_GENERIC = "Access denied by pam_adopt: the node agent could not be asked"
 CGROUP_JOB = re.compile(r"^0::/callerid/job_([^/]+)/adopted$", re.M)
 
 
-def adoptctl(lab: Any, node: str, *argv: str, check: bool = True) -> Any:
-    return lab.run(node, [lab.venv_bin("adoptctl"), *argv], check=check)
 
 
 def start_job(lab: Any, job: str, user: str, nodes: Sequence[str] = ("node1", "node2")) -> None:
@@ -109,7 +109,7 @@ def test_one_job_adopts_and_job_end_kills_the_session(lab: Any) -> None:
         assert sleeps, show
         adoptctl(lab, "node2", "job", "end", "j1")
         for pid in sleeps:
-            assert not _alive(pid)
+            assert not process_alive(pid)
         assert client.wait(timeout=20) != 0  # the connection went down with the job
     finally:
         if client.poll() is None:
@@ -117,12 +117,6 @@ def test_one_job_adopts_and_job_end_kills_the_session(lab: Any) -> None:
             client.wait()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -19,31 +19,17 @@ from typing import Any
 
 import pytest
 
+from tests.integration.helpers import adoptctl, process_alive, wait_for
+
 pytestmark = pytest.mark.root
 
 PORTS = {"v4": 5000, "v6": 5001, "dual": 5002}
 
 
-def wait_for(path: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear within {timeout}s")
-        time.sleep(0.05)
 
 
-def adoptctl(lab: Any, node: str, *argv: str, user: str | None = None,
-             check: bool = True) -> Any:
-    return lab.run(node, [lab.venv_bin("adoptctl"), *argv], user=user, check=check)
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 @pytest.fixture(scope="module")

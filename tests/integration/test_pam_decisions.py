@@ -21,20 +21,15 @@ from typing import Any
 
 import pytest
 
+from tests.integration.helpers import adoptctl, wait_for
+
 pytestmark = pytest.mark.root
 
 PORTS = count(6100)
 
 
-def adoptctl(lab: Any, node: str, *argv: str, check: bool = True) -> Any:
-    return lab.run(node, [lab.venv_bin("adoptctl"), *argv], check=check)
 
 
-def wait_for(path: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
 
 
 class Probe:
