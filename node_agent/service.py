@@ -169,6 +169,13 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         rec = self.registry.attach(request.job_id, request.pid)
         return pb.AttachToJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
 
+    def OpenJobShell(self, request_iterator: Any,
+                     context: grpc.ServicerContext) -> Any:
+        # ssh-to-job (issue 4) is being built in node_agent/jobshell.py; until it is wired
+        # in, say so plainly instead of failing obscurely.
+        context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                      f"ssh-to-job is not available on {self.node} yet")
+
     @_serve
     def EndJob(self, request: pb.EndJobRequest,
                context: grpc.ServicerContext) -> pb.EndJobReply:

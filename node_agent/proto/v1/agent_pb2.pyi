@@ -463,3 +463,115 @@ class EndJobReply(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EndJobReply: _TypeAlias = EndJobReply  # noqa: Y015
+
+@_typing.final
+class ShellOpen(_message.Message):
+    """-- ssh-to-job ---------------------------------------------------------------------------
+
+    The client (ssh-to-job in ProxyCommand mode) opens a bidirectional stream. Its first
+    frame is `open`; the agent checks that the caller (MUNGE identity) owns the job, or is
+    root or an admin uid, prepares a private session (its own host key, an sshd config whose
+    only authorized key is the client's public key) and starts `sshd -i` as the job's user
+    inside the job's cgroups and namespaces. It answers with `opened` (the session's host
+    key, for known_hosts), then both sides send `data` frames carrying the ssh byte stream;
+    a frame with `eof` set half-closes that direction. The stream ends when sshd exits.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    SHELLS_FIELD_NUMBER: _builtins.int
+    CLIENT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    public_key: _builtins.str
+    """the client's OpenSSH public key (one line)"""
+    client: _builtins.str
+    """free text for the log (host, version)"""
+    @_builtins.property
+    def shells(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """preferred login shells, first existing one wins"""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        public_key: _builtins.str = ...,
+        shells: _abc.Iterable[_builtins.str] | None = ...,
+        client: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "job_id", b"job_id", "public_key", b"public_key", "shells", b"shells"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShellOpen: _TypeAlias = ShellOpen  # noqa: Y015
+
+@_typing.final
+class ShellOpened(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOST_KEY_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    host_key: _builtins.str
+    """"ssh-ed25519 AAAA..." of this session's sshd"""
+    node: _builtins.str
+    user: _builtins.str
+    """the job's user, the login name to use"""
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        host_key: _builtins.str = ...,
+        node: _builtins.str = ...,
+        user: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_key", b"host_key", "node", b"node", "session_id", b"session_id", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShellOpened: _TypeAlias = ShellOpened  # noqa: Y015
+
+@_typing.final
+class ShellFrame(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    OPENED_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """the ssh byte stream, either direction"""
+    eof: _builtins.bool
+    """no more data in this direction"""
+    @_builtins.property
+    def open(self) -> Global___ShellOpen:
+        """client -> agent, first frame only"""
+
+    @_builtins.property
+    def opened(self) -> Global___ShellOpened:
+        """agent -> client, first frame only"""
+
+    def __init__(
+        self,
+        *,
+        open: Global___ShellOpen | None = ...,
+        opened: Global___ShellOpened | None = ...,
+        data: _builtins.bytes = ...,
+        eof: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "kind", b"kind", "open", b"open", "opened", b"opened"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "kind", b"kind", "open", b"open", "opened", b"opened"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "opened", "data"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___ShellFrame: _TypeAlias = ShellFrame  # noqa: Y015

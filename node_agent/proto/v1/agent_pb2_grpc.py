@@ -64,6 +64,11 @@ class NodeAgentStub:
                 request_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobRequest.SerializeToString,
                 response_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobReply.FromString,
                 _registered_method=True)
+        self.OpenJobShell = channel.stream_stream(
+                '/callerid_adopt.v1.NodeAgent/OpenJobShell',
+                request_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.ShellFrame.SerializeToString,
+                response_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.ShellFrame.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -109,6 +114,13 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenJobShell(self, request_iterator, context):
+        """ssh-to-job: an ssh session inside a running job (see ShellFrame below).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +153,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.EndJob,
                     request_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobRequest.FromString,
                     response_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobReply.SerializeToString,
+            ),
+            'OpenJobShell': grpc.stream_stream_rpc_method_handler(
+                    servicer.OpenJobShell,
+                    request_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.ShellFrame.FromString,
+                    response_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.ShellFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +322,33 @@ class NodeAgent:
             '/callerid_adopt.v1.NodeAgent/EndJob',
             node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobRequest.SerializeToString,
             node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenJobShell(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/callerid_adopt.v1.NodeAgent/OpenJobShell',
+            node__agent_dot_proto_dot_v1_dot_agent__pb2.ShellFrame.SerializeToString,
+            node__agent_dot_proto_dot_v1_dot_agent__pb2.ShellFrame.FromString,
             options,
             channel_credentials,
             insecure,

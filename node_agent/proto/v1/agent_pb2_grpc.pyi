@@ -51,6 +51,8 @@ class NodeAgentStub:
     """The native job registry (root and admin uids only)."""
     AttachToJob: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AttachToJobRequest, _agent_pb2.AttachToJobReply]
     EndJob: _grpc.UnaryUnaryMultiCallable[_agent_pb2.EndJobRequest, _agent_pb2.EndJobReply]
+    OpenJobShell: _grpc.StreamStreamMultiCallable[_agent_pb2.ShellFrame, _agent_pb2.ShellFrame]
+    """ssh-to-job: an ssh session inside a running job (see ShellFrame below)."""
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -66,6 +68,8 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """The native job registry (root and admin uids only)."""
     AttachToJob: _aio.UnaryUnaryMultiCallable[_agent_pb2.AttachToJobRequest, _agent_pb2.AttachToJobReply]  # type: ignore[assignment]
     EndJob: _aio.UnaryUnaryMultiCallable[_agent_pb2.EndJobRequest, _agent_pb2.EndJobReply]  # type: ignore[assignment]
+    OpenJobShell: _aio.StreamStreamMultiCallable[_agent_pb2.ShellFrame, _agent_pb2.ShellFrame]  # type: ignore[assignment]
+    """ssh-to-job: an ssh session inside a running job (see ShellFrame below)."""
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -114,5 +118,13 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.EndJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.EndJobReply, _abc.Awaitable[_agent_pb2.EndJobReply]]: ...
+
+    @_abc_1.abstractmethod
+    def OpenJobShell(
+        self,
+        request_iterator: _MaybeAsyncIterator[_agent_pb2.ShellFrame],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.ShellFrame], _abc.AsyncIterator[_agent_pb2.ShellFrame]]:
+        """ssh-to-job: an ssh session inside a running job (see ShellFrame below)."""
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
