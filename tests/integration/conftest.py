@@ -25,8 +25,22 @@ import lab as lab_mod  # noqa: E402
 PROGS = REPO / "deploy" / "lab" / "progs"
 
 
+def _unreadable_for_lab_users(path: Path) -> Path | None:
+    """The first directory on the way to `path` that other users cannot traverse."""
+    for parent in [*reversed(path.parents), path]:
+        if not os.stat(parent).st_mode & 0o001:
+            return parent
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.geteuid() == 0:
+        # Lab users (alice, bob) run the checkout's adoptctl and read its files.
+        blocked = _unreadable_for_lab_users(REPO / ".venv" / "bin")
+        if blocked is not None and any("root" in item.keywords for item in items):
+            raise pytest.UsageError(
+                f"{blocked} is not searchable by other users, so the lab users cannot run "
+                f"this checkout's programs: clone it somewhere world-readable (e.g. /opt)")
         return
     if os.environ.get("CI"):
         raise pytest.UsageError("the integration tests need root (CI runs as root)")
