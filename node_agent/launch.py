@@ -12,6 +12,12 @@ on failure.
 
 Order matters: the process writes itself into every cgroup *before* it execs, so the
 job's first instruction already runs inside the job, and no child can escape.
+
+Optional spec keys (used by ssh-to-job sessions, `node_agent.jobshell`):
+- ``namespaces``: paths like ``/proc/<pid>/ns/net`` to enter with setns(2) after joining
+  the cgroups and before dropping privileges (all are opened first, then entered in order);
+- ``stdio``: ``"inherit"`` keeps the inherited stdin/stdout (pipes to the agent) and sends
+  only stderr to ``output``; the default is stdin from /dev/null, stdout+stderr to ``output``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+
+def _setns(paths: list[str]) -> None:
+    import ctypes  # only when asked: keeps the common path's start-up small
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
+    try:
+        for path, fd in zip(paths, fds, strict=True):
+            if libc.setns(fd, 0) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def main() -> None:
@@ -31,17 +52,24 @@ def main() -> None:
         for procs in spec["cgroup_procs"]:
             with open(procs, "w") as f:
                 f.write(pid)
+        if spec.get("namespaces"):
+            _setns(spec["namespaces"])
         os.setgroups(spec["groups"])
         os.setgid(spec["gid"])
         os.setuid(spec["uid"])
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
         out = os.open(spec["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        for fd in (null, out):
-            if fd > 2:
-                os.close(fd)
+        if spec.get("stdio") == "inherit":
+            os.dup2(out, 2)
+            if out > 2:
+                os.close(out)
+        else:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            for fd in (null, out):
+                if fd > 2:
+                    os.close(fd)
         os.chdir(spec["cwd"])
         os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
     except BaseException as e:  # report anything, then die without running the job

@@ -1,0 +1,479 @@
+"""The agent side of ssh-to-job: a private `sshd -i` inside a running job.
+
+For each session the agent makes a private directory (0700, the job user's) holding a
+fresh host key, an ``authorized_keys`` with only the client's key, an sshd config and a
+``session-setup`` script that sshd runs as ``ForceCommand``. It then starts
+``sshd -i -f <dir>/sshd_config -e`` through the launcher (`node_agent.launch`): as the
+job's user, in the job's cgroups (leaf ``ssh-to-job``), in the job's namespaces when they
+differ from the agent's, with stdin/stdout as pipes to the agent. No socket is involved:
+the ssh byte stream is relayed by the caller (the gRPC servicer) through
+:meth:`Session.write` / :meth:`Session.read`.
+
+``session-setup`` cds to the job's working directory, loads the job's environment (read
+from ``/proc/<main pid>/environ`` when the session opens, written as a quoted sh file),
+exports ``CALLERID_JOB_ID`` and ``CALLERID_JOB_PIDS`` (main pid first) and runs
+``$SSH_ORIGINAL_COMMAND`` with the chosen shell, or a login shell. sftp: a ForceCommand
+overrides the ``Subsystem``; OpenSSH then runs the forced command with
+``SSH_ORIGINAL_COMMAND=internal-sftp`` (the subsystem's configured command), which the
+script turns into ``exec sftp-server`` (so sftp, and scp, which uses sftp since OpenSSH 9,
+also run in the job's directory and environment).
+
+sshd runs the forced command with the user's passwd shell, and refuses users without a
+passwd entry; for those, and for nologin/false shells, sshd gets nss_wrapper
+(``LD_PRELOAD``) with a private passwd/group file naming a working shell.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import grp
+import json
+import logging
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from node_agent import launch
+from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
+from node_agent.registry import LOGIN_PATH, JobRegistry
+
+log = logging.getLogger("node_agent.jobshell")
+
+SSH_LEAF = "ssh-to-job"
+NSS_WRAPPER = "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"
+NAMESPACES = ("net", "pid", "mnt")    # setns order: mnt last (paths change after it)
+KEY_TYPES = frozenset({
+    "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+})
+NO_LOGIN_SHELLS = frozenset({"", "/usr/sbin/nologin", "/sbin/nologin", "/bin/false",
+                             "/usr/bin/false", "/bin/nologin", "/usr/bin/nologin"})
+# Set by sshd for the session; the job's values must not override them.
+_SESSION_VARS = re.compile(r"^(SSH_.*|TERM|DISPLAY|XAUTHORITY|MAIL|SHLVL|PWD|OLDPWD|_)$")
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def validate_public_key(line: str) -> str:
+    """The key line, stripped, if it is one OpenSSH public key: ``TYPE BASE64 [comment]``
+    with a known type whose base64 body names the same type; else InvalidRequest."""
+    text = line.strip()
+    if not text or "\n" in text or "\r" in text or "\0" in text:
+        raise InvalidRequest("public key: expected one line")
+    parts = text.split(None, 2)
+    if len(parts) < 2 or parts[0] not in KEY_TYPES:
+        raise InvalidRequest("public key: expected 'TYPE BASE64 [comment]' with a known type")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("public key: invalid base64 body") from None
+    n = int.from_bytes(blob[:4], "big") if len(blob) >= 4 else -1
+    if n != len(parts[0]) or blob[4:4 + n] != parts[0].encode():
+        raise InvalidRequest("public key: body does not match its type")
+    return text
+
+
+def sh_quote(value: str) -> str:
+    """Single-quote *value* for sh (any byte but NUL survives)."""
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def env_file_text(env: dict[str, str]) -> str:
+    """The job's environment as sh ``export`` lines; names sh cannot hold and the
+    variables sshd sets for the session are left out."""
+    lines = ["# the job's environment, written by node_agent.jobshell"]
+    for name in sorted(env):
+        if _VAR_NAME.match(name) and not _SESSION_VARS.match(name) and "\0" not in env[name]:
+            lines.append(f"export {name}={sh_quote(env[name])}")
+    return "\n".join(lines) + "\n"
+
+
+def read_environ(pid: int, procfs: str = "/proc") -> dict[str, str]:
+    with open(f"{procfs}/{pid}/environ", "rb") as f:
+        raw = f.read()
+    env: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        name, sep, value = item.partition(b"=")
+        if sep and name:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return env
+
+
+def namespaces_to_enter(pid: int, procfs: str = "/proc") -> list[str]:
+    """``<procfs>/<pid>/ns/<kind>`` for each of mnt/pid/net where *pid* is in another
+    namespace than the agent (compared by (st_dev, st_ino), as nsfs inodes are)."""
+    out = []
+    for kind in NAMESPACES:
+        theirs = f"{procfs}/{pid}/ns/{kind}"
+        try:
+            a, b = os.stat(theirs), os.stat(f"{procfs}/self/ns/{kind}")
+        except OSError:
+            continue
+        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+            out.append(theirs)
+    return out
+
+
+def devpts_gives_tty_group(pid: int | str = "self", procfs: str = "/proc") -> bool:
+    """Whether new ptys on the process's /dev/pts get the ``tty`` group (mount option
+    ``gid=5``). sshd (not root) chowns the pty to (user, tty) and dies if it cannot; when
+    this is false the agent gives sshd an nss_wrapper group file without ``tty``, and sshd
+    then wants (user, user's group), which the pty already has."""
+    try:
+        tty_gid = grp.getgrnam("tty").gr_gid
+    except KeyError:
+        return True      # no tty group: sshd uses the user's group
+    found = False
+    try:
+        with open(f"{procfs}/{pid}/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == "/dev/pts" and " - devpts " in line:
+                    opts = line.split(" - ", 1)[1].split()[-1].split(",")
+                    found = f"gid={tty_gid}" in opts
+    except OSError:
+        return True
+    return found
+
+
+def choose_shell(shells: Sequence[str]) -> str:
+    for sh in shells:
+        if sh.startswith("/") and os.path.isfile(sh) and os.access(sh, os.X_OK):
+            return sh
+    return "/bin/sh"
+
+
+def sshd_config_text(d: Path) -> str:
+    return "\n".join([
+        "# a private sshd -i for one ssh-to-job session (node_agent.jobshell)",
+        f"HostKey {d}/host_key",
+        f"AuthorizedKeysFile {d}/authorized_keys",
+        "AuthorizedKeysCommand none",
+        "AuthenticationMethods publickey",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "HostbasedAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "StrictModes no",
+        "UsePAM no",
+        "PidFile none",
+        "PermitTTY yes",
+        "PermitUserEnvironment no",
+        "PrintMotd no",
+        "PrintLastLog no",
+        "UseDNS no",
+        "LoginGraceTime 30",
+        "X11Forwarding yes",
+        "X11UseLocalhost yes",
+        "AllowAgentForwarding no",
+        "AllowTcpForwarding no",
+        "PermitTunnel no",
+        "Subsystem sftp internal-sftp",
+        f"ForceCommand {d}/session-setup",
+        "",
+    ])
+
+
+def session_setup_text(d: Path, cwd: str, job_id: str, pids: Sequence[int], shell: str,
+                       nss_wrapper: bool) -> str:
+    nss = ""
+    if nss_wrapper:
+        nss = (f"export LD_PRELOAD={sh_quote(NSS_WRAPPER)} "
+               f"NSS_WRAPPER_PASSWD={sh_quote(str(d / 'passwd'))} "
+               f"NSS_WRAPPER_GROUP={sh_quote(str(d / 'group'))}\n")
+    return f"""#!/bin/sh
+# ForceCommand of an ssh-to-job session (node_agent.jobshell)
+cd {sh_quote(cwd)} 2>/dev/null || cd / || exit 1
+. {sh_quote(str(d / 'environment'))}
+{nss}export CALLERID_JOB_ID={sh_quote(job_id)}
+export CALLERID_JOB_PIDS={sh_quote(' '.join(map(str, pids)))}
+export SHELL={sh_quote(shell)}
+case "${{SSH_ORIGINAL_COMMAND-}}" in
+    internal-sftp|{SFTP_SERVER}) exec {SFTP_SERVER} ;;
+esac
+if [ -n "${{SSH_ORIGINAL_COMMAND-}}" ]; then
+    exec {sh_quote(shell)} -c "$SSH_ORIGINAL_COMMAND"
+fi
+exec {sh_quote(shell)} -l
+"""
+
+
+class Session:
+    """One running ``sshd -i``; the caller relays bytes with write/read. Always call
+    :meth:`cleanup` at the end (idempotent; kills sshd if alive, removes the directory)."""
+
+    def __init__(self, session_id: str, directory: Path, proc: subprocess.Popen[bytes],
+                 host_key: str, user: str, job_id: str) -> None:
+        self.session_id = session_id
+        self.directory = directory
+        self.host_key = host_key
+        self.user = user
+        self.job_id = job_id
+        self.proc = proc
+        self.pid = proc.pid
+        assert proc.stdin is not None and proc.stdout is not None
+        self._stdin = proc.stdin
+        self._stdout = proc.stdout
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to sshd's stdin; BrokenPipeError when sshd is gone."""
+        view = memoryview(data)
+        fd = self._stdin.fileno()
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    def close_stdin(self) -> None:
+        """Half-close: sshd sees EOF on its input."""
+        if not self._stdin.closed:
+            self._stdin.close()
+
+    def read(self, n: int = 65536) -> bytes:
+        """Up to *n* bytes of sshd's output; b"" at EOF."""
+        if self._stdout.closed:
+            return b""
+        return os.read(self._stdout.fileno(), n)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read():
+            yield chunk
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def _tree(self) -> list[int]:
+        """sshd and its descendants (its session children call setsid, so a process
+        group kill would miss them)."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            todo.extend(children.get(pid, []))
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL sshd and its descendants: stop them first, rescanning until no new
+        one appears (a stopped process cannot fork), then kill them all."""
+        if self.proc.poll() is not None:
+            return
+        stopped: set[int] = set()
+        for _ in range(20):
+            new = set(self._tree()) - stopped
+            if not new:
+                break
+            for pid in new:
+                _signal(pid, signal.SIGSTOP)
+            stopped |= new
+        for pid in stopped:
+            _signal(pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def cleanup(self) -> None:
+        try:
+            self.kill()
+        finally:
+            for f in (self._stdin, self._stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+class JobShellSessions:
+    """Opens ssh-to-job sessions for the jobs of one JobRegistry."""
+
+    def __init__(self, registry: JobRegistry, run_dir: str | os.PathLike[str], node: str, *,
+                 sshd: str = "/usr/sbin/sshd", ssh_keygen: str = "/usr/bin/ssh-keygen",
+                 nss_wrapper: str = NSS_WRAPPER, procfs: str = "/proc") -> None:
+        self.registry = registry
+        self.run_dir = Path(run_dir)
+        self.node = node
+        self.sshd = sshd
+        self.ssh_keygen = ssh_keygen
+        self.nss_wrapper = nss_wrapper
+        self.procfs = procfs
+
+    def open(self, job_id: str, caller_uid: int, admin: bool, public_key: str,
+             shells: list[str]) -> Session:
+        rec = self.registry.get(job_id)
+        if rec is None:
+            raise JobNotFound(job_id, self.node)
+        job = rec.job
+        if not (admin or caller_uid == 0 or caller_uid == job.uid):
+            raise PermissionDenied(f"job {job_id} on {self.node} belongs to {job.user}, "
+                                   f"not to uid {caller_uid}")
+        key = validate_public_key(public_key)
+        pids = self.job_pids(job_id)
+        main = job.main_pid if job.main_pid in pids else (pids[0] if pids else None)
+        env: dict[str, str] = {}
+        cwd = ""
+        namespaces: list[str] = []
+        if main is not None:
+            try:
+                env = read_environ(main, self.procfs)
+                cwd = os.readlink(f"{self.procfs}/{main}/cwd")
+            except OSError as e:
+                log.warning("job %s: cannot read environment/cwd of pid %d: %s", job_id, main, e)
+            namespaces = namespaces_to_enter(main, self.procfs)
+        try:
+            pw: pwd.struct_passwd | None = pwd.getpwuid(job.uid)
+        except KeyError:
+            pw = None
+        home = pw.pw_dir if pw else (cwd or "/")
+        cwd = cwd or home
+        shell = choose_shell(shells)
+        no_tty_group = not devpts_gives_tty_group(main or "self", self.procfs)
+        fake_passwd = pw is None or pw.pw_shell in NO_LOGIN_SHELLS or \
+            not os.access(pw.pw_shell, os.X_OK) or no_tty_group
+        if fake_passwd and not os.path.exists(self.nss_wrapper):
+            raise JobStartFailed(f"user {job.user} has no usable login shell and "
+                                 f"{self.nss_wrapper} is missing")
+        user = pw.pw_name if pw else job.user
+
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        sid = secrets.token_hex(8)
+        d = self.run_dir / f"{job_id}-{sid}"
+        d.mkdir(mode=0o700)
+        proc = None
+        try:
+            self._keygen(d)
+            host_key = (d / "host_key.pub").read_text().split(" ")[:2]
+            files = {
+                "authorized_keys": key + "\n",
+                "sshd_config": sshd_config_text(d),
+                "environment": env_file_text(env),
+                "session-setup": session_setup_text(d, cwd, job_id, pids, shell, fake_passwd),
+            }
+            if fake_passwd:
+                files["passwd"], files["group"] = _fake_nss(
+                    user, job.uid, job.gid, home,
+                    pw.pw_shell if pw and pw.pw_shell not in NO_LOGIN_SHELLS else shell,
+                    drop_tty=no_tty_group)
+            for name, text in files.items():
+                (d / name).write_text(text)
+            os.chmod(d / "session-setup", 0o755)
+            for p in [d, *d.iterdir()]:
+                os.chown(p, job.uid, job.gid)
+            sshd_env = {"PATH": LOGIN_PATH}
+            if fake_passwd:
+                sshd_env.update(LD_PRELOAD=self.nss_wrapper, NSS_WRAPPER_PASSWD=str(d / "passwd"),
+                                NSS_WRAPPER_GROUP=str(d / "group"))
+            groups = os.getgrouplist(pw.pw_name, job.gid) if pw else [job.gid]
+            spec = {
+                "cgroup_procs": self._cgroup_procs(job_id),
+                "namespaces": namespaces,
+                "uid": job.uid, "gid": job.gid, "groups": groups,
+                # resolved after setns: a job's own mount namespace has its own paths
+                "cwd": cwd if os.path.isdir(cwd) or namespaces else "/",
+                "argv": [self.sshd, "-i", "-f", str(d / "sshd_config"), "-e"],
+                "env": sshd_env, "output": str(d / "sshd.log"), "stdio": "inherit",
+            }
+            proc = self._launch(spec, job_id)
+            session = Session(sid, d, proc, " ".join(host_key), user, job_id)
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        log.info("job %s: ssh session %s opened for uid %d: sshd pid %d as %s%s", job_id, sid,
+                 caller_uid, proc.pid, user, " (nss_wrapper)" if fake_passwd else "")
+        return session
+
+    def job_pids(self, job_id: str) -> list[int]:
+        """The job's pids, main first, without the processes of ssh-to-job sessions."""
+        layout = self.registry.layout
+        sessions: set[int] = set()
+        for h in layout.hierarchies:
+            try:
+                text = (layout.leaf_path(h, job_id, SSH_LEAF) / "cgroup.procs").read_text()
+            except OSError:
+                continue
+            sessions.update(int(x) for x in text.split() if x.isdigit())
+        return [p for p in self.registry.pids(job_id) if p not in sessions]
+
+    def _keygen(self, d: Path) -> None:
+        r = subprocess.run([self.ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C",
+                            f"ssh-to-job@{self.node}", "-f", str(d / "host_key")],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+        if r.returncode != 0:
+            raise JobStartFailed(f"ssh-keygen failed: {r.stderr.decode(errors='replace')}")
+
+    def _cgroup_procs(self, job_id: str) -> list[str]:
+        layout = self.registry.layout
+        if not all(layout.job_path(h, job_id).is_dir() for h in layout.hierarchies):
+            raise JobNotFound(job_id, self.node)   # ended meanwhile
+        layout.create_job(job_id, leaves=(SSH_LEAF,))   # idempotent; v1 cpuset-aware
+        return [str(layout.leaf_path(h, job_id, SSH_LEAF) / "cgroup.procs")
+                for h in layout.hierarchies]
+
+    def _launch(self, spec: dict[str, object], job_id: str) -> subprocess.Popen[bytes]:
+        spec_r, spec_w = os.pipe()
+        status_r, status_w = os.pipe()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", launch.__file__, str(spec_r), str(status_w)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                pass_fds=(spec_r, status_w), start_new_session=True, env={"PATH": LOGIN_PATH},
+            )
+        finally:
+            os.close(spec_r)
+            os.close(status_w)
+        try:
+            os.write(spec_w, json.dumps(spec).encode())
+        finally:
+            os.close(spec_w)
+        with os.fdopen(status_r, "rb") as f:
+            err = f.read().decode(errors="replace")
+        if err:
+            proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
+            raise JobStartFailed(f"job {job_id}: cannot start sshd: {err}")
+        return proc
+
+
+def _fake_nss(user: str, uid: int, gid: int, home: str, shell: str, *,
+              drop_tty: bool = False) -> tuple[str, str]:
+    """passwd and group files for nss_wrapper: the system's entries (sshd looks up its
+    privilege separation user too) with the job user's replaced by one with *shell*; and
+    without the ``tty`` group when *drop_tty* (see devpts_gives_tty_group)."""
+    lines = [f"{user}:x:{uid}:{gid}:ssh-to-job user:{home}:{shell}"]
+    lines += [":".join([p.pw_name, "x", str(p.pw_uid), str(p.pw_gid), p.pw_gecos, p.pw_dir,
+                        p.pw_shell]) for p in pwd.getpwall()
+              if p.pw_uid != uid and p.pw_name != user]
+    groups = [":".join([g.gr_name, "x", str(g.gr_gid), ",".join(g.gr_mem)])
+              for g in grp.getgrall() if not (drop_tty and g.gr_name == "tty")]
+    if not any(g.gr_gid == gid for g in grp.getgrall()):
+        groups.append(f"{user}:x:{gid}:")
+    return "\n".join(lines) + "\n", "\n".join(groups) + "\n"
