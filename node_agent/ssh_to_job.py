@@ -1,0 +1,643 @@
+"""`ssh-to-job`: an ssh session inside a running job, through the node agent (issue 4).
+
+The client side of DESIGN.md decision 7. No sshd ever listens: this CLI makes a key pair
+in a private temp directory (the private key never leaves it), and runs the user's ssh
+(or scp, sftp, rsync's ssh) with `ProxyCommand` pointing back at this module's `--proxy`
+mode. The proxy opens the agent's `OpenJobShell` stream with a MUNGE credential, sends
+the public key, receives the session's host key -- written into the private known_hosts
+before a single byte reaches ssh, so strict host key checking stays on -- and then relays
+bytes between ssh and the stream, with half-close.
+
+The command line is built by one pure function, `build_command()` (ClusterShell's
+Worker/Ssh.py), so tests check it before anything runs. Exit status: the remote
+command's (ssh's), 1 when the session could not be set up (one line
+`ssh-to-job: Category: why`), 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TextIO
+
+import grpc
+
+from node_agent import config as config_mod
+from node_agent.auth import Authenticator, MungeAuthenticator
+from node_agent.cli import _CATEGORIES, EXIT_FAILURE, CliError, UsageError, _cli
+from node_agent.client import AgentClient, target_of
+from node_agent.errors import AuthError
+from node_agent.proto.v1 import agent_pb2 as pb
+
+PROG = "ssh-to-job"
+CHUNK = 64 * 1024
+# How long the proxy waits for the agent's `opened` frame (it makes a host key and starts
+# sshd); the stream itself has no deadline, a session lasts as long as the user wants.
+OPEN_TIMEOUT = 30.0
+RETRY_INTERVAL = 2.0
+
+USAGE = """\
+usage: ssh-to-job [options] JOBID [remote-command ...]
+
+Open an ssh session inside a running job: the job's user, cgroups, namespaces,
+environment and working directory. No sshd listens on the network; the session rides
+the node agent's gRPC stream. Options take one or two dashes (-name or --name).
+
+options:
+  -help                 show this help and exit
+  -debug                verbose ssh (-v) and proxy messages
+  -name NODE            ask this node's agent (default: the agents in the config,
+                        else this node's)
+  -ssh "PROG ARGS"      run PROG instead of ssh: scp, "scp -r", sftp, ...
+  -keygen-options "..." extra ssh-keygen options for the session key
+  -shells SH1,SH2       login shells to try on the node, first existing one wins
+                        (default: your $SHELL; else /bin/sh)
+  -auto-retry           the job is not running yet: wait until it runs
+  -X / -x               enable / disable X11 forwarding
+  -config FILE          agent configuration (default: $CALLERID_ADOPT_CONFIG, then
+                        /etc/callerid-adopt/agent.toml)
+
+examples:
+  ssh-to-job 42                          # a shell inside job 42
+  ssh-to-job 42 hostname                 # a command; its exit status is ours
+  ssh-to-job -ssh scp 42 remote:out.dat .       # any placeholder host name
+  ssh-to-job -ssh scp 42 input.dat remote:      # upload
+  ssh-to-job -ssh sftp 42
+  rsync -av -e ssh-to-job 42:results/ ./results/ # the job id where a host would be
+  ssh-to-job -auto-retry 42              # wait for a job that has not started yet
+
+exit status: the remote command's; 1 when the session could not be set up; 2 for bad
+arguments.
+"""
+
+# Long options (either dash style) -> takes a value?
+_LONG = {"help": False, "debug": False, "name": True, "ssh": True, "keygen-options": True,
+         "shells": True, "auto-retry": False, "config": True}
+# ssh-style short options that rsync (or a user's -e "...") may put before the host.
+# Value-taking ones: -l USER (the login is always the job's user), -p PORT (meaningless
+# here), -o OPTION (passed on to ssh after our own, so ours win: ssh keeps the first
+# value of an option).
+_SHORT_VALUE = {"l", "p", "o"}
+_SHORT_PASS = {"T", "q", "C", "t", "A", "a"}  # passed on to ssh as they are
+_SHORT_IGNORED = {"4", "6"}
+
+
+@dataclass(frozen=True)
+class Args:
+    job_id: str = ""
+    remote: tuple[str, ...] = ()
+    ssh: tuple[str, ...] = ("ssh",)
+    name: str | None = None
+    keygen_options: tuple[str, ...] = ()
+    shells: tuple[str, ...] = ()
+    auto_retry: bool = False
+    x11: bool | None = None
+    debug: bool = False
+    login_user: str | None = None
+    passthrough: tuple[str, ...] = ()
+    config: str | None = None
+    help: bool = False
+
+
+def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Args:
+    """condor_ssh_to_job's surface plus the ssh options rsync emits; raises UsageError."""
+    env = os.environ if environ is None else environ
+    opts: dict[str, Any] = {}
+    passthrough: list[str] = []
+    i = 0
+    argv = list(argv)
+
+    def value(name: str) -> str:
+        nonlocal i
+        i += 1
+        if i >= len(argv):
+            raise UsageError(f"option -{name} needs a value")
+        return argv[i]
+
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            i += 1
+            break
+        if not a.startswith("-") or a == "-":
+            break
+        word = a.lstrip("-")
+        name, eq, attached = word.partition("=")
+        if a.startswith("--") or name in _LONG or name == "h":
+            if name == "h":
+                name = "help"
+            if name not in _LONG:
+                raise UsageError(f"unknown option {a}")
+            if _LONG[name]:
+                v = attached if eq else value(name)
+                opts[name] = v
+            elif eq:
+                raise UsageError(f"option {a.split('=')[0]} takes no value")
+            else:
+                opts[name] = True
+            i += 1
+            continue
+        # A cluster of ssh-style short options: -X, -x, -l alice, -lalice, -Tq, -oFoo=bar.
+        j = 0
+        while j < len(word):
+            c = word[j]
+            if c in ("X", "x"):
+                opts["x11"] = c == "X"
+            elif c in _SHORT_VALUE:
+                v = word[j + 1:] or value(c)
+                if c == "l":
+                    opts["login_user"] = v
+                elif c == "o":
+                    passthrough += ["-o", v]
+                break
+            elif c in _SHORT_PASS:
+                passthrough.append(f"-{c}")
+            elif c in _SHORT_IGNORED:
+                pass
+            else:
+                raise UsageError(f"unknown option {a}")
+            j += 1
+        i += 1
+    if opts.get("help"):
+        return Args(help=True)
+    if i >= len(argv):
+        raise UsageError("missing JOBID (see ssh-to-job -help)")
+    job_id = argv[i]
+    remote = tuple(argv[i + 1:])
+    if "@" in job_id:  # `user@JOB`, as an ssh-style caller may write it
+        user, _, job_id = job_id.rpartition("@")
+        opts.setdefault("login_user", user)
+    if not job_id:
+        raise UsageError("empty JOBID")
+    try:
+        ssh = tuple(shlex.split(opts.get("ssh", "ssh")))
+        keygen = tuple(shlex.split(opts.get("keygen-options", "")))
+    except ValueError as e:
+        raise UsageError(f"cannot split option value: {e}") from None
+    if not ssh:
+        raise UsageError("-ssh needs a program")
+    if "shells" in opts:
+        shells = tuple(s for s in opts["shells"].split(",") if s)
+    else:
+        shells = (env["SHELL"],) if env.get("SHELL") else ()
+    return Args(job_id=job_id, remote=remote, ssh=ssh, name=opts.get("name"),
+                keygen_options=keygen, shells=shells, auto_retry=bool(opts.get("auto-retry")),
+                x11=opts.get("x11"), debug=bool(opts.get("debug")),
+                login_user=opts.get("login_user"), passthrough=tuple(passthrough),
+                config=opts.get("config"))
+
+
+# -- the command line -------------------------------------------------------------------
+
+def alias_of(job_id: str) -> str:
+    """The host name ssh knows the session by (HostKeyAlias and destination): no ':', '@',
+    '/' or blanks, so that scp and ssh parse it as a host."""
+    return "job-" + re.sub(r"[^A-Za-z0-9._-]", "_", job_id) + ".ssh-to-job"
+
+
+def _is_remote(arg: str) -> bool:
+    """scp's rule: HOST:PATH with no '/' before the first ':' (./a:b and /x:y are local)."""
+    if arg.startswith("-"):
+        return False
+    head, colon, _ = arg.partition(":")
+    return bool(colon) and bool(head) and "/" not in head
+
+
+def rewrite_remote(arg: str, alias: str) -> str:
+    """`[user@]placeholder:path` -> `alias:path`; anything else unchanged."""
+    if not _is_remote(arg):
+        return arg
+    return alias + ":" + arg.partition(":")[2]
+
+
+def _ssh_value(text: str) -> str:
+    # ssh splits -o values on blanks unless quoted.
+    return f'"{text}"' if any(c.isspace() for c in text) else text
+
+
+def build_command(ssh: Sequence[str], *, key: str, known_hosts: str, job_id: str, user: str,
+                  proxy: Sequence[str], remote: Sequence[str] = (), debug: bool = False,
+                  x11: bool | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """The ssh/scp/sftp command line. Pure: no I/O, no environment.
+
+    `ssh` is the program and its own arguments (`-ssh "scp -r"`), `remote` what followed
+    the job id (a remote command for ssh, file arguments for scp, options for sftp),
+    `proxy` the argv of the proxy, `extra` ssh options rsync passed through. Our options
+    come first: ssh keeps the first value it gets for an option, so nothing later can
+    turn host key checking off.
+    """
+    prog, prog_args = ssh[0], list(ssh[1:])
+    kind = os.path.basename(prog)
+    alias = alias_of(job_id)
+    proxy_cmd = shlex.join(proxy).replace("%", "%%")  # ssh expands %-tokens in it
+    cmd = [prog, "-F", "/dev/null",  # the user's ~/.ssh/config (ProxyJump, Control*) stays out
+           "-i", key,
+           "-o", "IdentitiesOnly=yes",
+           "-o", "StrictHostKeyChecking=yes",
+           "-o", f"UserKnownHostsFile={_ssh_value(known_hosts)}",
+           "-o", "GlobalKnownHostsFile=/dev/null",
+           "-o", f"HostKeyAlias={alias}",
+           "-o", "CheckHostIP=no",
+           "-o", "UpdateHostKeys=no",
+           "-o", "BatchMode=yes",
+           "-o", "PreferredAuthentications=publickey",
+           "-o", "ControlMaster=no",
+           "-o", "ControlPath=none",
+           "-o", f"User={user}",
+           "-o", f"ProxyCommand={proxy_cmd}"]
+    if debug:
+        cmd.append("-v")
+    if kind == "scp":
+        targets = [rewrite_remote(a, alias) for a in remote]
+        if not any(_is_remote(a) for a in remote):
+            raise ValueError("scp needs a HOST:PATH argument (any host name, e.g. remote:file)")
+        return cmd + prog_args + list(extra) + targets
+    if kind == "sftp":
+        if any(_is_remote(a) for a in remote):
+            return cmd + prog_args + list(extra) + [rewrite_remote(a, alias) for a in remote]
+        return cmd + prog_args + list(extra) + list(remote) + [alias]
+    if x11 is not None:
+        cmd.append("-X" if x11 else "-x")
+    cmd += prog_args + list(extra) + [alias]
+    if remote:
+        cmd += ["--", *remote]
+    return cmd
+
+
+def proxy_argv(*, target: str, job_id: str, tmp: str, shells: Sequence[str],
+               config: str = "", debug: bool = False, program: Sequence[str] | None = None,
+               ) -> list[str]:
+    """The ProxyCommand's argv: this module in --proxy mode, run by this interpreter."""
+    argv = list(program or (sys.executable, "-m", "node_agent.ssh_to_job"))
+    argv += ["--proxy", "--target", target, "--job", job_id,
+             "--pubkey", os.path.join(tmp, "key.pub"),
+             "--known-hosts", os.path.join(tmp, "known_hosts"),
+             "--alias", alias_of(job_id),
+             "--error-file", os.path.join(tmp, "error")]
+    if shells:
+        argv += ["--shells", ",".join(shells)]
+    if config:
+        argv += ["--config", config]
+    if debug:
+        argv.append("--debug")
+    return argv
+
+
+# -- finding the job ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Located:
+    target: str
+    job: pb.Job
+    node: str
+
+
+def candidate_targets(cfg: Any, name: str | None) -> list[str]:
+    if name:
+        return [target_of(name, cfg.port)]
+    agents = tuple(getattr(cfg, "ssh_to_job_agents", ()) or ())
+    if agents:
+        return [target_of(a, cfg.port) for a in agents]
+    return [f"unix:{cfg.socket}"]
+
+
+def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_retry: bool,
+           err: TextIO, sleep: Callable[[float], None] = time.sleep,
+           timeout: float = 10.0) -> Located:
+    """Ask each agent for the job; the first that has it running wins. With auto_retry,
+    a job that is absent or not running yet is waited for; any other error ends it."""
+    announced = False
+    while True:
+        found: Located | None = None
+        last_error: grpc.RpcError | None = None
+        answered = False
+        for target in targets:
+            try:
+                with AgentClient(target, auth, timeout=timeout) as c:
+                    reply = c.list_jobs(job_id=job_id)
+            except grpc.RpcError as e:
+                last_error = e
+                continue
+            answered = True
+            for j in reply.jobs:
+                if j.id == job_id:
+                    found = Located(target, j, j.node or reply.node)
+                    break
+            if found:
+                break
+        if found and found.job.state == "running":
+            if announced:
+                err.write("\n")
+            return found
+        if not answered and last_error is not None:
+            raise last_error
+        if not auto_retry:
+            if found:
+                raise CliError("Not running", f"job {job_id} is {found.job.state or 'not running'}"
+                               f" on {found.node}")
+            raise CliError("Not found", f"no job {job_id} on {', '.join(targets)} (or not yours)")
+        if not announced:
+            what = f"to be running (now {found.job.state})" if found else "to start"
+            err.write(f"{PROG}: waiting for job {job_id} {what}")
+            announced = True
+        err.write(".")
+        err.flush()
+        sleep(RETRY_INTERVAL)
+
+
+# -- the session --------------------------------------------------------------------------
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: FrameType | None) -> None:
+    raise _Signalled(signum)
+
+
+@dataclass
+class _Handlers:
+    saved: dict[int, Any] = field(default_factory=dict)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            self.saved[s] = signal.signal(s, _raise_signalled)
+
+    def restore(self) -> None:
+        for s, h in self.saved.items():
+            signal.signal(s, h)
+        self.saved.clear()
+
+
+def keygen(tmp: str, options: Sequence[str]) -> None:
+    cmd = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ssh-to-job",
+           "-f", os.path.join(tmp, "key"), *options]
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    except OSError as e:
+        raise CliError("Key generation", f"cannot run ssh-keygen: {e}") from None
+    if r.returncode != 0:
+        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise CliError("Key generation", why)
+
+
+def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
+                sleep: Callable[[float], None] = time.sleep) -> int:
+    where = locate(candidate_targets(cfg, args.name), args.job_id, auth,
+                   auto_retry=args.auto_retry, err=err, sleep=sleep)
+    handlers = _Handlers()
+    handlers.install()
+    tmp = tempfile.mkdtemp(prefix="ssh-to-job.")  # mode 0700
+    try:
+        keygen(tmp, args.keygen_options)
+        proxy = proxy_argv(target=where.target, job_id=args.job_id, tmp=tmp, shells=args.shells,
+                           config=getattr(cfg, "path", "") or args.config or "",
+                           debug=args.debug)
+        cmd = build_command(args.ssh, key=os.path.join(tmp, "key"),
+                            known_hosts=os.path.join(tmp, "known_hosts"), job_id=args.job_id,
+                            user=where.job.user, proxy=proxy, remote=args.remote,
+                            debug=args.debug, x11=args.x11, extra=args.passthrough)
+        if args.debug:
+            err.write(f"{PROG}: job {args.job_id} of {where.job.user} on {where.node} "
+                      f"({where.target})\n{PROG}: {shlex.join(cmd)}\n")
+        try:
+            rc = subprocess.run(cmd).returncode
+        except FileNotFoundError:
+            raise CliError("Cannot run", f"{args.ssh[0]}: not found") from None
+        if rc < 0:
+            return 128 - rc
+        if rc == 255:
+            why = _read_error(os.path.join(tmp, "error"))
+            if why:
+                category, _, message = why.partition(": ")
+                raise CliError(category, message or category)
+        return rc
+    except _Signalled as e:
+        return 128 + e.signum
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        handlers.restore()
+
+
+def _read_error(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().strip().splitlines()
+    except OSError:
+        return ""
+    return lines[0] if lines else ""
+
+
+# -- proxy mode ---------------------------------------------------------------------------
+
+def _proxy_fail(error_file: str, err: TextIO, debug: bool, category: str, message: str,
+                ) -> int:
+    """Leave `Category: message` for the CLI, which prints it as its one line once ssh
+    has given up (ssh's own complaints about the closed connection come first)."""
+    line = f"{category}: {message}"
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError:
+            error_file = ""
+    if debug or not error_file:
+        err.write(f"{PROG} proxy: {line}\n")
+    return EXIT_FAILURE
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def run_proxy(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str,
+              error_file: str, shells: Sequence[str], auth: Authenticator, stdin_fd: int,
+              stdout_fd: int, err: TextIO, debug: bool = False,
+              open_timeout: float = OPEN_TIMEOUT) -> int:
+    """Relay ssh's bytes (stdin_fd/stdout_fd) over OpenJobShell. Closes stdout_fd when the
+    agent's side ends (ssh sees EOF). Returns 0, or 1 after writing `Category: message`
+    to error_file."""
+
+    def fail(category: str, message: str) -> int:
+        return _proxy_fail(error_file, err, debug, category, message)
+
+    try:
+        with open(pubkey, encoding="ascii") as f:
+            public_key = f.read().strip()
+    except OSError as e:
+        return fail("Key", f"cannot read {pubkey}: {e.strerror}")
+    opened = threading.Event()
+    finished = threading.Event()
+
+    def requests() -> Iterator[pb.ShellFrame]:
+        yield pb.ShellFrame(open=pb.ShellOpen(job_id=job_id, public_key=public_key,
+                                              shells=list(shells),
+                                              client=f"{os.uname().nodename} ssh-to-job"))
+        # Nothing from ssh goes out before the session exists and its key is known.
+        while not opened.wait(0.5):
+            if finished.is_set():
+                return
+        while True:
+            try:
+                chunk = os.read(stdin_fd, CHUNK)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                yield pb.ShellFrame(eof=True)
+                return
+            yield pb.ShellFrame(data=chunk)
+
+    client = AgentClient(target, auth)
+    timed_out = threading.Event()
+    stdout_open = True
+    try:
+        # Typed as Any: the stubs type it as CallIterator, without next() or cancel().
+        call: Any = client.stub.OpenJobShell(requests())
+
+        def on_timeout() -> None:
+            timed_out.set()
+            call.cancel()
+
+        timer = threading.Timer(open_timeout, on_timeout)
+        timer.daemon = True
+        timer.start()
+        try:
+            first = next(call)
+        except StopIteration:
+            return fail("Protocol", "the agent ended the stream without opening a session")
+        finally:
+            timer.cancel()
+        if not first.HasField("opened"):
+            call.cancel()
+            return fail("Protocol", "the agent's first frame is not `opened`")
+        host_key = first.opened.host_key.strip()
+        if not host_key:
+            call.cancel()
+            return fail("Protocol", "the agent sent no host key")
+        fd = os.open(known_hosts, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(f"{alias} {host_key}\n")
+        if debug:
+            err.write(f"{PROG} proxy: session {first.opened.session_id} on "
+                      f"{first.opened.node} as {first.opened.user}\n")
+        opened.set()
+        for frame in call:
+            if frame.data and stdout_open:
+                try:
+                    _write_all(stdout_fd, frame.data)
+                except BrokenPipeError:  # ssh went away; end the session
+                    call.cancel()
+                    return 0
+            if frame.eof and stdout_open:
+                os.close(stdout_fd)
+                stdout_open = False
+        return 0
+    except AuthError as e:  # raised by CredentialPlugin when munged cannot encode
+        return fail("MUNGE", str(e))
+    except grpc.RpcError as e:
+        code = e.code()
+        if timed_out.is_set():
+            return fail("Timeout", f"no session from {target} within {open_timeout:g} s")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return fail("Not supported", f"the agent at {target} has no ssh-to-job")
+        return fail(_CATEGORIES.get(code, "Error"), e.details() or code.name)
+    finally:
+        finished.set()
+        if stdout_open:
+            try:
+                os.close(stdout_fd)
+            except OSError:
+                pass
+        client.close()
+
+
+def _proxy_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{PROG} --proxy", description="internal: ssh's "
+                                "ProxyCommand, relays the session over the agent's stream")
+    p.add_argument("--proxy", action="store_true", required=True)
+    p.add_argument("--target", required=True)
+    p.add_argument("--job", required=True)
+    p.add_argument("--pubkey", required=True)
+    p.add_argument("--known-hosts", required=True)
+    p.add_argument("--alias", required=True)
+    p.add_argument("--error-file", default="")
+    p.add_argument("--shells", default="")
+    p.add_argument("--config")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--open-timeout", type=float, default=OPEN_TIMEOUT)
+    return p
+
+
+# -- entry point --------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+         err: TextIO | None = None, authenticator: Authenticator | None = None) -> int:
+    """`ssh-to-job`; tests pass argv, streams and a fake authenticator."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if argv[:1] == ["--proxy"]:
+        try:
+            pa = _proxy_parser().parse_args(argv)
+        except SystemExit as e:
+            return int(e.code or 0)
+
+        def proxy_body() -> int:
+            auth = authenticator
+            if auth is None:
+                try:
+                    cfg = config_mod.find(pa.config)
+                    auth = MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
+                except config_mod.ConfigError as e:
+                    return _proxy_fail(pa.error_file, err, pa.debug, "Configuration", str(e))
+                except AuthError as e:
+                    return _proxy_fail(pa.error_file, err, pa.debug, "MUNGE", str(e))
+            # Relay on a duplicate of fd 1 and point fd 1 at /dev/null: closing the duplicate
+            # is then the last close of ssh's pipe (ssh sees EOF), and the interpreter's
+            # own flush and close of sys.stdout at exit stay harmless.
+            stdout_fd = os.dup(sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+            return run_proxy(target=pa.target, job_id=pa.job, pubkey=pa.pubkey,
+                             known_hosts=pa.known_hosts, alias=pa.alias,
+                             error_file=pa.error_file,
+                             shells=[s for s in pa.shells.split(",") if s], auth=auth,
+                             stdin_fd=sys.stdin.fileno(), stdout_fd=stdout_fd,
+                             err=err, debug=pa.debug, open_timeout=pa.open_timeout)
+
+        return _cli(f"{PROG} proxy", proxy_body, err)
+
+    def body() -> int:
+        args = parse_args(argv)
+        if args.help:
+            out.write(USAGE)
+            return 0
+        cfg = config_mod.find(args.config)
+        auth = authenticator or MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
+        return run_session(args, cfg, auth, err)
+
+    return _cli(PROG, body, err)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,581 @@
+"""ssh-to-job's client side: argument parsing, the pure command-line builder, the session
+(temp dir lifetime, exit status, error reporting) and the proxy relay.
+
+The relay runs against a real in-process gRPC server on 127.0.0.1:0 with a tiny fake
+OpenJobShell (answers `opened`, echoes data, honours half-close) behind the real
+AuthInterceptor and the fake MUNGE authenticator. ssh itself is never run here, except
+`ssh -G` to check that OpenSSH accepts the options we build.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from node_agent import ssh_to_job as stj
+from node_agent.auth import AuthInterceptor, current_identity
+from node_agent.cli import CliError
+from node_agent.config import AgentConfig
+from node_agent.errors import AuthError
+from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.proto.v1 import agent_pb2_grpc
+from tests.unit.fakes import FakeAuthenticator
+
+ALICE = 1001
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeHostKeyForTests"
+PROXY = ["/py", "-m", "node_agent.ssh_to_job", "--proxy", "--target", "unix:/a 100%"]
+ALIAS = "job-42.ssh-to-job"
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["42"], dict(job_id="42", remote=(), ssh=("ssh",), shells=("/bin/zsh",))),
+    (["42", "ls", "-l", "/tmp"], dict(job_id="42", remote=("ls", "-l", "/tmp"))),
+    (["-name", "n1", "-debug", "42"], dict(name="n1", debug=True, job_id="42")),
+    (["--name", "n1", "--debug", "42"], dict(name="n1", debug=True)),
+    (["--name=n1", "42"], dict(name="n1")),
+    (["-ssh", "scp -r", "42", "remote:dir", "."],
+     dict(ssh=("scp", "-r"), remote=("remote:dir", "."))),
+    (["--ssh", "sftp", "42"], dict(ssh=("sftp",), remote=())),
+    (["-keygen-options", "-a 100", "42"], dict(keygen_options=("-a", "100"))),
+    (["-shells", "bash,sh", "42"], dict(shells=("bash", "sh"))),
+    (["--shells=", "42"], dict(shells=())),
+    (["-auto-retry", "42"], dict(auto_retry=True)),
+    (["--auto-retry", "42"], dict(auto_retry=True)),
+    (["-X", "42"], dict(x11=True)),
+    (["-x", "42"], dict(x11=False)),
+    (["-config", "/c.toml", "42"], dict(config="/c.toml")),
+    # Options after the job id belong to the remote command.
+    (["42", "-debug", "-X"], dict(debug=False, x11=None, remote=("-debug", "-X"))),
+    (["--", "-7"], dict(job_id="-7")),
+    # What rsync runs for `rsync -e ssh-to-job 42:path .` and `alice@42:path`.
+    (["42", "rsync", "--server", "--sender", "-vlogDtpre.iLsfxCIvu", ".", "path"],
+     dict(job_id="42", remote=("rsync", "--server", "--sender", "-vlogDtpre.iLsfxCIvu",
+                               ".", "path"))),
+    (["-l", "alice", "42", "rsync", "--server", ".", "p"],
+     dict(login_user="alice", job_id="42", remote=("rsync", "--server", ".", "p"))),
+    (["-lalice", "-p", "22", "-oCompression=yes", "-T", "42", "true"],
+     dict(login_user="alice", passthrough=("-o", "Compression=yes", "-T"), job_id="42")),
+    (["-Tq", "-o", "ServerAliveInterval=5", "42"],
+     dict(passthrough=("-T", "-q", "-o", "ServerAliveInterval=5"))),
+    (["alice@42", "true"], dict(login_user="alice", job_id="42", remote=("true",))),
+    (["-help"], dict(help=True)),
+    (["--help", "42"], dict(help=True)),
+    (["-h"], dict(help=True)),
+])
+def test_parse(argv: list[str], expect: dict[str, Any]) -> None:
+    args = stj.parse_args(argv, environ={"SHELL": "/bin/zsh"})
+    for k, v in expect.items():
+        assert getattr(args, k) == v, (k, args)
+
+
+def test_parse_default_shells_without_shell_variable() -> None:
+    assert stj.parse_args(["42"], environ={}).shells == ()
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["-debug"], ["-name"], ["--bogus", "42"], ["-Z", "42"], ["--debug=yes", "42"],
+    ["-ssh", "", "42"], ["-ssh", "'unterminated", "42"], ["-l"], ["@"],
+])
+def test_bad_arguments_exit_2(argv: list[str]) -> None:
+    err = io.StringIO()
+    assert stj.main(argv, out=io.StringIO(), err=err) == 2
+    assert err.getvalue().startswith("ssh-to-job: Usage: "), err.getvalue()
+    assert err.getvalue().count("\n") == 1
+
+
+def test_help_exit_0() -> None:
+    out = io.StringIO()
+    assert stj.main(["-help"], out=out, err=io.StringIO()) == 0
+    assert "rsync -av -e ssh-to-job" in out.getvalue()
+    assert "-ssh scp 42 remote:out.dat" in out.getvalue()
+
+
+# -- the command line ---------------------------------------------------------------------
+
+def build(ssh: tuple[str, ...] = ("ssh",), remote: tuple[str, ...] = (), **kw: Any) -> list[str]:
+    return stj.build_command(ssh, key="/t/key", known_hosts="/t/known_hosts", job_id="42",
+                             user="alice", proxy=PROXY, remote=remote, **kw)
+
+
+def opts(cmd: list[str]) -> dict[str, str]:
+    return {cmd[i + 1].split("=", 1)[0]: cmd[i + 1].split("=", 1)[1]
+            for i, a in enumerate(cmd) if a == "-o"}
+
+
+def test_ssh_command_keeps_host_checking_strict() -> None:
+    cmd = build(remote=("hostname",))
+    o = opts(cmd)
+    assert o["StrictHostKeyChecking"] == "yes"
+    assert o["UserKnownHostsFile"] == "/t/known_hosts"
+    assert o["GlobalKnownHostsFile"] == "/dev/null"
+    assert o["HostKeyAlias"] == ALIAS
+    assert o["IdentitiesOnly"] == "yes"
+    assert o["BatchMode"] == "yes"
+    assert o["User"] == "alice"
+    # Quoted for /bin/sh, '%' escaped for ssh's token expansion.
+    assert o["ProxyCommand"] == ("/py -m node_agent.ssh_to_job --proxy --target "
+                                 "'unix:/a 100%%'")
+    assert cmd[0] == "ssh" and cmd[1:3] == ["-F", "/dev/null"]
+    assert cmd[cmd.index("-i") + 1] == "/t/key"
+    assert cmd[-3:] == [ALIAS, "--", "hostname"]
+    assert "-v" not in cmd and "-X" not in cmd and "-x" not in cmd
+
+
+def test_ssh_interactive_has_no_command() -> None:
+    assert build()[-1] == ALIAS
+
+
+def test_debug_x11_and_passthrough() -> None:
+    cmd = build(remote=("true",), debug=True, x11=True, extra=("-o", "Compression=yes"))
+    assert "-v" in cmd and "-X" in cmd
+    # Ours first: ssh keeps the first value of an option.
+    assert cmd.index("ProxyCommand=" + opts(cmd)["ProxyCommand"]) < cmd.index("Compression=yes")
+    assert cmd.index("Compression=yes") < cmd.index(ALIAS)
+    assert "-x" in build(x11=False)
+
+
+def test_user_program_args_come_after_ours() -> None:
+    cmd = build(ssh=("ssh", "-o", "StrictHostKeyChecking=no"))
+    first = cmd.index("StrictHostKeyChecking=yes")
+    assert first < cmd.index("StrictHostKeyChecking=no")
+
+
+def test_known_hosts_path_with_blank_is_quoted() -> None:
+    cmd = stj.build_command(("ssh",), key="/t x/key", known_hosts="/t x/known_hosts",
+                            job_id="42", user="alice", proxy=PROXY)
+    assert opts(cmd)["UserKnownHostsFile"] == '"/t x/known_hosts"'
+    assert cmd[cmd.index("-i") + 1] == "/t x/key"
+
+
+def test_scp_rewrites_any_placeholder_host() -> None:
+    cmd = build(ssh=("scp", "-r"), remote=("remote:out dir", "./local:x", "/abs:y", "."))
+    assert cmd[0] == "scp" and "-r" in cmd
+    assert cmd[-4:] == [f"{ALIAS}:out dir", "./local:x", "/abs:y", "."]
+    up = build(ssh=("scp",), remote=("in.dat", "whatever@node7:"), debug=True, x11=True)
+    assert up[-2:] == ["in.dat", f"{ALIAS}:"]
+    assert "-v" in up and "-X" not in up  # scp -X means something else
+    assert opts(up)["StrictHostKeyChecking"] == "yes"
+
+
+def test_scp_without_remote_argument_is_an_error() -> None:
+    with pytest.raises(ValueError, match="HOST:PATH"):
+        build(ssh=("scp",), remote=("a", "b"))
+
+
+def test_sftp() -> None:
+    cmd = build(ssh=("sftp",))
+    assert cmd[0] == "sftp" and cmd[-1] == ALIAS and "--" not in cmd
+    assert build(ssh=("sftp",), remote=("-b", "batch"))[-3:] == ["-b", "batch", ALIAS]
+    assert build(ssh=("/usr/bin/sftp",), remote=("x:dir",))[-1] == f"{ALIAS}:dir"
+
+
+def test_rsync_invocation_end_to_end_of_parsing() -> None:
+    args = stj.parse_args(["-l", "alice", "42", "rsync", "--server", "-vlogDtpre.iLsf", ".",
+                           "dir/"], environ={})
+    cmd = stj.build_command(args.ssh, key="/t/key", known_hosts="/t/kh", job_id=args.job_id,
+                            user="alice", proxy=PROXY, remote=args.remote,
+                            extra=args.passthrough)
+    assert cmd[-7:] == [ALIAS, "--", "rsync", "--server", "-vlogDtpre.iLsf", ".", "dir/"]
+
+
+def test_alias_is_a_plain_host_name() -> None:
+    assert stj.alias_of("12.3") == "job-12.3.ssh-to-job"
+    assert stj.alias_of("a:b@c/d e") == "job-a_b_c_d_e.ssh-to-job"
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no ssh client")
+def test_openssh_accepts_the_options() -> None:
+    cmd = build(remote=("true",), x11=False)
+    r = subprocess.run([cmd[0], "-G", *cmd[1:]], capture_output=True, text=True, check=True)
+    conf = dict(line.split(" ", 1) for line in r.stdout.splitlines() if " " in line)
+    assert conf["stricthostkeychecking"] == "true"
+    assert conf["hostkeyalias"] == ALIAS
+    assert conf["user"] == "alice"
+    assert conf["userknownhostsfile"] == "/t/known_hosts"
+    assert conf["batchmode"] == "yes"
+    assert conf["identitiesonly"] == "yes"
+    assert conf["proxycommand"].startswith("/py -m node_agent.ssh_to_job --proxy")
+
+
+def test_proxy_argv_round_trips_through_the_proxy_parser() -> None:
+    argv = stj.proxy_argv(target="ipv4:10.0.0.2:7011", job_id="42", tmp="/t",
+                          shells=("bash", "sh"), config="/c.toml", debug=True,
+                          program=("ssh-to-job",))
+    pa = stj._proxy_parser().parse_args(argv[1:])
+    assert (pa.target, pa.job, pa.pubkey, pa.known_hosts, pa.alias, pa.error_file,
+            pa.shells, pa.config, pa.debug) == (
+        "ipv4:10.0.0.2:7011", "42", "/t/key.pub", "/t/known_hosts", ALIAS, "/t/error",
+        "bash,sh", "/c.toml", True)
+
+
+# -- a fake agent -------------------------------------------------------------------------
+
+@dataclass
+class FakeAgent(agent_pb2_grpc.NodeAgentServicer):
+    jobs: dict[str, pb.Job] = field(default_factory=dict)
+    list_calls: int = 0
+    start_after: int | None = None  # ListJobs calls after which job "42" appears
+    opens: list[tuple[int, pb.ShellOpen]] = field(default_factory=list)
+    refuse: tuple[grpc.StatusCode, str] | None = None
+    open_delay: float = 0.0
+    banner: bytes = b"SSH-2.0-Fake\r\n"
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext,
+                 ) -> pb.ListJobsReply:
+        self.list_calls += 1
+        if self.start_after is not None and self.list_calls > self.start_after:
+            self.jobs["42"] = pb.Job(id="42", user="alice", uid=ALICE, state="running",
+                                     node="n1")
+        jobs = [j for j in self.jobs.values() if not request.job_id or j.id == request.job_id]
+        return pb.ListJobsReply(jobs=jobs, node="n1")
+
+    def OpenJobShell(self, request_iterator: Iterator[pb.ShellFrame],
+                     context: grpc.ServicerContext) -> Iterator[pb.ShellFrame]:
+        # Not a generator itself: AuthInterceptor's identity is only set while the
+        # handler function runs, so it is read here, before the generator starts.
+        uid = current_identity().uid
+        return self._shell(uid, request_iterator, context)
+
+    def _shell(self, uid: int, request_iterator: Iterator[pb.ShellFrame],
+               context: grpc.ServicerContext) -> Iterator[pb.ShellFrame]:
+        first = next(request_iterator)
+        self.opens.append((uid, first.open))
+        if self.refuse:
+            context.abort(*self.refuse)
+        time.sleep(self.open_delay)
+        yield pb.ShellFrame(opened=pb.ShellOpened(host_key=HOST_KEY, node="n1", user="alice",
+                                                  session_id="s1"))
+        if self.banner:
+            yield pb.ShellFrame(data=self.banner)
+        for frame in request_iterator:  # echo, then half-close after the client's eof
+            if frame.data:
+                yield pb.ShellFrame(data=frame.data)
+            if frame.eof:
+                yield pb.ShellFrame(eof=True)
+                return
+
+
+@pytest.fixture
+def fake_agent() -> Iterator[tuple[FakeAgent, str, FakeAuthenticator]]:
+    auth = FakeAuthenticator()
+    servicer = FakeAgent()  # type: ignore[abstract]  # the rest answers UNIMPLEMENTED
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                         interceptors=[AuthInterceptor(auth)])
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield servicer, f"ipv4:127.0.0.1:{port}", auth
+    finally:
+        server.stop(0)
+
+
+# -- locating the job ---------------------------------------------------------------------
+
+def test_candidate_targets() -> None:
+    cfg = AgentConfig(socket="/run/a.sock", port=7011)
+    assert stj.candidate_targets(cfg, None) == ["unix:/run/a.sock"]
+    assert stj.candidate_targets(cfg, "10.0.0.5") == ["ipv4:10.0.0.5:7011"]
+
+    @dataclass
+    class WithAgents:
+        socket: str = "/x"
+        port: int = 7011
+        ssh_to_job_agents: tuple[str, ...] = ("10.0.0.1", "10.0.0.2:9000")
+
+    assert stj.candidate_targets(WithAgents(), None) == ["ipv4:10.0.0.1:7011",
+                                                         "ipv4:10.0.0.2:9000"]
+
+
+def test_locate_found_and_not_found(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
+                                    ) -> None:
+    servicer, target, auth = fake_agent
+    servicer.jobs["42"] = pb.Job(id="42", user="alice", state="running", node="n1")
+    where = stj.locate([target], "42", auth.as_uid(ALICE), auto_retry=False, err=io.StringIO())
+    assert (where.target, where.job.user, where.node) == (target, "alice", "n1")
+    with pytest.raises(CliError, match="no job 7") as e:
+        stj.locate([target], "7", auth.as_uid(ALICE), auto_retry=False, err=io.StringIO())
+    assert e.value.category == "Not found"
+
+
+def test_locate_skips_dead_agents_and_waits_with_auto_retry(
+        fake_agent: tuple[FakeAgent, str, FakeAuthenticator]) -> None:
+    servicer, target, auth = fake_agent
+    servicer.start_after = 3
+    err = io.StringIO()
+    sleeps: list[float] = []
+    where = stj.locate(["unix:/nonexistent/agent.sock", target], "42", auth.as_uid(ALICE),
+                       auto_retry=True, err=err, sleep=sleeps.append, timeout=2)
+    assert where.job.state == "running" and len(sleeps) == 3
+    text = err.getvalue()
+    assert text.count("waiting for job 42 to start") == 1
+    assert text.endswith("...\n")
+
+
+def test_main_unknown_job_is_one_clear_line(
+        fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    servicer, target, auth = fake_agent
+    port = int(target.rsplit(":", 1)[1])
+    monkeypatch.setattr("node_agent.ssh_to_job.config_mod.find",
+                        lambda explicit=None: AgentConfig(port=port))
+    err = io.StringIO()
+    rc = stj.main(["-name", "127.0.0.1", "99"], out=io.StringIO(), err=err,
+                  authenticator=auth.as_uid(ALICE))
+    assert rc == 1
+    assert err.getvalue() == ("ssh-to-job: Not found: no job 99 on "
+                              f"{target} (or not yours)\n")
+
+
+# -- the session --------------------------------------------------------------------------
+
+@pytest.fixture
+def session(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """main() up to ssh: a located job, the real ssh-keygen, a fake ssh."""
+    state: dict[str, Any] = {"rc": 0, "raise": None, "error_line": None}
+    monkeypatch.setattr("node_agent.ssh_to_job.config_mod.find",
+                        lambda explicit=None: AgentConfig())
+    monkeypatch.setattr(stj, "locate", lambda *a, **k: stj.Located(
+        "unix:/run/a.sock", pb.Job(id="42", user="alice", state="running"), "n1"))
+    real_run = subprocess.run
+
+    def fake_run(cmd: list[str], *a: Any, **k: Any) -> Any:
+        if cmd[0] == "ssh-keygen":
+            return real_run(cmd, *a, **k)
+        tmp = os.path.dirname(cmd[cmd.index("-i") + 1])
+        state["cmd"], state["tmp"] = cmd, tmp
+        state["mode"] = os.stat(tmp).st_mode & 0o777
+        state["files"] = sorted(os.listdir(tmp))
+        if state["error_line"]:
+            Path(tmp, "error").write_text(state["error_line"] + "\n")
+        if state["raise"]:
+            raise state["raise"]
+        return subprocess.CompletedProcess(cmd, state["rc"])
+
+    monkeypatch.setattr("node_agent.ssh_to_job.subprocess.run", fake_run)
+    return state
+
+
+needs_keygen = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="no ssh-keygen")
+
+
+@needs_keygen
+def test_session_exit_status_and_temp_dir_removed(session: dict[str, Any]) -> None:
+    session["rc"] = 7
+    assert stj.main(["42", "exit 7"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 7
+    assert session["mode"] == 0o700
+    assert session["files"] == ["key", "key.pub"]
+    assert session["cmd"][-3:] == [ALIAS, "--", "exit 7"]
+    assert opts(session["cmd"])["User"] == "alice"
+    assert f"--pubkey {session['tmp']}/key.pub" in opts(session["cmd"])["ProxyCommand"]
+    assert not os.path.exists(session["tmp"])
+
+
+@needs_keygen
+def test_temp_dir_removed_on_ctrl_c(session: dict[str, Any]) -> None:
+    session["raise"] = KeyboardInterrupt()
+    assert stj.main(["42"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 130
+    assert session["tmp"] and not os.path.exists(session["tmp"])
+
+
+@needs_keygen
+def test_temp_dir_removed_on_sigterm(session: dict[str, Any]) -> None:
+    session["raise"] = stj._Signalled(15)
+    assert stj.main(["42"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 143
+    assert not os.path.exists(session["tmp"])
+
+
+@needs_keygen
+def test_proxy_error_becomes_one_line(session: dict[str, Any]) -> None:
+    session["rc"] = 255
+    session["error_line"] = "Permission denied: job 42 belongs to alice"
+    err = io.StringIO()
+    assert stj.main(["42"], err=err, authenticator=FakeAuthenticator()) == 1
+    assert err.getvalue() == "ssh-to-job: Permission denied: job 42 belongs to alice\n"
+    assert not os.path.exists(session["tmp"])
+
+
+@needs_keygen
+def test_ssh_255_without_proxy_error_is_passed_on(session: dict[str, Any]) -> None:
+    session["rc"] = 255
+    assert stj.main(["42"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 255
+
+
+@needs_keygen
+def test_scp_without_remote_path_exit_2(session: dict[str, Any]) -> None:
+    err = io.StringIO()
+    assert stj.main(["-ssh", "scp", "42", "a", "b"], err=err,
+                    authenticator=FakeAuthenticator()) == 2
+    assert "HOST:PATH" in err.getvalue()
+
+
+def test_keygen_failure_is_clear(session: dict[str, Any]) -> None:
+    err = io.StringIO()
+    assert stj.main(["-keygen-options", "-t nonsense", "42"], err=err,
+                    authenticator=FakeAuthenticator()) == 1
+    assert err.getvalue().startswith("ssh-to-job: Key generation: ")
+
+
+# -- the proxy ----------------------------------------------------------------------------
+
+@dataclass
+class Proxy:
+    tmp: Path
+    stdin_w: int
+    stdout_r: int
+    err: io.StringIO
+    thread: threading.Thread
+    result: list[int]
+
+
+def start_proxy(target: str, auth: FakeAuthenticator, tmp: Path,
+                open_timeout: float = 5.0) -> Proxy:
+    (tmp / "key.pub").write_text("ssh-ed25519 AAAAclientkey ssh-to-job\n")
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err = io.StringIO()
+    result: list[int] = []
+
+    def run() -> None:
+        try:
+            result.append(stj.run_proxy(
+                target=target, job_id="42", pubkey=str(tmp / "key.pub"),
+                known_hosts=str(tmp / "known_hosts"), alias=ALIAS,
+                error_file=str(tmp / "error"), shells=["bash", "sh"], auth=auth,
+                stdin_fd=in_r, stdout_fd=out_w, err=err, open_timeout=open_timeout))
+        finally:
+            os.close(in_r)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return Proxy(tmp, in_w, out_r, err, t, result)
+
+
+def read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_proxy_relay_round_trip_with_half_close(
+        fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path) -> None:
+    servicer, target, auth = fake_agent
+    p = start_proxy(target, auth.as_uid(ALICE), tmp_path)
+    # The first byte ssh sees: known_hosts must already hold the session's key.
+    first = os.read(p.stdout_r, 1)
+    assert first == b"S"
+    assert (tmp_path / "known_hosts").read_text() == f"{ALIAS} {HOST_KEY}\n"
+    assert (tmp_path / "known_hosts").stat().st_mode & 0o777 == 0o600
+    payload = os.urandom(300 * 1024)  # several 64 KiB frames
+
+    def write() -> None:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(p.stdin_w, view[:8192]):]
+        os.close(p.stdin_w)  # half-close: ssh's side is done, the echo keeps coming
+
+    w = threading.Thread(target=write)
+    w.start()
+    got = read_all(p.stdout_r)  # ends when the agent's eof closes our stdout
+    w.join(5)
+    p.thread.join(5)
+    os.close(p.stdout_r)
+    assert got == servicer.banner[1:] + payload
+    assert p.result == [0]
+    uid, opened = servicer.opens[0]
+    assert uid == ALICE
+    assert (opened.job_id, opened.public_key, list(opened.shells)) == (
+        "42", "ssh-ed25519 AAAAclientkey ssh-to-job", ["bash", "sh"])
+    assert not (tmp_path / "error").exists()
+
+
+@pytest.mark.parametrize(("refuse", "line"), [
+    ((grpc.StatusCode.PERMISSION_DENIED, "job 42 is not yours"),
+     "Permission denied: job 42 is not yours"),
+    ((grpc.StatusCode.NOT_FOUND, "no job 42"), "Not found: no job 42"),
+])
+def test_proxy_refused(fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path,
+                       refuse: tuple[grpc.StatusCode, str], line: str) -> None:
+    servicer, target, auth = fake_agent
+    servicer.refuse = refuse
+    p = start_proxy(target, auth.as_uid(1002), tmp_path)
+    assert read_all(p.stdout_r) == b""
+    p.thread.join(5)
+    os.close(p.stdout_r)
+    os.close(p.stdin_w)
+    assert p.result == [1]
+    assert (tmp_path / "error").read_text() == line + "\n"
+    assert not (tmp_path / "known_hosts").exists()
+
+
+def test_proxy_unimplemented_agent(tmp_path: Path) -> None:
+    auth = FakeAuthenticator()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                         interceptors=[AuthInterceptor(auth)])
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(
+        agent_pb2_grpc.NodeAgentServicer(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        p = start_proxy(f"ipv4:127.0.0.1:{port}", auth, tmp_path)
+        p.thread.join(5)
+    finally:
+        server.stop(0)
+    os.close(p.stdout_r)
+    os.close(p.stdin_w)
+    assert p.result == [1]
+    assert (tmp_path / "error").read_text().startswith("Not supported: ")
+
+
+def test_proxy_open_deadline(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
+                             tmp_path: Path) -> None:
+    servicer, target, auth = fake_agent
+    servicer.open_delay = 2.0
+    p = start_proxy(target, auth, tmp_path, open_timeout=0.3)
+    p.thread.join(5)
+    os.close(p.stdout_r)
+    os.close(p.stdin_w)
+    assert p.result == [1]
+    assert (tmp_path / "error").read_text().startswith("Timeout: no session from ")
+
+
+def test_proxy_unreachable_agent(tmp_path: Path) -> None:
+    p = start_proxy("unix:/nonexistent/agent.sock", FakeAuthenticator(), tmp_path)
+    p.thread.join(10)
+    os.close(p.stdout_r)
+    os.close(p.stdin_w)
+    assert p.result == [1]
+    assert (tmp_path / "error").read_text().startswith("Agent unreachable: ")
+
+
+class BrokenMunge(FakeAuthenticator):
+    def encode(self, payload: bytes) -> str:
+        raise AuthError("munged is not reachable at /run/munge/munge.socket.2")
+
+
+def test_proxy_munge_failure(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
+                             tmp_path: Path) -> None:
+    _servicer, target, _auth = fake_agent
+    p = start_proxy(target, BrokenMunge(), tmp_path)
+    p.thread.join(5)
+    os.close(p.stdout_r)
+    os.close(p.stdin_w)
+    assert p.result == [1]
+    assert (tmp_path / "error").read_text() == (
+        "MUNGE: munged is not reachable at /run/munge/munge.socket.2\n")
+    assert p.err.getvalue() == ""  # the CLI prints it, once
