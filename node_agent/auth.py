@@ -246,6 +246,7 @@ class AuthInterceptor(ServerInterceptor):
             if key == METADATA_KEY:
                 cred = value if isinstance(value, str) else value.decode("ascii", "replace")
         auth = self._auth
+        streaming = handler.response_streaming
 
         def wrap_fn(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
@@ -267,12 +268,30 @@ class AuthInterceptor(ServerInterceptor):
                                   "MUNGE credential was not minted for this method")
                 token = _identity.set(ident)
                 try:
-                    return behaviour(request, context)
+                    result = behaviour(request, context)
                 finally:
                     _identity.reset(token)
+                if streaming:
+                    # A generator's body runs later, while grpc iterates it.
+                    return _with_identity(ident, result)
+                return result
             return authenticated
 
         return wrap_handler(handler, wrap_fn)
+
+
+def _with_identity(ident: Identity, results: Any) -> Any:
+    """Iterate a streaming handler's responses with the caller's identity set."""
+    iterator = iter(results)
+    while True:
+        token = _identity.set(ident)
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            _identity.reset(token)
+        yield item
 
 
 class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):

@@ -46,6 +46,8 @@ class AgentConfig:
     socket: str = "/run/callerid-adopt/agent.sock"
     # Root-only socket where pam_adopt.py asks whether to admit (and adopt) a login.
     admission_socket: str = "/run/callerid-adopt/admission.sock"
+    # Where ssh-to-job sessions get their private directories.
+    session_dir: str = "/run/callerid-adopt/sessions"
     # The port other nodes' agents listen on (caller-ID questions go to <source ip>:port).
     port: int = DEFAULT_PORT
     state_dir: str = "/var/lib/callerid-adopt"
@@ -59,8 +61,8 @@ class AgentConfig:
     use_netlink: bool = True
     # Deadline of every call to another agent, in seconds.
     rpc_timeout: float = 2.0
-    # gRPC worker threads.
-    max_workers: int = 16
+    # gRPC worker threads; every open ssh-to-job session holds one.
+    max_workers: int = 64
     munge: MungeConfig = field(default_factory=MungeConfig)
     cgroup: CgroupConfig = field(default_factory=CgroupConfig)
     # Where the file came from ("" for built-in defaults), for messages.
@@ -99,6 +101,7 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
         "node_name": (str, "a string"),
         "socket": (str, "a path"),
         "admission_socket": (str, "a path"),
+        "session_dir": (str, "a path"),
         "port": (int, "a port number"),
         "state_dir": (str, "a path"),
         "log_level": (str, "one of " + ", ".join(LOG_LEVELS)),

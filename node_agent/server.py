@@ -29,6 +29,7 @@ from node_agent.admission import Admission, AdmissionServer
 from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator
 from node_agent.client import PeerPool
 from node_agent.config import AgentConfig
+from node_agent.jobshell import JobShellSessions
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
 from node_agent.registry import JobRegistry
 from node_agent.service import NodeAgentServicer
@@ -123,8 +124,11 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         metrics.JOBS.set(len(registry.list_jobs()))
         resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
         undo.callback(resolver.close)
+        shells = JobShellSessions(registry, config.session_dir, config.node_name,
+                                  procfs=config.procfs)
         servicer = NodeAgentServicer(node=config.node_name, resolver=resolver,
-                                     registry=registry, admin_uids=config.admin_uids)
+                                     registry=registry, admin_uids=config.admin_uids,
+                                     shells=shells)
         peers = PeerPool(auth, config.port)
         undo.callback(peers.close)
         _prepare_socket(config.socket)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -22,6 +23,8 @@ from callerid import Connection, Endpoint, Resolution, Resolver
 from node_agent import metrics
 from node_agent.auth import Identity, current_identity
 from node_agent.errors import InvalidRequest, JobNotFound, PermissionDenied, status_for
+from node_agent.jobshell import JobShellSessions
+from node_agent.jobshell import Session as JobShellSession
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 from node_agent.registry import JobRecord, JobRegistry
@@ -75,8 +78,10 @@ def job_to_pb(rec: JobRecord, registry: JobRegistry, with_pids: bool = False) ->
 
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def __init__(self, *, node: str, resolver: Resolver, registry: JobRegistry,
-                 admin_uids: tuple[int, ...] = ()) -> None:
+                 admin_uids: tuple[int, ...] = (),
+                 shells: JobShellSessions | None = None) -> None:
         self.node = node
+        self.shells = shells
         self.resolver = resolver
         self.registry = registry
         self.admin_uids = frozenset((0, *admin_uids))
@@ -169,12 +174,67 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         rec = self.registry.attach(request.job_id, request.pid)
         return pb.AttachToJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
 
-    def OpenJobShell(self, request_iterator: Any,
-                     context: grpc.ServicerContext) -> Any:
-        # ssh-to-job (issue 4) is being built in node_agent/jobshell.py; until it is wired
-        # in, say so plainly instead of failing obscurely.
-        context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                      f"ssh-to-job is not available on {self.node} yet")
+    def OpenJobShell(self, request_iterator: Iterator[pb.ShellFrame],
+                     context: grpc.ServicerContext) -> Iterator[pb.ShellFrame]:
+        """ssh-to-job: the first frame opens a session (node_agent/jobshell.py); then the
+        ssh byte stream flows both ways until sshd exits or the client goes away."""
+        ident = current_identity()
+        if self.shells is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          f"ssh-to-job is not enabled on {self.node}")
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send `open` first")
+        if first.WhichOneof("kind") != "open":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be `open`")
+        req = first.open
+        try:
+            session = self.shells.open(req.job_id, ident.uid, self._privileged(ident),
+                                       req.public_key, list(req.shells))
+        except Exception as e:
+            code, message = status_for(e)
+            if code == grpc.StatusCode.PERMISSION_DENIED:
+                security.warning("SECURITY: uid %d asked %s for a shell in job %s: refused",
+                                 ident.uid, self.node, req.job_id)
+            elif code == grpc.StatusCode.INTERNAL:
+                log.exception("OpenJobShell failed")
+            context.abort(code, message)
+        log.info("ssh-to-job: uid %d opened session %s in job %s as %s (%s)", ident.uid,
+                 session.session_id, req.job_id, session.user, req.client or "?")
+        # Ctrl-C on the client, or a broken connection, cancels the call: end the session.
+        context.add_callback(session.kill)
+        return self._relay(session, request_iterator)
+
+    def _relay(self, session: JobShellSession,
+               request_iterator: Iterator[pb.ShellFrame]) -> Iterator[pb.ShellFrame]:
+        def pump_in() -> None:
+            try:
+                for frame in request_iterator:
+                    if frame.data:
+                        session.write(frame.data)
+                    if frame.eof:
+                        break
+            except Exception:  # the call ended (cancelled, or sshd went away)
+                pass
+            finally:
+                try:
+                    session.close_stdin()
+                except OSError:
+                    pass
+
+        threading.Thread(target=pump_in, name=f"shell-in-{session.session_id}",
+                         daemon=True).start()
+        try:
+            yield pb.ShellFrame(opened=pb.ShellOpened(
+                host_key=session.host_key, node=self.node, user=session.user,
+                session_id=session.session_id))
+            for chunk in session:
+                yield pb.ShellFrame(data=chunk)
+            yield pb.ShellFrame(eof=True)
+        finally:
+            session.cleanup()
+            log.info("ssh-to-job: session %s ended", session.session_id)
 
     @_serve
     def EndJob(self, request: pb.EndJobRequest,
