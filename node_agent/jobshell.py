@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import binascii
 import grp
-import json
 import logging
 import os
 import pwd
@@ -37,11 +36,10 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from node_agent import launch
+from node_agent import spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
 from node_agent.registry import LOGIN_PATH, JobRegistry
 
@@ -437,30 +435,10 @@ class JobShellSessions:
                 for h in layout.hierarchies]
 
     def _launch(self, spec: dict[str, object], job_id: str) -> subprocess.Popen[bytes]:
-        spec_r, spec_w = os.pipe()
-        status_r, status_w = os.pipe()
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", launch.__file__, str(spec_r), str(status_w)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                pass_fds=(spec_r, status_w), start_new_session=True, env={"PATH": LOGIN_PATH},
-            )
-        finally:
-            os.close(spec_r)
-            os.close(status_w)
-        try:
-            os.write(spec_w, json.dumps(spec).encode())
-        finally:
-            os.close(spec_w)
-        with os.fdopen(status_r, "rb") as f:
-            err = f.read().decode(errors="replace")
-        if err:
-            proc.wait()
-            for pipe in (proc.stdin, proc.stdout):
-                if pipe is not None:
-                    pipe.close()
-            raise JobStartFailed(f"job {job_id}: cannot start sshd: {err}")
-        return proc
+            return spawn.start(spec, pipes=True)
+        except spawn.LaunchError as e:
+            raise JobStartFailed(f"job {job_id}: cannot start sshd: {e}") from None
 
 
 def _fake_nss(user: str, uid: int, gid: int, home: str, shell: str, *,

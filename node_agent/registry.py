@@ -20,14 +20,12 @@ scheduler ends a job when its batch script exits. `end()` does the same on reque
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pwd
 import select
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +34,7 @@ from pathlib import Path
 
 import callerid
 from callerid import CgroupLayout, Job, ProcCgroup
-from node_agent import launch
+from node_agent import spawn
 from node_agent.errors import InvalidRequest, JobExists, JobNotFound, JobStartFailed
 
 log = logging.getLogger("node_agent.registry")
@@ -54,7 +52,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 
-LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin"
+LOGIN_PATH = spawn.LOGIN_PATH
 
 
 @dataclass(frozen=True)
@@ -250,36 +248,17 @@ class JobRegistry:
             "groups": os.getgrouplist(pw.pw_name, pw.pw_gid),
             "cwd": cwd, "argv": argv, "env": env, "output": output,
         }
-        spec_r, spec_w = os.pipe()
-        status_r, status_w = os.pipe()
         try:
-            proc = self._popen_launcher(spec_r, status_w)
-        finally:
-            os.close(spec_r)
-            os.close(status_w)
-        try:
-            os.write(spec_w, json.dumps(spec).encode())
-        finally:
-            os.close(spec_w)
-        with os.fdopen(status_r, "rb") as f:
-            err = f.read().decode(errors="replace")
-        if err:
-            proc.wait()
-            raise JobStartFailed(f"job {job.id}: cannot start {argv[0]!r} as {pw.pw_name}: {err}")
+            proc = spawn.start(spec)
+        except spawn.LaunchError as e:
+            raise JobStartFailed(
+                f"job {job.id}: cannot start {argv[0]!r} as {pw.pw_name}: {e}") from None
         self._children[proc.pid] = proc
         try:
             start: int | None = callerid.proc_start_ticks(proc.pid, self.procfs)
         except (OSError, ValueError):
             start = None  # already gone: the watcher ends the job
         return proc.pid, start
-
-    def _popen_launcher(self, spec_r: int, status_w: int) -> subprocess.Popen[bytes]:
-        # The launcher reads its spec from the first fd and reports on the second.
-        return subprocess.Popen(
-            [sys.executable, "-I", "-S", launch.__file__, str(spec_r), str(status_w)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(spec_r, status_w), start_new_session=True, env={"PATH": LOGIN_PATH},
-        )
 
     def attach(self, job_id: str, pid: int) -> JobRecord:
         rec = self.get(job_id)

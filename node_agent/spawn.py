@@ -1,0 +1,56 @@
+"""The agent's side of node_agent/launch.py: start a process as a job's user, inside
+the job's cgroups, and learn whether it got as far as exec.
+
+Used for a job's main process (registry) and for ssh-to-job's `sshd -i` (jobshell).
+The launcher is run with `python -I -S` (stdlib only, no site-packages: fast, and the
+environment cannot steer it); it reads the JSON spec from one pipe and reports any
+failure before exec on another, which is close-on-exec in the child: EOF means it
+exec'd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+
+from node_agent import launch
+
+LOGIN_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class LaunchError(RuntimeError):
+    """The launcher could not exec; the message is the launcher's report."""
+
+
+def start(spec: Mapping[str, object], *, pipes: bool = False) -> subprocess.Popen[bytes]:
+    """Start the launcher with `spec` (see launch.py); with `pipes`, the process's stdin
+    and stdout are pipes to the caller (ssh-to-job), else /dev/null. Raises LaunchError
+    when the launcher reports a failure before exec (the child has been reaped)."""
+    spec_r, spec_w = os.pipe()
+    status_r, status_w = os.pipe()
+    stdio = subprocess.PIPE if pipes else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", launch.__file__, str(spec_r), str(status_w)],
+            stdin=stdio, stdout=stdio, stderr=subprocess.DEVNULL,
+            pass_fds=(spec_r, status_w), start_new_session=True, env={"PATH": LOGIN_PATH},
+        )
+    finally:
+        os.close(spec_r)
+        os.close(status_w)
+    try:
+        os.write(spec_w, json.dumps(spec).encode())
+    finally:
+        os.close(spec_w)
+    with os.fdopen(status_r, "rb") as f:
+        err = f.read().decode(errors="replace")
+    if err:
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        raise LaunchError(err)
+    return proc
