@@ -108,9 +108,6 @@ class _Steps:
         self.steps: list[Step] = []
         self._t = time.perf_counter_ns()
 
-    def mark(self) -> None:
-        self._t = time.perf_counter_ns()
-
     def add(self, name: str, detail: str) -> None:
         now = time.perf_counter_ns()
         micros = (now - self._t) / 1000.0

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from node_agent import spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
-from node_agent.registry import LOGIN_PATH, JobRegistry
+from node_agent.registry import JobRegistry
 
 log = logging.getLogger("node_agent.jobshell")
 
@@ -381,7 +381,7 @@ class JobShellSessions:
             os.chmod(d / "session-setup", 0o755)
             for p in [d, *d.iterdir()]:
                 os.chown(p, job.uid, job.gid)
-            sshd_env = {"PATH": LOGIN_PATH}
+            sshd_env = {"PATH": spawn.LOGIN_PATH}
             if fake_passwd:
                 sshd_env.update(LD_PRELOAD=self.nss_wrapper, NSS_WRAPPER_PASSWD=str(d / "passwd"),
                                 NSS_WRAPPER_GROUP=str(d / "group"))

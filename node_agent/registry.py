@@ -52,7 +52,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 
-LOGIN_PATH = spawn.LOGIN_PATH
 
 
 @dataclass(frozen=True)
@@ -145,8 +144,8 @@ class JobRegistry:
                 continue
             uid = self._uid_of(min(procs))
             try:
-                user = pwd.getpwuid(uid).pw_name
-                gid = pwd.getpwuid(uid).pw_gid
+                pw = pwd.getpwuid(uid)
+                user, gid = pw.pw_name, pw.pw_gid
             except KeyError:
                 user, gid = str(uid), uid
             log.warning("recover: cgroups of job %s hold %d processes but no record; "
@@ -237,7 +236,7 @@ class JobRegistry:
                extra_env: dict[str, str], output: str) -> tuple[int, int | None]:
         env = {
             "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
-            "SHELL": pw.pw_shell or "/bin/sh", "PATH": LOGIN_PATH,
+            "SHELL": pw.pw_shell or "/bin/sh", "PATH": spawn.LOGIN_PATH,
             "CALLERID_JOB_ID": job.id, "CALLERID_NODE": self.node,
         }
         env.update(extra_env)

@@ -121,7 +121,8 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         undo.callback(registry.close)
         registry.recover()
         registry.start_watcher()
-        metrics.JOBS.set(len(registry.list_jobs()))
+        # Read at scrape time: jobs also end on their own (main process exit).
+        metrics.JOBS.set_function(lambda: len(registry.list_jobs()))
         resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
         undo.callback(resolver.close)
         shells = JobShellSessions(registry, config.session_dir, config.node_name,

@@ -22,7 +22,7 @@ import callerid
 from callerid import Connection, Endpoint, Resolution, Resolver
 from node_agent import metrics
 from node_agent.auth import Identity, current_identity
-from node_agent.errors import InvalidRequest, JobNotFound, PermissionDenied, status_for
+from node_agent.errors import InvalidRequest, PermissionDenied, status_for
 from node_agent.jobshell import JobShellSessions
 from node_agent.jobshell import Session as JobShellSession
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -163,7 +163,6 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             raise InvalidRequest("a job needs a user")
         rec = self.registry.start(request.job_id, request.user, list(request.argv),
                                   cwd=request.cwd, env=dict(request.env), output=request.output)
-        metrics.JOBS.set(len(self.registry.list_jobs()))
         return pb.StartJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
 
     @_serve
@@ -241,8 +240,5 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
                context: grpc.ServicerContext) -> pb.EndJobReply:
         self._require_admin(current_identity(), "end jobs")
         callerid.validate_job_id(request.job_id)
-        if self.registry.get(request.job_id) is None:
-            raise JobNotFound(request.job_id, self.node)
         rec, killed = self.registry.end(request.job_id, timeout=request.timeout or 10.0)
-        metrics.JOBS.set(len(self.registry.list_jobs()))
         return pb.EndJobReply(job=job_to_pb(rec, self.registry), killed=killed)
