@@ -253,9 +253,10 @@ class AdmissionServer:
                 conn.settimeout(self.io_timeout)
                 peer = _peercred(conn)
                 if peer.uid == 0 and self.admission.warmer is not None:
-                    # Most requests end in an adoption: start the kernel's lock switch now,
-                    # while the request is read and decided.
+                    # Most requests end in an adoption: start the kernel's lock switch now
+                    # (if the login watch has not already), while the request is read.
                     self.admission.warmer.kick()
+                    self.admission.warmer.login_arrived()
                 if peer.uid != 0:
                     security.warning("SECURITY: admission request from uid %d pid %d refused: "
                                      "only root may ask", peer.uid, peer.pid)

@@ -63,6 +63,10 @@ class AgentConfig:
     rpc_timeout: float = 2.0
     # gRPC worker threads; every open ssh-to-job session holds one.
     max_workers: int = 64
+    # PAM services whose logins pam_adopt handles: when libpam opens
+    # /etc/pam.d/<service> (a login starting), the agent pre-pays the kernel's
+    # cgroup-migration toll (node_agent/warmup.py). [] turns that off.
+    login_services: tuple[str, ...] = ("sshd",)
     munge: MungeConfig = field(default_factory=MungeConfig)
     cgroup: CgroupConfig = field(default_factory=CgroupConfig)
     # Where the file came from ("" for built-in defaults), for messages.
@@ -117,6 +121,11 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
             kw["listen"] = _str_list(where, value)
             for item in kw["listen"]:
                 _check_hostport(where, item)
+        elif key == "login_services":
+            kw["login_services"] = _str_list(where, value)
+            for name in kw["login_services"]:
+                if not name or "/" in name:
+                    raise ConfigError(f"{where}: expected PAM service names, got {name!r}")
         elif key == "admin_uids":
             _expect(where, value, list, "a list of uids")
             for uid in value:

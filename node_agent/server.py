@@ -33,7 +33,7 @@ from node_agent.jobshell import JobShellSessions
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
 from node_agent.registry import JobRegistry
 from node_agent.service import NodeAgentServicer
-from node_agent.warmup import MigrationWarmer
+from node_agent.warmup import LoginWatch, MigrationWarmer
 
 log = logging.getLogger("node_agent")
 
@@ -138,6 +138,8 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         undo.callback(lambda: server.stop(grace=5).wait())
         warmer = MigrationWarmer(layout)
         undo.callback(warmer.close)
+        watch = LoginWatch(warmer.expect_login, config.login_services)
+        undo.callback(watch.close)
         admission = AdmissionServer(
             config.admission_socket,
             Admission(registry, peers.caller_id, rpc_timeout=config.rpc_timeout,

@@ -914,6 +914,7 @@ class Lab:
             'state_dir = "/var/lib/callerid-adopt"',
             "admin_uids = []",
             'log_level = "debug"',
+            f'login_services = ["{self.pam_service(node)}"]',
             f'metrics_listen = "{v4}:{METRICS_PORT}"',
             "",
             "[munge]",

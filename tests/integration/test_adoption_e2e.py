@@ -98,6 +98,8 @@ def test_one_job_adopts_and_job_end_kills_the_session(lab: Any) -> None:
     assert landed_in(r.stdout) == "j1", r.stdout
     assert "freezer:/callerid/job_j1/adopted" in r.stdout
     assert "CALLERID_JOB_ID=j1" in r.stdout
+    # The agent saw the login start (libpam opening the service's file) and warmed up.
+    assert f"login starting ({lab.pam_service('node2')} opened)" in lab.agent_log("node2")
     # A long-running remote command dies with the job on node2.
     client = lab.popen("node1", ssh(lab, "node2", "echo started; exec sleep 1000000"),
                        user="alice", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -115,8 +117,6 @@ def test_one_job_adopts_and_job_end_kills_the_session(lab: Any) -> None:
         if client.poll() is None:
             client.kill()
             client.wait()
-
-
 
 
 @pytest.mark.parametrize("family", [4, 6])

@@ -22,6 +22,7 @@ def test_example_config_parses() -> None:
     assert cfg.port == 7011
     assert "memory" not in cfg.cgroup.v1 or cfg.cgroup.v1  # the example is loadable
     assert cfg.socket.startswith("/run/")
+    assert cfg.login_services == ("sshd",)
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -30,6 +31,7 @@ node_name = "n1"
 listen = ["10.0.0.1:7011", "[fd00::1]:7011"]
 admin_uids = [1500]
 rpc_timeout = 0.5
+login_services = ["sshd", "sshd-compute"]
 [munge]
 socket = "/tmp/m.sock"
 [cgroup]
@@ -41,6 +43,7 @@ subtree = "site/callerid"
     assert cfg.listen == ("10.0.0.1:7011", "[fd00::1]:7011")
     assert cfg.admin_uids == (1500,)
     assert cfg.rpc_timeout == 0.5
+    assert cfg.login_services == ("sshd", "sshd-compute")
     assert cfg.munge.socket == "/tmp/m.sock"
     assert cfg.cgroup.v1 == ("freezer", "pids")
     assert cfg.cgroup.v2 is False
@@ -61,6 +64,8 @@ subtree = "site/callerid"
     ("[cgroup]\nsubtree = '../escape'", "cgroup.subtree"),
     ("[cgroup]\nsubtree = '/abs'", "cgroup.subtree"),
     ("node_name = ", "not valid TOML"),
+    ("login_services = ['../shadow']", "login_services: expected PAM service names"),
+    ("login_services = 'sshd'", "login_services: expected a list of strings"),
 ])
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
     p = write(tmp_path, text)
