@@ -52,7 +52,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[lab_mod.Lab]:
-    the_lab = lab_mod.Lab(dir="/run/callerid-lab-it", nodes=2, venv=REPO / ".venv")
+    # CALLERID_IT_LAB=NAME runs the tests in a lab of that instance name (and its own
+    # directory), so that two test runs can share the machine.
+    name = os.environ.get("CALLERID_IT_LAB", "")
+    if name:
+        the_lab = lab_mod.Lab(dir=f"/run/callerid-lab-it-{name}", nodes=2,
+                              venv=REPO / ".venv", name=name)
+    else:
+        the_lab = lab_mod.Lab(dir="/run/callerid-lab-it", nodes=2, venv=REPO / ".venv")
     try:
         the_lab.up()
         yield the_lab
