@@ -80,6 +80,16 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
+def _check_leaf(leaf: str) -> str:
+    """A leaf is a name, or a relative path of names (``ssh-to-job/<session>``)."""
+    parts = leaf.split("/") if isinstance(leaf, str) else []
+    if not parts:
+        raise ValueError(f"invalid leaf name {leaf!r}")
+    for part in parts:
+        _check_name("leaf name", part)
+    return leaf
+
+
 def _check_subtree(subtree: str) -> str:
     parts = subtree.split("/") if isinstance(subtree, str) else []
     if not parts or subtree.startswith("/"):
@@ -233,8 +243,12 @@ class CgroupLayout:
         return h.mountpoint / self.subtree / (_JOB_PREFIX + validate_job_id(job_id))
 
     def leaf_path(self, h: Hierarchy, job_id: str, leaf: str = "main") -> Path:
-        """``<job_path>/<leaf>``: processes live in leaves only (the v2 rule; v1 alike)."""
-        return self.job_path(h, job_id) / _check_name("leaf name", leaf)
+        """``<job_path>/<leaf>``: processes live in leaves only (the v2 rule; v1 alike).
+        A leaf may be nested (``ssh-to-job/<session>``)."""
+        return self.job_path(h, job_id) / _check_leaf(leaf)
+
+    def _top(self, h: Hierarchy, job_id: str, leaf: str | None) -> Path:
+        return self.job_path(h, job_id) if leaf is None else self.leaf_path(h, job_id, leaf)
 
     # -- creation and adoption -------------------------------------------------------------
 
@@ -338,7 +352,10 @@ class CgroupLayout:
             if not target.is_dir():
                 if not job.is_dir():
                     raise CgroupError(f"job {job_id} has no cgroup in {h}", job)
-                self._mkdir(h, target)
+                path = job
+                for part in leaf.split("/"):
+                    path = path / part
+                    self._mkdir(h, path)
             procs = target / "cgroup.procs"
             try:
                 _write(procs, f"{pid}\n")
@@ -387,11 +404,12 @@ class CgroupLayout:
                 result.add(int(line))
         return result
 
-    def procs(self, job_id: str) -> set[int]:
-        """Every pid in the job's subtree, in any hierarchy (missing directories are fine)."""
+    def procs(self, job_id: str, leaf: str | None = None) -> set[int]:
+        """Every pid in the job's subtree (or the leaf's), in any hierarchy (missing
+        directories are fine)."""
         result: set[int] = set()
         for h in self.hierarchies:
-            result |= self._procs_in(self.job_path(h, job_id))
+            result |= self._procs_in(self._top(h, job_id, leaf))
         return result
 
     def existing_jobs(self) -> set[str]:
@@ -497,9 +515,9 @@ class CgroupLayout:
 
     # -- ending ------------------------------------------------------------------------
 
-    def kill(self, job_id: str, timeout: float = 10.0) -> int:
-        """Kill every process of the job, in every hierarchy; return how many pids were
-        signalled (best effort: ``cgroup.kill`` does not tell).
+    def kill(self, job_id: str, timeout: float = 10.0, leaf: str | None = None) -> int:
+        """Kill every process of the job (or of one of its leaves), in every hierarchy;
+        return how many pids were signalled (best effort: ``cgroup.kill`` does not tell).
 
         v2: ``cgroup.kill`` (Linux 5.14) kills the whole subtree and races no fork.
         v1 freezer: freeze, SIGKILL every pid, thaw: a frozen task cannot fork a new one
@@ -510,7 +528,7 @@ class CgroupLayout:
         deadline = time.monotonic() + timeout
         signalled: set[int] = set()
         for h in self.hierarchies:
-            job = self.job_path(h, job_id)
+            job = self._top(h, job_id, leaf)
             if not job.is_dir():
                 continue
             if h.version == 2:
@@ -527,7 +545,7 @@ class CgroupLayout:
             elif "freezer" in h.controllers:
                 signalled |= self._freeze_and_kill(job, deadline)
         while True:
-            remaining = self.procs(job_id)
+            remaining = self.procs(job_id, leaf)
             if not remaining:
                 return len(signalled)
             for pid in remaining:
@@ -572,14 +590,14 @@ class CgroupLayout:
                         f"cannot thaw {job}: {exc.strerror}", state, cause=exc
                     ) from exc
 
-    def remove(self, job_id: str) -> None:
-        """rmdir the job's directories, children first, in every hierarchy.
+    def remove(self, job_id: str, leaf: str | None = None) -> None:
+        """rmdir the job's directories (or a leaf's), children first, in every hierarchy.
 
         Missing directories are fine (idempotent). A directory that still holds
         processes (EBUSY) or anything else that refuses raises CgroupError.
         """
         for h in self.hierarchies:
-            for d in self._dirs(self.job_path(h, job_id)):
+            for d in self._dirs(self._top(h, job_id, leaf)):
                 try:
                     os.rmdir(d)
                 except FileNotFoundError:
@@ -588,7 +606,8 @@ class CgroupLayout:
                     raise CgroupError(
                         f"cannot remove cgroup {d}: {exc.strerror}", d, cause=exc
                     ) from exc
-        self._id_cache = {k: v for k, v in self._id_cache.items() if v[0] != job_id}
+        if leaf is None:
+            self._id_cache = {k: v for k, v in self._id_cache.items() if v[0] != job_id}
 
 
 def _write_state(path: Path, state: str) -> None:

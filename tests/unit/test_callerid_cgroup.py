@@ -528,3 +528,37 @@ def test_kill_missing_job_is_a_no_op(layout: CgroupLayout, monkeypatch: pytest.M
 
     monkeypatch.setattr(os, "kill", no_kill)
     assert layout.kill("42", timeout=0.1) == 0
+
+
+# -- nested leaves (one per ssh-to-job session) ---------------------------------------------
+
+def test_nested_leaf_attach_kill_remove_leave_the_rest_of_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mount = tmp_path / "pids"
+    mount.mkdir()
+    lay = CgroupLayout([Hierarchy("pids", 1, mount)], "callerid")
+    lay.create_job("42")
+    lay.attach("42", FAKE_PIDS[0])
+    lay.attach("42", FAKE_PIDS[1], leaf="ssh-to-job/s1")  # parents created on demand
+    lay.attach("42", FAKE_PIDS[2], leaf="ssh-to-job/s2")
+    job = mount / "callerid" / "job_42"
+    assert (job / "ssh-to-job" / "s1" / "cgroup.procs").read_text() == f"{FAKE_PIDS[1]}\n"
+    assert lay.procs("42", "ssh-to-job/s1") == {FAKE_PIDS[1]}
+    assert lay.procs("42") == set(FAKE_PIDS[:3])
+    fake = FakeKernel(mount)
+    monkeypatch.setattr(os, "kill", fake.kill)
+    assert lay.kill("42", timeout=2, leaf="ssh-to-job/s1") == 1
+    assert fake.signals == [(FAKE_PIDS[1], signal.SIGKILL)]  # nobody else
+    (job / "ssh-to-job" / "s1" / "cgroup.procs").unlink()  # the kernel's file, in a real fs
+    lay.remove("42", leaf="ssh-to-job/s1")
+    assert not (job / "ssh-to-job" / "s1").exists()
+    assert (job / "ssh-to-job" / "s2").is_dir() and lay.procs("42") == {FAKE_PIDS[0],
+                                                                          FAKE_PIDS[2]}
+
+
+@pytest.mark.parametrize("leaf", ["", "a//b", "../x", "ssh-to-job/..", "/abs", "a/"])
+def test_bad_nested_leaf_names(layout: CgroupLayout, leaf: str) -> None:
+    layout.create_job("42")
+    with pytest.raises(ValueError):
+        layout.attach("42", FAKE_PIDS[0], leaf=leaf)
