@@ -317,7 +317,7 @@ def adoptctl_main(argv: Sequence[str] | None = None, out: TextIO | None = None,
             elif jc == "end":
                 ended = c.end_job(args.job_id, timeout=args.wait)
                 out.write(f"job {ended.job.id} ended on {ended.job.node}: "
-                          f"{ended.killed} processes killed\n")
+                          f"{ended.killed} process{'' if ended.killed == 1 else 'es'} killed\n")
             elif jc == "show":
                 listing = c.list_jobs(job_id=args.job_id, with_pids=True)
                 if not listing.jobs:

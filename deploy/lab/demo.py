@@ -7,7 +7,8 @@ node2 and node3, asks node2 "which job owns this connection?" with `adoptctl who
 (node1's agent answers), shows what bob is told about the same connection; then real ssh
 logins: bob, who has no job on node2, is refused; alice's jobs ssh to node2 and each
 session lands in the job it came from; ending a job on node2 ends its ssh sessions.
-Finally the jobs end and nothing of them is left. Tears the lab down at the end (unless --keep),
+Then ssh-to-job: a command inside a running job (its directory, environment, pids and
+cgroup), from another node too, scp and rsync of its files, and bob refused. Finally the jobs end and nothing of them is left. Tears the lab down at the end (unless --keep),
 also after a failure. Every command is printed as it would be typed on the node.
 """
 
@@ -107,6 +108,37 @@ def adoption(lab: lab_mod.Lab) -> None:
     show(lab, "node2", [adoptctl, "job", "end", "42"])
 
 
+def ssh_to_job(lab: lab_mod.Lab, work: Path) -> None:
+    adoptctl, stj = lab.venv_bin("adoptctl"), lab.venv_bin("ssh-to-job")
+    banner("ssh-to-job: into a running job, without any sshd listening on the network")
+    job_dir = work / "job44"
+    job_dir.mkdir(mode=0o777)
+    job_dir.chmod(0o777)
+    show(lab, "node1", [adoptctl, "job", "run", "--id", "44", "--user", "alice", "--cwd",
+                        str(job_dir), "--env", "OMP_NUM_THREADS=4", "--", "/bin/sh", "-c",
+                        "echo 'step 1: converged' > result.txt; exec sleep 1000000"])
+    time.sleep(0.3)
+    show(lab, "node1", [stj, "44", "hostname; pwd; echo OMP_NUM_THREADS=$OMP_NUM_THREADS "
+                        "CALLERID_JOB_PIDS=$CALLERID_JOB_PIDS; grep ^0:: /proc/self/cgroup"],
+         user="alice")
+    banner("from another node (-name), with the remote command's exit status")
+    show(lab, "node2", ["sh", "-c", f"{stj} -name node1 44 'exit 7'; echo exit status $?"],
+         user="alice")
+    banner("copy the job's files out: scp with any host name, rsync with the job id as host")
+    out = work / "alice-out"
+    out.mkdir(mode=0o777)
+    out.chmod(0o777)
+    show(lab, "node1", [stj, "-ssh", "scp", "44", "remote:result.txt", str(out / "scp.txt")],
+         user="alice")
+    show(lab, "node1", ["rsync", "-e", stj, "44:result.txt", str(out / "rsync.txt")],
+         user="alice")
+    show(lab, "node1", ["cat", str(out / "scp.txt"), str(out / "rsync.txt")], user="alice")
+    banner("bob does not own job 44: refused, nothing started on the node")
+    show(lab, "node1", [stj, "44", "true"], user="bob", check=False)
+    show(lab, "node1", ["ls", "-A", "/run/callerid-adopt/sessions"])
+    show(lab, "node1", [adoptctl, "job", "end", "44"])
+
+
 def demo(lab: lab_mod.Lab, work: Path) -> None:
     adoptctl = lab.venv_bin("adoptctl")
     for prog in (HERE / "progs").glob("*.py"):
@@ -160,6 +192,7 @@ def demo(lab: lab_mod.Lab, work: Path) -> None:
         show(lab, "node1", [adoptctl, "jobs"])
 
         adoption(lab)
+        ssh_to_job(lab, work)
 
         banner("the job ends: every process in it is killed, its cgroups removed")
         show(lab, "node1", [adoptctl, "job", "end", "42"])
