@@ -343,6 +343,10 @@ def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_ret
             return found
         if not answered and last_error is not None:
             raise last_error
+        if found and found.job.state == "ending":  # it will not run again: no use waiting
+            if announced:
+                err.write("\n")
+            raise CliError("Not running", f"job {job_id} is ending on {found.node}")
         if not auto_retry:
             if found:
                 raise CliError("Not running", f"job {job_id} is {found.job.state or 'not running'}"

@@ -326,6 +326,17 @@ def test_locate_skips_dead_agents_and_waits_with_auto_retry(
     assert text.endswith("...\n")
 
 
+def test_locate_does_not_wait_for_an_ending_job(
+        fake_agent: tuple[FakeAgent, str, FakeAuthenticator]) -> None:
+    servicer, target, auth = fake_agent
+    servicer.jobs["42"] = pb.Job(id="42", user="alice", state="ending", node="n1")
+    sleeps: list[float] = []
+    with pytest.raises(CliError, match="job 42 is ending on n1") as e:
+        stj.locate([target], "42", auth.as_uid(ALICE), auto_retry=True, err=io.StringIO(),
+                   sleep=sleeps.append)
+    assert e.value.category == "Not running" and sleeps == []
+
+
 def test_main_unknown_job_is_one_clear_line(
         fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
