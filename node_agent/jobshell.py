@@ -21,6 +21,28 @@ also run in the job's directory and environment).
 sshd runs the forced command with the user's passwd shell, and refuses users without a
 passwd entry; for those, and for nologin/false shells, sshd gets nss_wrapper
 (``LD_PRELOAD``) with a private passwd/group file naming a working shell.
+
+**Jobs with their own mount namespace.** sshd reads its files after the launcher entered
+the job's namespaces, so they must be visible there. When the job shares the agent's mount
+namespace, or has its own but the session directory is the same directory at the same path
+in it (:func:`session_dir_visible`: (st_dev, st_ino) of the directory and of
+``/proc/<main pid>/root/<directory>``), the agent writes the files, as root, into the
+directory it has just made in its own root-owned ``run_dir``. Otherwise (a private tmpfs
+over ``/run``, as job containers make) the files must be made in the job's view, which the
+job's user controls (symlinks, mounts in a user namespace), so the root agent neither
+writes there nor opens any path of it (the stat above is all it does). It gives the
+launcher the files' contents (launch.py's ``session``) instead: after setns and after
+dropping to the job's user, the launcher makes ``<base>/<job>-<session id>`` (0700; the id
+is random, an existing directory is never used) in the first of :func:`session_bases` that
+takes it (the same ``run_dir`` path, the job's ``$TMPDIR``, ``/tmp``; only a base whose
+entries nobody but root or the user can rename, and a path that needs no quoting), writes
+the files, and execs sshd with the directory's paths rewritten. When the session ends
+(:meth:`Session.cleanup`, also after ``adoptctl job end`` killed sshd) the launcher runs
+once more, again as the user in the job's mount namespace, and removes that directory
+(:class:`JobViewDir`; outside the job's cgroups, which may be gone, within 10 s). The
+agent holds that namespace open (an nsfs fd) from the start, so the removal works even
+when every process of the job is gone, e.g. when the directory is in a /tmp shared with
+the node. The session's ``sshd.log`` is in the directory sshd uses.
 """
 
 from __future__ import annotations
@@ -36,7 +58,7 @@ import secrets
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from node_agent import spawn
@@ -118,6 +140,30 @@ def namespaces_to_enter(pid: int, procfs: str = "/proc") -> list[str]:
             continue
         if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
             out.append(theirs)
+    return out
+
+
+def session_dir_visible(pid: int, path: Path, procfs: str = "/proc") -> bool:
+    """Whether the agent's directory *path* is the same directory at the same path in the
+    mount namespace of *pid*: same (st_dev, st_ino) through ``<procfs>/<pid>/root``. Only
+    metadata is read through the job's view (absolute symlinks there resolve against the
+    agent's root): a wrong answer can only make that user's own session fail."""
+    try:
+        a, b = os.stat(path), os.stat(f"{procfs}/{pid}/root{path}")
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def session_bases(run_dir: Path, env: Mapping[str, str]) -> list[str]:
+    """Where the launcher may make a session's directory in a job's own mount namespace,
+    in order: the agent's ``run_dir`` path (if the job's view has it and lets the user
+    write there), the job's ``$TMPDIR``, ``/tmp``."""
+    out: list[str] = []
+    for base in (str(run_dir), env.get("TMPDIR", ""), "/tmp"):
+        base = os.path.normpath(base) if base.startswith("/") else ""
+        if base and base not in out:
+            out.append(base)
     return out
 
 
@@ -211,9 +257,11 @@ class Session:
     :meth:`cleanup` at the end (idempotent; kills sshd if alive, removes the directory)."""
 
     def __init__(self, session_id: str, directory: Path, proc: subprocess.Popen[bytes],
-                 host_key: str, user: str, job_id: str) -> None:
+                 host_key: str, user: str, job_id: str,
+                 job_view: JobViewDir | None = None) -> None:
         self.session_id = session_id
         self.directory = directory
+        self.job_view = job_view
         self.host_key = host_key
         self.user = user
         self.job_id = job_id
@@ -297,6 +345,47 @@ class Session:
                 except OSError:
                     pass
             shutil.rmtree(self.directory, ignore_errors=True)
+            if self.job_view is not None:
+                self.job_view.remove()
+
+
+class JobViewDir:
+    """A session's directory in a job's own mount namespace, made and removed by the
+    launcher as the job's user there (see the module's docstring). The job's mount
+    namespace is held open until :meth:`remove`."""
+
+    def __init__(self, agent_dir: Path, bases: list[str], mnt_ns: str, uid: int, gid: int,
+                 groups: list[int]) -> None:
+        self.session: dict[str, object] = {"dir": str(agent_dir), "bases": bases}
+        self._ids = {"uid": uid, "gid": gid, "groups": groups}
+        self._fd = os.open(mnt_ns, os.O_RDONLY | os.O_CLOEXEC)
+
+    def spec(self, files: Mapping[str, str]) -> dict[str, object]:
+        """launch.py's ``session`` for these files (names and contents)."""
+        return {**self.session, "files": [[name, 0o700 if name == "session-setup" else 0o600,
+                                           text] for name, text in files.items()]}
+
+    def remove(self, timeout: float = 10.0) -> None:
+        """Remove the directory in the job's view (idempotent; never raises)."""
+        fd, self._fd = self._fd, -1
+        if fd < 0:
+            return
+        spec = {"cgroup_procs": [], "namespaces": [f"/proc/self/fd/{fd}"], **self._ids,
+                "remove": True, "session": self.session}
+        try:
+            proc = spawn.start(spec, pass_fds=(fd,))
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                log.warning("session directory %s in a job's mount namespace: removal took "
+                            "over %ss, killed", self.session["dir"], timeout)
+        except (OSError, spawn.LaunchError) as e:
+            log.warning("cannot remove session directory %s in a job's mount namespace: %s",
+                        self.session["dir"], e)
+        finally:
+            os.close(fd)
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -362,6 +451,7 @@ class JobShellSessions:
         d = self.run_dir / f"{job_id}-{sid}"
         d.mkdir(mode=0o700)
         proc = None
+        job_view: JobViewDir | None = None
         try:
             self._keygen(d)
             host_key = (d / "host_key.pub").read_text().split(" ")[:2]
@@ -376,16 +466,11 @@ class JobShellSessions:
                     user, job.uid, job.gid, home,
                     pw.pw_shell if pw and pw.pw_shell not in NO_LOGIN_SHELLS else shell,
                     drop_tty=no_tty_group)
-            for name, text in files.items():
-                (d / name).write_text(text)
-            os.chmod(d / "session-setup", 0o755)
-            for p in [d, *d.iterdir()]:
-                os.chown(p, job.uid, job.gid)
+            groups = os.getgrouplist(pw.pw_name, job.gid) if pw else [job.gid]
             sshd_env = {"PATH": spawn.LOGIN_PATH}
             if fake_passwd:
                 sshd_env.update(LD_PRELOAD=self.nss_wrapper, NSS_WRAPPER_PASSWD=str(d / "passwd"),
                                 NSS_WRAPPER_GROUP=str(d / "group"))
-            groups = os.getgrouplist(pw.pw_name, job.gid) if pw else [job.gid]
             spec = {
                 "cgroup_procs": self._cgroup_procs(job_id),
                 "namespaces": namespaces,
@@ -395,16 +480,33 @@ class JobShellSessions:
                 "argv": [self.sshd, "-i", "-f", str(d / "sshd_config"), "-e"],
                 "env": sshd_env, "output": str(d / "sshd.log"), "stdio": "inherit",
             }
+            mnt = f"{self.procfs}/{main}/ns/mnt"
+            if main is not None and mnt in namespaces and \
+                    not session_dir_visible(main, d, self.procfs):
+                # the launcher writes them, as the user, in the job's view (module docstring)
+                job_view = JobViewDir(d, session_bases(self.run_dir, env), mnt, job.uid,
+                                      job.gid, groups)
+                files["host_key"] = (d / "host_key").read_text()
+                spec["session"] = job_view.spec(files)
+            else:
+                for name, text in files.items():
+                    (d / name).write_text(text)
+                os.chmod(d / "session-setup", 0o755)
+                for p in [d, *d.iterdir()]:
+                    os.chown(p, job.uid, job.gid)
             proc = self._launch(spec, job_id)
-            session = Session(sid, d, proc, " ".join(host_key), user, job_id)
+            session = Session(sid, d, proc, " ".join(host_key), user, job_id, job_view)
         except BaseException:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
             shutil.rmtree(d, ignore_errors=True)
+            if job_view is not None:
+                job_view.remove()
             raise
-        log.info("job %s: ssh session %s opened for uid %d: sshd pid %d as %s%s", job_id, sid,
-                 caller_uid, proc.pid, user, " (nss_wrapper)" if fake_passwd else "")
+        log.info("job %s: ssh session %s opened for uid %d: sshd pid %d as %s%s%s", job_id,
+                 sid, caller_uid, proc.pid, user, " (nss_wrapper)" if fake_passwd else "",
+                 " (files in the job's own mount namespace)" if job_view else "")
         return session
 
     def job_pids(self, job_id: str) -> list[int]:

@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from node_agent import launch
 
@@ -25,10 +25,12 @@ class LaunchError(RuntimeError):
     """The launcher could not exec; the message is the launcher's report."""
 
 
-def start(spec: Mapping[str, object], *, pipes: bool = False) -> subprocess.Popen[bytes]:
+def start(spec: Mapping[str, object], *, pipes: bool = False,
+          pass_fds: Collection[int] = ()) -> subprocess.Popen[bytes]:
     """Start the launcher with `spec` (see launch.py); with `pipes`, the process's stdin
-    and stdout are pipes to the caller (ssh-to-job), else /dev/null. Raises LaunchError
-    when the launcher reports a failure before exec (the child has been reaped)."""
+    and stdout are pipes to the caller (ssh-to-job), else /dev/null; `pass_fds` are
+    inherited (the spec can name them as /proc/self/fd/N). Raises LaunchError when the
+    launcher reports a failure before exec (the child has been reaped)."""
     spec_r, spec_w = os.pipe()
     status_r, status_w = os.pipe()
     stdio = subprocess.PIPE if pipes else subprocess.DEVNULL
@@ -36,13 +38,16 @@ def start(spec: Mapping[str, object], *, pipes: bool = False) -> subprocess.Pope
         proc = subprocess.Popen(
             [sys.executable, "-I", "-S", launch.__file__, str(spec_r), str(status_w)],
             stdin=stdio, stdout=stdio, stderr=subprocess.DEVNULL,
-            pass_fds=(spec_r, status_w), start_new_session=True, env={"PATH": LOGIN_PATH},
+            pass_fds=(spec_r, status_w, *pass_fds), start_new_session=True,
+            env={"PATH": LOGIN_PATH},
         )
     finally:
         os.close(spec_r)
         os.close(status_w)
     try:
-        os.write(spec_w, json.dumps(spec).encode())
+        data = memoryview(json.dumps(spec).encode())   # may exceed a pipe's buffer
+        while data:
+            data = data[os.write(spec_w, data):]
     finally:
         os.close(spec_w)
     with os.fdopen(status_r, "rb") as f:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from callerid import CgroupLayout, Hierarchy
-from node_agent import jobshell
+from node_agent import jobshell, launch
 from node_agent.errors import InvalidRequest, JobNotFound, PermissionDenied
 from node_agent.jobshell import JobShellSessions, Session
 from node_agent.registry import JobRegistry
@@ -157,6 +157,81 @@ def test_namespace_decision(tmp_path: Path) -> None:
     assert jobshell.namespaces_to_enter(20, str(proc)) == [f"{proc}/20/ns/net",
                                                            f"{proc}/20/ns/mnt"]
     assert jobshell.namespaces_to_enter(os.getpid()) == []
+
+
+def test_session_dir_visibility_in_a_jobs_mount_namespace(tmp_path: Path) -> None:
+    d = tmp_path / "run" / "sessions" / "j1-abc"
+    d.mkdir(parents=True)
+    proc = tmp_path / "proc"
+    (proc / "10").mkdir(parents=True)
+    (proc / "10" / "root").symlink_to("/")                 # the agent's own view
+    (proc / "20" / "root" / d.relative_to("/")).mkdir(parents=True)   # another directory
+    (proc / "30" / "root").mkdir(parents=True)             # nothing there (private tmpfs)
+    assert jobshell.session_dir_visible(10, d, str(proc))
+    assert not jobshell.session_dir_visible(20, d, str(proc))
+    assert not jobshell.session_dir_visible(30, d, str(proc))
+    assert not jobshell.session_dir_visible(40, d, str(proc))  # no such process
+    assert jobshell.session_dir_visible(os.getpid(), d)
+
+
+def test_session_bases() -> None:
+    run = Path("/run/callerid-adopt/sessions")
+    assert jobshell.session_bases(run, {}) == [str(run), "/tmp"]
+    assert jobshell.session_bases(run, {"TMPDIR": "/scratch/job 42/"}) == \
+        [str(run), "/scratch/job 42", "/tmp"]
+    assert jobshell.session_bases(run, {"TMPDIR": "relative"}) == [str(run), "/tmp"]
+    assert jobshell.session_bases(run, {"TMPDIR": "/tmp/"}) == [str(run), "/tmp"]
+
+
+def _launch_spec(tmp_path: Path, bases: list[Path]) -> dict[str, object]:
+    old = "/run/callerid-adopt/sessions/j1-abc"
+    files = {"sshd_config": f"HostKey {old}/host_key\n", "session-setup": f"#!/bin/sh\n. {old}/e\n",
+             "host_key": "secret\n"}
+    view = {"dir": old, "bases": [str(b) for b in bases]}
+    return {"uid": os.getuid(), "argv": ["sshd", "-f", f"{old}/sshd_config"],
+            "env": {"PATH": "/bin", "NSS_WRAPPER_PASSWD": f"{old}/passwd"},
+            "output": f"{old}/sshd.log",
+            "session": {**view, "files": [[n, 0o700 if n == "session-setup" else 0o600, t]
+                                          for n, t in files.items()]}}
+
+
+def test_launcher_makes_the_session_dir_in_the_first_fitting_base(tmp_path: Path) -> None:
+    """launch.py's ``session``: run here as this user, in this mount namespace."""
+    missing, open_to_all, quoted, good = (tmp_path / "missing", tmp_path / "open",
+                                          tmp_path / "needs quoting", tmp_path / "good")
+    for b in (open_to_all, quoted, good):
+        b.mkdir()
+    open_to_all.chmod(0o777)                 # others could rename our directory away
+    spec = _launch_spec(tmp_path, [missing, open_to_all, quoted, good, Path("/tmp")])
+    launch.materialize(spec)
+    d = good / "j1-abc"
+    assert sorted(p.name for p in good.iterdir()) == ["j1-abc"]
+    assert not any(open_to_all.iterdir()) and not any(quoted.iterdir())
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert (d / "sshd_config").read_text() == f"HostKey {d}/host_key\n"
+    assert (d / "session-setup").read_text() == f"#!/bin/sh\n. {d}/e\n"
+    assert stat.S_IMODE((d / "session-setup").stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / "host_key").stat().st_mode) == 0o600
+    assert spec["argv"] == ["sshd", "-f", f"{d}/sshd_config"]
+    assert spec["env"] == {"PATH": "/bin", "NSS_WRAPPER_PASSWD": f"{d}/passwd"}
+    assert spec["output"] == f"{d}/sshd.log"
+    open_to_all.chmod(0o1777)                # sticky, as /tmp: fits
+    other = _launch_spec(tmp_path, [open_to_all, good])
+    launch.materialize(other)
+    assert (open_to_all / "j1-abc" / "host_key").exists()
+    launch.remove(_launch_spec(tmp_path, [missing, open_to_all, quoted, good]))
+    assert not any(open_to_all.iterdir()) and not any(good.iterdir())
+
+
+def test_launcher_never_reuses_an_existing_directory(tmp_path: Path) -> None:
+    (tmp_path / "a" / "j1-abc").mkdir(parents=True)   # made by someone else: skipped
+    (tmp_path / "b").mkdir()
+    spec = _launch_spec(tmp_path, [tmp_path / "a", tmp_path / "b"])
+    launch.materialize(spec)
+    assert not any((tmp_path / "a" / "j1-abc").iterdir())
+    assert (tmp_path / "b" / "j1-abc" / "sshd_config").exists()
+    with pytest.raises(OSError, match="no directory for the session files"):
+        launch.materialize(_launch_spec(tmp_path, [tmp_path / "a", tmp_path / "b"]))
 
 
 def test_job_pids_leave_out_session_processes(registry: JobRegistry, tmp_path: Path) -> None:
@@ -366,6 +441,50 @@ def test_real_session_with_a_pty(registry: JobRegistry, shared_dir: Path,
         assert r.stdout.startswith(b"/dev/pts/")
     finally:
         session.cleanup()
+
+
+@pytest.mark.skipif(not REAL or shutil.which("unshare") is None,
+                    reason="needs root, user alice, sshd, ssh and unshare")
+def test_real_session_in_a_job_that_hides_the_session_dir(registry: JobRegistry,
+                                                          shared_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """The job's main process has its own mount namespace (in its own user namespace) with
+    a private tmpfs over the agent's session directory; its $TMPDIR is on that tmpfs. The
+    session's files are made there by the launcher, as alice, and removed there at the end."""
+    run = shared_dir / "run"
+    run.mkdir()
+    private = f"mount -t tmpfs none {run} && mkdir {run}/tmp && exec sleep 300"
+    registry.start("j1", "alice", ["unshare", "-Urm", "sh", "-c", private], cwd="/",
+                   env={"TMPDIR": f"{run}/tmp", "PATH": "/usr/bin:/bin"})
+    main = registry.get("j1").job.main_pid  # type: ignore[union-attr]
+    job_tmp = Path(f"/proc/{main}/root{run}/tmp")
+    deadline = time.time() + 10
+    while not job_tmp.is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    sessions = JobShellSessions(registry, run / "sessions", "n1")
+    session = sessions.open("j1", ALICE.pw_uid, False, _keypair(tmp_path),  # type: ignore
+                            ["/bin/bash"])
+    client = _Client(tmp_path, session)
+    try:
+        assert session.job_view is not None
+        assert sorted(p.name for p in session.directory.iterdir()) == ["host_key",
+                                                                       "host_key.pub"]
+        r = client.run(f'id -un; readlink /proc/self/ns/mnt; echo "$CALLERID_JOB_ID"; '
+                       f'ls {run}/tmp; test -e {run}/sessions || echo hidden')
+        assert r.returncode == 0, (r.stderr, list(job_tmp.iterdir()))
+        assert r.stdout.decode().splitlines() == [
+            "alice", os.readlink(f"/proc/{main}/ns/mnt"), "j1", session.directory.name,
+            "hidden"]
+        inside = job_tmp / session.directory.name
+        assert inside.stat().st_uid == ALICE.pw_uid  # type: ignore[union-attr]
+        assert (inside / "sshd_config").read_text().startswith("# a private sshd -i")
+        assert f"HostKey {run}/tmp/{session.directory.name}/host_key" in \
+            (inside / "sshd_config").read_text()
+    finally:
+        session.cleanup()
+    assert not session.directory.exists()
+    assert list(job_tmp.iterdir()) == []
+    session.cleanup()          # idempotent
 
 
 def test_devpts_tty_group_decision(tmp_path: Path) -> None:
