@@ -323,7 +323,7 @@ class CgroupLayout:
         directory from the top of the subtree down to the job directory.
         """
         validate_job_id(job_id)
-        leaf_names = [_check_name("leaf name", leaf) for leaf in leaves]
+        leaf_names = [_check_leaf(leaf) for leaf in leaves]
         for h in self.hierarchies:
             if not h.mountpoint.is_dir():
                 raise CgroupError(f"cgroup hierarchy {h} is not mounted", h.mountpoint)
@@ -338,7 +338,10 @@ class CgroupLayout:
             if h.version == 2:
                 self._enable_controllers(job, check_available=False)
             for leaf in leaf_names:
-                self._mkdir(h, job / leaf)
+                path = job
+                for part in leaf.split("/"):
+                    path = path / part
+                    self._mkdir(h, path)
 
     def attach(self, job_id: str, pid: int, leaf: str = "main") -> None:
         """Move *pid* into the job's *leaf* in every hierarchy (the leaf is created if

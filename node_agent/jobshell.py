@@ -4,10 +4,13 @@ For each session the agent makes a private directory (0700, the job user's) hold
 fresh host key, an ``authorized_keys`` with only the client's key, an sshd config and a
 ``session-setup`` script that sshd runs as ``ForceCommand``. It then starts
 ``sshd -i -f <dir>/sshd_config -e`` through the launcher (`node_agent.launch`): as the
-job's user, in the job's cgroups (leaf ``ssh-to-job``), in the job's namespaces when they
-differ from the agent's, with stdin/stdout as pipes to the agent. No socket is involved:
-the ssh byte stream is relayed by the caller (the gRPC servicer) through
-:meth:`Session.write` / :meth:`Session.read`.
+job's user, in the job's cgroups (a leaf of its own, ``ssh-to-job/<session id>``), in the
+job's namespaces when they differ from the agent's, with stdin/stdout as pipes to the
+agent. No socket is involved: the ssh byte stream is relayed by the caller (the gRPC
+servicer) through :meth:`Session.write` / :meth:`Session.read`. When the session ends
+(the client went away, Ctrl-C, sshd exited), everything in its leaf is killed -- also
+what left sshd's process tree (nohup, setsid, a double fork) -- and the leaf removed; the
+rest of the job is not touched. ``adoptctl job end`` kills the job's sessions with it.
 
 ``session-setup`` cds to the job's working directory, loads the job's environment (read
 from ``/proc/<main pid>/environ`` when the session opens, written as a quoted sh file),
@@ -56,11 +59,11 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from callerid import CgroupError, CgroupLayout, InvalidJobId
 from node_agent import spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
 from node_agent.registry import JobRegistry
@@ -257,9 +260,11 @@ class Session:
     :meth:`cleanup` at the end (idempotent; kills sshd if alive, removes the directory)."""
 
     def __init__(self, session_id: str, directory: Path, proc: subprocess.Popen[bytes],
-                 host_key: str, user: str, job_id: str,
+                 host_key: str, user: str, job_id: str, layout: CgroupLayout,
                  job_view: JobViewDir | None = None) -> None:
         self.session_id = session_id
+        self.layout = layout
+        self.leaf = session_leaf(session_id)
         self.directory = directory
         self.job_view = job_view
         self.host_key = host_key
@@ -297,43 +302,21 @@ class Session:
     def wait(self, timeout: float | None = None) -> int:
         return self.proc.wait(timeout)
 
-    def _tree(self) -> list[int]:
-        """sshd and its descendants (its session children call setsid, so a process
-        group kill would miss them)."""
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-        out, todo = [], [self.pid]
-        while todo:
-            pid = todo.pop()
-            out.append(pid)
-            todo.extend(children.get(pid, []))
-        return out
-
     def kill(self) -> None:
-        """SIGKILL sshd and its descendants: stop them first, rescanning until no new
-        one appears (a stopped process cannot fork), then kill them all."""
-        if self.proc.poll() is not None:
-            return
-        stopped: set[int] = set()
-        for _ in range(20):
-            new = set(self._tree()) - stopped
-            if not new:
-                break
-            for pid in new:
-                _signal(pid, signal.SIGSTOP)
-            stopped |= new
-        for pid in stopped:
-            _signal(pid, signal.SIGKILL)
+        """SIGKILL sshd and everything the session started: all of it lives in the
+        session's own cgroup (``ssh-to-job/<session id>``), including processes that
+        left sshd's tree (setsid, double fork, nohup). The rest of the job is untouched."""
+        try:
+            self.layout.kill(self.job_id, timeout=10.0, leaf=self.leaf)
+        except (CgroupError, InvalidJobId) as e:
+            log.warning("job %s: ssh session %s: %s", self.job_id, self.session_id, e)
+        if self.proc.poll() is None:  # not in the cgroup after all (a failed start)
+            self.proc.kill()
         self.proc.wait()
+        try:
+            self.layout.remove(self.job_id, leaf=self.leaf)
+        except (CgroupError, InvalidJobId) as e:
+            log.debug("job %s: ssh session %s: %s", self.job_id, self.session_id, e)
 
     def cleanup(self) -> None:
         try:
@@ -388,11 +371,9 @@ class JobViewDir:
             os.close(fd)
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def session_leaf(session_id: str) -> str:
+    """The cgroup leaf (under the job) of one session: everything it starts stays there."""
+    return f"{SSH_LEAF}/{session_id}"
 
 
 class JobShellSessions:
@@ -472,7 +453,7 @@ class JobShellSessions:
                 sshd_env.update(LD_PRELOAD=self.nss_wrapper, NSS_WRAPPER_PASSWD=str(d / "passwd"),
                                 NSS_WRAPPER_GROUP=str(d / "group"))
             spec = {
-                "cgroup_procs": self._cgroup_procs(job_id),
+                "cgroup_procs": self._cgroup_procs(job_id, sid),
                 "namespaces": namespaces,
                 "uid": job.uid, "gid": job.gid, "groups": groups,
                 # resolved after setns: a job's own mount namespace has its own paths
@@ -495,11 +476,16 @@ class JobShellSessions:
                 for p in [d, *d.iterdir()]:
                     os.chown(p, job.uid, job.gid)
             proc = self._launch(spec, job_id)
-            session = Session(sid, d, proc, " ".join(host_key), user, job_id, job_view)
+            session = Session(sid, d, proc, " ".join(host_key), user, job_id,
+                              self.registry.layout, job_view)
         except BaseException:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            try:
+                self.registry.layout.remove(job_id, leaf=session_leaf(sid))
+            except (CgroupError, InvalidJobId):
+                pass
             shutil.rmtree(d, ignore_errors=True)
             if job_view is not None:
                 job_view.remove()
@@ -511,14 +497,10 @@ class JobShellSessions:
 
     def job_pids(self, job_id: str) -> list[int]:
         """The job's pids, main first, without the processes of ssh-to-job sessions."""
-        layout = self.registry.layout
-        sessions: set[int] = set()
-        for h in layout.hierarchies:
-            try:
-                text = (layout.leaf_path(h, job_id, SSH_LEAF) / "cgroup.procs").read_text()
-            except OSError:
-                continue
-            sessions.update(int(x) for x in text.split() if x.isdigit())
+        try:
+            sessions = self.registry.layout.procs(job_id, SSH_LEAF)
+        except OSError:
+            sessions = set()
         return [p for p in self.registry.pids(job_id) if p not in sessions]
 
     def _keygen(self, d: Path) -> None:
@@ -528,12 +510,13 @@ class JobShellSessions:
         if r.returncode != 0:
             raise JobStartFailed(f"ssh-keygen failed: {r.stderr.decode(errors='replace')}")
 
-    def _cgroup_procs(self, job_id: str) -> list[str]:
+    def _cgroup_procs(self, job_id: str, sid: str) -> list[str]:
         layout = self.registry.layout
         if not all(layout.job_path(h, job_id).is_dir() for h in layout.hierarchies):
             raise JobNotFound(job_id, self.node)   # ended meanwhile
-        layout.create_job(job_id, leaves=(SSH_LEAF,))   # idempotent; v1 cpuset-aware
-        return [str(layout.leaf_path(h, job_id, SSH_LEAF) / "cgroup.procs")
+        leaf = session_leaf(sid)
+        layout.create_job(job_id, leaves=(SSH_LEAF, leaf))   # idempotent; v1 cpuset-aware
+        return [str(layout.leaf_path(h, job_id, leaf) / "cgroup.procs")
                 for h in layout.hierarchies]
 
     def _launch(self, spec: dict[str, object], job_id: str) -> subprocess.Popen[bytes]:

@@ -8,7 +8,8 @@ node2 and node3, asks node2 "which job owns this connection?" with `adoptctl who
 logins: bob, who has no job on node2, is refused; alice's jobs ssh to node2 and each
 session lands in the job it came from; ending a job on node2 ends its ssh sessions.
 Then ssh-to-job: a command inside a running job (its directory, environment, pids and
-cgroup), from another node too, scp and rsync of its files, and bob refused. Finally the jobs end and nothing of them is left. Tears the lab down at the end (unless --keep),
+cgroup), from another node too, scp and rsync of its files, and bob refused. Finally
+the jobs end and nothing of them is left. Tears the lab down at the end (unless --keep),
 also after a failure. Every command is printed as it would be typed on the node.
 """
 

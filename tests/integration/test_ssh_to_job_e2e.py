@@ -1,16 +1,18 @@
 """ssh-to-job in the lab, as a user would use it (real sshd -i, real munged, real cgroups).
 
-More of issue 4 (interactive sessions under tmux, -auto-retry, 20 concurrent sessions,
-Ctrl-C clean-up, the benchmark) is still to come; these cover what is built.
+Interactive sessions and Ctrl-C run in a real terminal: a tmux server of the lab user's
+inside node1, driven with send-keys and read with capture-pane.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import shlex
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from tests.integration.helpers import adoptctl, process_alive
 pytestmark = pytest.mark.root
 
 JOB = "stj1"
+# The v2 line of a process in one of the job's sessions: each has a cgroup of its own.
+SESSION_CGROUP = re.compile(rf"0::/callerid/job_{JOB}/ssh-to-job/[0-9a-f]{{16}}")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def test_command_runs_inside_the_job(lab: Any, job: dict[str, Any]) -> None:
     assert lines[0] == "node1" and lines[1] == str(job["work"])
     env, pids = lines[2].rsplit("|", 1)[0], lines[2].rsplit("|", 1)[1].split()
     assert env == f"hello world|{JOB}" and pids[0] == str(job["main_pid"])
-    assert f"0::/callerid/job_{JOB}/ssh-to-job" in r.stdout
+    assert SESSION_CGROUP.search(r.stdout), r.stdout
     assert sessions_left(lab) == []
 
 
@@ -123,3 +127,159 @@ def test_job_end_kills_open_sessions(lab: Any, shared_dir: Path) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+class Tmux:
+    """A private tmux server of `user` in `node`; panes stay after their command exits
+    (remain-on-exit), so the last screen can still be read."""
+
+    def __init__(self, lab: Any, node: str, user: str, where: Path) -> None:
+        self.lab, self.node, self.user = lab, node, user
+        where.mkdir(mode=0o777, exist_ok=True)
+        where.chmod(0o777)
+        self.sock = str(where / "tmux.sock")
+        conf = where / "tmux.conf"
+        conf.write_text("set -g remain-on-exit on\nset -g history-limit 5000\n")
+        conf.chmod(0o644)
+        self.conf = str(conf)
+
+    def tmux(self, *argv: str, env: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+        result: subprocess.CompletedProcess[str] = self.lab.run(
+            self.node, ["tmux", "-f", self.conf, "-S", self.sock, *argv], user=self.user,
+            env=env)
+        return result
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.tmux("new-session", "-d", "-x", "160", "-y", "50", shlex.join(argv), env=env)
+
+    def keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "0", *keys)
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-J", "-t", "0", "-S", "-5000").stdout
+
+    def wait(self, what: Callable[[], Any], timeout: float = 30.0, why: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = what()
+            if got:
+                return got
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {why or what}; screen:\n{self.screen()}")
+
+    def kill(self) -> None:
+        self.lab.run(self.node, ["tmux", "-S", self.sock, "kill-server"], user=self.user,
+                     check=False)
+
+
+def job_pids(lab: Any, job_id: str) -> list[int]:
+    info = json.loads(adoptctl(lab, "node1", "job", "show", job_id, "--json").stdout)[0]
+    pids: list[int] = info["pids"]
+    return pids
+
+
+def test_interactive_session_in_a_terminal(lab: Any, job: dict[str, Any],
+                                           shared_dir: Path) -> None:
+    t = Tmux(lab, "node1", "alice", shared_dir / "tmux-interactive")
+    try:
+        t.start(["sh", "-c", '"$@"; echo "STATUS=$?"', "sh", lab.venv_bin("ssh-to-job"), JOB])
+        # Expressions whose output differs from the typed line: the echo of the command
+        # itself cannot match.
+        t.wait(lambda: "$" in t.screen() or "#" in t.screen(), why="a prompt")
+        t.keys('echo "C$((1+1))=$PWD"', "Enter")
+        t.keys('echo "E$((1+1))=$MYVAR|$CALLERID_JOB_ID|$CALLERID_JOB_PIDS"', "Enter")
+        t.keys('echo "G$((1+1))=$(cat /proc/self/cgroup | grep ^0::)"', "Enter")
+        t.keys('echo "T$((1+1))=$(tty)"', "Enter")
+        screen = t.wait(lambda: (lambda s: s if "T2=" in s else "")(t.screen()),
+                        why="the last answer")
+        assert f"C2={job['work']}" in screen
+        assert f"E2=hello world|{JOB}|{job['main_pid']}" in screen
+        assert SESSION_CGROUP.search(screen.split("G2=", 1)[1]), screen
+        assert "T2=/dev/pts/" in screen  # a real terminal on the far side
+        t.keys("exit", "Enter")
+        t.wait(lambda: "STATUS=" in t.screen(), why="ssh-to-job to end")
+        assert "STATUS=0" in t.screen(), t.screen()
+    finally:
+        t.kill()
+    t_end = time.monotonic() + 10
+    while sessions_left(lab) and time.monotonic() < t_end:
+        time.sleep(0.1)
+    assert sessions_left(lab) == []
+
+
+def test_ctrl_c_leaves_nothing_behind(lab: Any, job: dict[str, Any], shared_dir: Path) -> None:
+    tmp = shared_dir / "ctrlc-tmp"
+    tmp.mkdir(mode=0o777)
+    tmp.chmod(0o777)
+    t = Tmux(lab, "node1", "alice", shared_dir / "tmux-ctrlc")
+    try:
+        # The shell reports how ssh-to-job ended (exit 130, or killed by SIGINT: both 130
+        # in $?); its trap keeps it alive for that, and is reset in its children.
+        t.start(["sh", "-c", 'trap : INT; "$@"; echo "STATUS=$?"', "sh",
+                 lab.venv_bin("ssh-to-job"), JOB, "echo up; exec sleep 1000000"],
+                env={"TMPDIR": str(tmp)})
+        t.wait(lambda: "up" in t.screen().split(), why="the remote command")
+        assert len(job_pids(lab, JOB)) > 1 and sessions_left(lab) and list(tmp.iterdir())
+        t.keys("C-c")
+        t.wait(lambda: "STATUS=" in t.screen(), why="ssh-to-job to end")
+        assert "STATUS=130" in t.screen(), t.screen()
+    finally:
+        t.kill()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and (
+            job_pids(lab, JOB) != [job["main_pid"]] or sessions_left(lab)):
+        time.sleep(0.1)
+    assert job_pids(lab, JOB) == [job["main_pid"]]  # no sshd, no sleep left in the job
+    assert sessions_left(lab) == []  # no session directory on the node
+    assert list(tmp.iterdir()) == []  # no client temp directory
+
+
+def test_auto_retry_waits_for_a_job_that_starts_later(lab: Any) -> None:
+    p = lab.popen("node1", [lab.venv_bin("ssh-to-job"), "-auto-retry", "stj-late", "hostname"],
+                  user="alice", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(5)
+        assert p.poll() is None, p.communicate()
+        adoptctl(lab, "node1", "job", "run", "--id", "stj-late", "--user", "alice", "--",
+                 "/bin/sleep", "1000000")
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert out.strip() == "node1"
+        assert "waiting for job stj-late to start" in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        adoptctl(lab, "node1", "job", "end", "stj-late", check=False)
+
+
+def test_twenty_concurrent_sessions(lab: Any, job: dict[str, Any]) -> None:
+    remote = "echo session-{} $CALLERID_JOB_ID $$; grep ^0:: /proc/self/cgroup"
+    procs = [lab.popen("node1", [lab.venv_bin("ssh-to-job"), JOB, remote.format(i)],
+                       user="alice", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(20)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=180)
+            results.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    remote_pids, cgroups = set(), set()
+    for i, (rc, out, err) in enumerate(results):
+        assert rc == 0, (i, err)
+        first, cgroup = out.splitlines()
+        name, job_id, pid = first.split()
+        assert (name, job_id) == (f"session-{i}", JOB)
+        assert SESSION_CGROUP.fullmatch(cgroup), cgroup
+        remote_pids.add(pid)
+        cgroups.add(cgroup)
+    assert len(remote_pids) == len(cgroups) == 20  # twenty distinct sessions
+    deadline = time.monotonic() + 10
+    while sessions_left(lab) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sessions_left(lab) == []

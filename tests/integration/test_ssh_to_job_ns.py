@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -30,6 +31,11 @@ PRIVATE_TMP = "nsw-tmp"     # tmpfs over /run and /tmp: they go to the job's own
 OWN_NET = "nsw-net"         # own network namespace only
 SLEEP = "exec /bin/sleep 1000000"
 
+
+
+def session_cgroup(job_id: str) -> re.Pattern[str]:
+    """The v2 line of a process in one of the job's ssh-to-job sessions."""
+    return re.compile(rf"0::/callerid/job_{re.escape(job_id)}/ssh-to-job/[0-9a-f]{{16}}")
 
 def stj(lab: Any, *argv: str) -> subprocess.CompletedProcess[str]:
     result: subprocess.CompletedProcess[str] = lab.run(
@@ -99,7 +105,7 @@ def test_command_lands_in_the_jobs_cgroup_and_mount_namespace(
             "echo $CALLERID_JOB_ID; ls -A /run")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert f"0::/callerid/job_{PRIVATE_RUN}/ssh-to-job" in lines
+    assert any(session_cgroup(PRIVATE_RUN).fullmatch(line) for line in lines), lines
     assert ns_of(lab, private_run["main_pid"], "mnt") in lines
     assert lines[-2:] == [str(private_run["work"]), PRIVATE_RUN]   # ls: /run is empty
     assert leftovers(lab, PRIVATE_RUN, private_run["main_pid"]) == []
@@ -185,7 +191,7 @@ def test_job_with_its_own_network_namespace(lab: Any) -> None:
         assert r.returncode == 0, r.stderr
         lines = r.stdout.splitlines()
         assert lines[:2] == [ns_of(lab, pid, "net"), ns_of(lab, "self", "mnt")]
-        assert f"0::/callerid/job_{OWN_NET}/ssh-to-job" in lines
+        assert any(session_cgroup(OWN_NET).fullmatch(line) for line in lines), lines
         assert leftovers(lab, OWN_NET, pid) == []
     finally:
         adoptctl(lab, "node1", "job", "end", OWN_NET, check=False)

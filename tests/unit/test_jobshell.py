@@ -54,13 +54,49 @@ def shared_dir() -> Iterator[Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
+class LiveProcsLayout(CgroupLayout):
+    """The fake tree's cgroup.procs are plain files that keep the pids written into them;
+    the kernel's list only live members. (Nor do children follow their parent into the
+    fake files: killing a session's descendants through its cgroup is tested in the lab.)"""
+
+    @staticmethod
+    def _procs_in(top: Path) -> set[int]:
+        return {p for p in CgroupLayout._procs_in(top) if _alive(p)}
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_bytes()
+            except OSError:
+                continue
+            children.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(
+                int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[JobRegistry]:
     hier = (Hierarchy("freezer", 1, tmp_path / "cg" / "freezer"),
             Hierarchy("unified", 2, tmp_path / "cg" / "unified"))
     for h in hier:
         h.mountpoint.mkdir(parents=True)
-    reg = JobRegistry(tmp_path / "state", CgroupLayout(hier, "callerid"), node="n1")
+    reg = JobRegistry(tmp_path / "state", LiveProcsLayout(hier, "callerid"), node="n1")
     reg.start_watcher()
     yield reg
     for rec in reg.list_jobs():
@@ -348,7 +384,8 @@ def test_real_session_command_env_and_exit_status(registry: JobRegistry, shared_
         assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == ALICE.pw_uid  # type: ignore
         assert (d / "authorized_keys").read_text() == client.public_key()
         assert session.host_key.startswith("ssh-ed25519 ")
-        leaf = registry.layout.leaf_path(registry.layout.hierarchies[0], "j1", "ssh-to-job")
+        leaf = registry.layout.leaf_path(registry.layout.hierarchies[0], "j1",
+                                         f"ssh-to-job/{session.session_id}")
         assert str(session.pid) in (leaf / "cgroup.procs").read_text()
         r = client.run('echo hi; pwd; id -un; echo "$MY_VAR"; echo "$CALLERID_JOB_ID";'
                        ' echo "$CALLERID_JOB_PIDS"; exit 7')
@@ -416,17 +453,20 @@ def test_cleanup_kills_a_running_session_and_tolerates_a_dead_sshd(
     t = threading.Thread(target=lambda: result.append(client.run("sleep 300")), daemon=True)
     t.start()
     deadline = time.time() + 20
-    while time.time() < deadline and len(session._tree()) < 3:
+    while time.time() < deadline and len(_tree(session.pid)) < 3:
         time.sleep(0.1)
-    tree = session._tree()
-    assert len(tree) >= 3      # sshd, its session child, the shell
-    session.cleanup()
-    t.join(20)
-    assert not session.directory.exists()
-    for pid in tree:
-        assert not os.path.exists(f"/proc/{pid}") or \
-            Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
-    session.cleanup()          # idempotent
+    tree = _tree(session.pid)
+    try:
+        assert len(tree) >= 3      # sshd, its session child, the shell
+        session.cleanup()
+        t.join(20)
+        assert not session.directory.exists()
+        assert not _alive(session.pid)
+        session.cleanup()          # idempotent
+    finally:
+        for pid in tree:           # the rest dies with the session's cgroup on a real node
+            if _alive(pid):
+                os.kill(pid, 9)
 
 
 @pytest.mark.skipif(not REAL, reason="needs root, user alice, sshd and ssh")
