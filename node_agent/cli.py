@@ -24,9 +24,8 @@ from callerid import Endpoint
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.client import AgentClient, target_of
-from node_agent.errors import AuthError
+from node_agent.errors import AuthError, StartupError
 from node_agent.proto.v1 import agent_pb2 as pb
-from node_agent.server import StartupError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

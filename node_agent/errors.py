@@ -12,6 +12,10 @@ import grpc
 import callerid
 
 
+class StartupError(RuntimeError):
+    """The agent cannot start; the message says why and what to do."""
+
+
 class AgentError(Exception):
     """Base of the agent's errors; `code` is the gRPC status the client sees."""
 

@@ -29,6 +29,7 @@ from node_agent.admission import Admission, AdmissionServer
 from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator
 from node_agent.client import PeerPool
 from node_agent.config import AgentConfig
+from node_agent.errors import StartupError
 from node_agent.jobshell import JobShellSessions
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
 from node_agent.registry import JobRegistry
@@ -38,10 +39,6 @@ from node_agent.warmup import LoginWatch, MigrationWarmer
 log = logging.getLogger("node_agent")
 
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
-
-
-class StartupError(RuntimeError):
-    """The agent cannot start; the message says why and what to do."""
 
 
 def create_server(servicer: NodeAgentServicer, authenticator: Authenticator,

@@ -207,10 +207,14 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
 
     def _relay(self, session: JobShellSession,
                request_iterator: Iterator[pb.ShellFrame]) -> Iterator[pb.ShellFrame]:
+        counts = [0, 0, 0, 0]  # frames and bytes in, frames and bytes out
+
         def pump_in() -> None:
             try:
                 for frame in request_iterator:
                     if frame.data:
+                        counts[0] += 1
+                        counts[1] += len(frame.data)
                         session.write(frame.data)
                     if frame.eof:
                         break
@@ -229,11 +233,15 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
                 host_key=session.host_key, node=self.node, user=session.user,
                 session_id=session.session_id))
             for chunk in session:
+                counts[2] += 1
+                counts[3] += len(chunk)
                 yield pb.ShellFrame(data=chunk)
             yield pb.ShellFrame(eof=True)
         finally:
             session.cleanup()
-            log.info("ssh-to-job: session %s ended", session.session_id)
+            log.info("ssh-to-job: session %s ended (in: %d bytes in %d frames, out: %d bytes "
+                     "in %d frames)", session.session_id, counts[1], counts[0], counts[3],
+                     counts[2])
 
     @_serve
     def EndJob(self, request: pb.EndJobRequest,

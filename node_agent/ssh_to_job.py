@@ -1,12 +1,14 @@
 """`ssh-to-job`: an ssh session inside a running job, through the node agent (issue 4).
 
 The client side of DESIGN.md decision 7. No sshd ever listens: this CLI makes a key pair
-in a private temp directory (the private key never leaves it), and runs the user's ssh
-(or scp, sftp, rsync's ssh) with `ProxyCommand` pointing back at this module's `--proxy`
-mode. The proxy opens the agent's `OpenJobShell` stream with a MUNGE credential, sends
-the public key, receives the session's host key -- written into the private known_hosts
-before a single byte reaches ssh, so strict host key checking stays on -- and then relays
-bytes between ssh and the stream, with half-close.
+in a private temp directory (the private key never leaves it), opens the agent's
+`OpenJobShell` stream with a MUNGE credential and the public key (`Relay`), and at the
+same time runs the user's ssh (or scp, sftp, rsync's ssh). ssh's `ProxyCommand` is
+`fdpass.py`, which connects to this process's Unix socket in the temp directory and
+hands that connection to ssh (`ProxyUseFdpass`), so ssh talks to this process directly
+and one process relays between ssh and the stream, with half-close. The session's host
+key arrives in the stream's first frame and is written into the private known_hosts
+before a single byte reaches ssh, so strict host key checking stays on.
 
 The command line is built by one pure function, `build_command()` (ClusterShell's
 Worker/Ssh.py), so tests check it before anything runs. Exit status: the remote
@@ -16,12 +18,12 @@ command's (ssh's), 1 when the session could not be set up (one line
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,17 +38,20 @@ import grpc
 
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
-from node_agent.cli import _CATEGORIES, EXIT_FAILURE, CliError, UsageError, _cli
+from node_agent.cli import _CATEGORIES, CliError, UsageError, _cli
 from node_agent.client import AgentClient, target_of
 from node_agent.errors import AuthError
 from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.relaybuf import read_gathered
 
 PROG = "ssh-to-job"
-CHUNK = 64 * 1024
-# How long the proxy waits for the agent's `opened` frame (it makes a host key and starts
+CHUNK = 1 << 20  # large reads: bulk copies move in fewer, bigger frames
+# How long the relay waits for the agent's `opened` frame (it makes a host key and starts
 # sshd); the stream itself has no deadline, a session lasts as long as the user wants.
 OPEN_TIMEOUT = 30.0
 RETRY_INTERVAL = 2.0
+# After ssh exits, how long the agent may take to end the session before we cancel it.
+END_GRACE = 3.0
 
 USAGE = """\
 usage: ssh-to-job [options] JOBID [remote-command ...]
@@ -57,7 +62,7 @@ the node agent's gRPC stream. Options take one or two dashes (-name or --name).
 
 options:
   -help                 show this help and exit
-  -debug                verbose ssh (-v) and proxy messages
+  -debug                verbose ssh (-v) and relay messages
   -name NODE            ask this node's agent (default: the agents in the config,
                         else this node's)
   -ssh "PROG ARGS"      run PROG instead of ssh: scp, "scp -r", sftp, ...
@@ -256,7 +261,8 @@ def build_command(ssh: Sequence[str], *, key: str, known_hosts: str, job_id: str
            "-o", "ControlMaster=no",
            "-o", "ControlPath=none",
            "-o", f"User={user}",
-           "-o", f"ProxyCommand={proxy_cmd}"]
+           "-o", f"ProxyCommand={proxy_cmd}",
+           "-o", "ProxyUseFdpass=yes"]
     if debug:
         cmd.append("-v")
     if kind == "scp":
@@ -276,23 +282,13 @@ def build_command(ssh: Sequence[str], *, key: str, known_hosts: str, job_id: str
     return cmd
 
 
-def proxy_argv(*, target: str, job_id: str, tmp: str, shells: Sequence[str],
-               config: str = "", debug: bool = False, program: Sequence[str] | None = None,
-               ) -> list[str]:
-    """The ProxyCommand's argv: this module in --proxy mode, run by this interpreter."""
-    argv = list(program or (sys.executable, "-m", "node_agent.ssh_to_job"))
-    argv += ["--proxy", "--target", target, "--job", job_id,
-             "--pubkey", os.path.join(tmp, "key.pub"),
-             "--known-hosts", os.path.join(tmp, "known_hosts"),
-             "--alias", alias_of(job_id),
-             "--error-file", os.path.join(tmp, "error")]
-    if shells:
-        argv += ["--shells", ",".join(shells)]
-    if config:
-        argv += ["--config", config]
-    if debug:
-        argv.append("--debug")
-    return argv
+FDPASS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fdpass.py")
+
+
+def proxy_argv(sock: str, python: str | None = None) -> list[str]:
+    """The ProxyCommand's argv: node_agent/fdpass.py, which hands ssh a connection to
+    this process's socket (ProxyUseFdpass)."""
+    return [python or sys.executable, "-I", "-S", FDPASS, sock]
 
 
 # -- finding the job ----------------------------------------------------------------------
@@ -408,15 +404,17 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
     handlers = _Handlers()
     handlers.install()
     tmp = tempfile.mkdtemp(prefix="ssh-to-job.")  # mode 0700
+    relay: Relay | None = None
     try:
         keygen(tmp, args.keygen_options)
-        proxy = proxy_argv(target=where.target, job_id=args.job_id, tmp=tmp, shells=args.shells,
-                           config=getattr(cfg, "path", "") or args.config or "",
-                           debug=args.debug)
+        relay = Relay(target=where.target, job_id=args.job_id, tmp=tmp, shells=args.shells,
+                      auth=auth, err=err, debug=args.debug)
+        relay.start()  # the agent starts the session while ssh starts
         cmd = build_command(args.ssh, key=os.path.join(tmp, "key"),
                             known_hosts=os.path.join(tmp, "known_hosts"), job_id=args.job_id,
-                            user=where.job.user, proxy=proxy, remote=args.remote,
-                            debug=args.debug, x11=args.x11, extra=args.passthrough)
+                            user=where.job.user, proxy=proxy_argv(relay.sock_path),
+                            remote=args.remote, debug=args.debug, x11=args.x11,
+                            extra=args.passthrough)
         if args.debug:
             err.write(f"{PROG}: job {args.job_id} of {where.job.user} on {where.node} "
                       f"({where.target})\n{PROG}: {shlex.join(cmd)}\n")
@@ -424,87 +422,158 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
             rc = subprocess.run(cmd).returncode
         except FileNotFoundError:
             raise CliError("Cannot run", f"{args.ssh[0]}: not found") from None
+        # ssh is done: let the agent finish the session (it ends the stream once the
+        # session's processes and files are gone), so nothing is left when we return.
+        relay.close(grace=END_GRACE)
         if rc < 0:
             return 128 - rc
-        if rc == 255:
-            why = _read_error(os.path.join(tmp, "error"))
-            if why:
-                category, _, message = why.partition(": ")
-                raise CliError(category, message or category)
+        if rc == 255 and relay.error:
+            category, _, message = relay.error.partition(": ")
+            raise CliError(category, message or category)
         return rc
     except _Signalled as e:
         return 128 + e.signum
     finally:
+        if relay is not None:
+            relay.close()
         shutil.rmtree(tmp, ignore_errors=True)
         handlers.restore()
 
 
-def _read_error(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().strip().splitlines()
-    except OSError:
-        return ""
-    return lines[0] if lines else ""
+# -- the relay ----------------------------------------------------------------------------
 
+class _End:
+    """ssh's end of the relay: the socket ssh got from fdpass.py."""
 
-# -- proxy mode ---------------------------------------------------------------------------
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
 
-def _proxy_fail(error_file: str, err: TextIO, debug: bool, category: str, message: str,
-                ) -> int:
-    """Leave `Category: message` for the CLI, which prints it as its one line once ssh
-    has given up (ssh's own complaints about the closed connection come first)."""
-    line = f"{category}: {message}"
-    if error_file:
+    def read(self, n: int) -> bytes:
         try:
-            with open(error_file, "w", encoding="utf-8") as f:
-                f.write(line + "\n")
+            return read_gathered(self.sock.fileno(), n)
         except OSError:
-            error_file = ""
-    if debug or not error_file:
-        err.write(f"{PROG} proxy: {line}\n")
-    return EXIT_FAILURE
+            return b""
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+class Relay:
+    """Opens the agent's OpenJobShell stream and relays it to the one connection ssh makes
+    to `sock_path` (through fdpass.py), with half-close.
+
+    The session is opened as soon as `start` is called, in parallel with ssh's own start;
+    the session's host key is written to known_hosts before a single byte reaches ssh, so
+    strict host key checking stays on. When the session cannot be had, `error` holds
+    `Category: message` for the CLI's one line, and ssh's connection is closed.
+    """
+
+    def __init__(self, *, target: str, job_id: str, tmp: str, shells: Sequence[str],
+                 auth: Authenticator, err: TextIO, debug: bool = False,
+                 open_timeout: float = OPEN_TIMEOUT) -> None:
+        self.target, self.job_id, self.tmp = target, job_id, tmp
+        self.shells, self.auth, self.err, self.debug = list(shells), auth, err, debug
+        self.open_timeout = open_timeout
+        self.sock_path = os.path.join(tmp, "proxy.sock")
+        self.error = ""
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.sock_path)
+        self._listener.listen(1)
+        self._end: _End | None = None
+        self._thread: threading.Thread | None = None
+        self._call: Any = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> _End:
+        conn, _ = self._listener.accept()
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            conn.setsockopt(socket.SOL_SOCKET, opt, CHUNK)
+        self._end = _End(conn)
+        return self._end
+
+    def _run(self) -> None:
+        try:
+            self.error = relay(target=self.target, job_id=self.job_id,
+                               pubkey=os.path.join(self.tmp, "key.pub"),
+                               known_hosts=os.path.join(self.tmp, "known_hosts"),
+                               alias=alias_of(self.job_id), shells=self.shells,
+                               auth=self.auth, connect=self._accept, err=self.err,
+                               debug=self.debug, open_timeout=self.open_timeout,
+                               on_call=self._set_call)
+        except OSError:  # the listener closed under accept(): ssh never came
+            if not self._closing:
+                raise
+        finally:
+            self._listener.close()
+            if self._end is not None:
+                self._end.close()  # ssh sees the connection end (also on errors)
+
+    def _set_call(self, call: Any) -> None:
+        self._call = call
+        if self._closing:
+            call.cancel()
+
+    def close(self, grace: float = 0.0) -> None:
+        """End the session and the thread: wait up to `grace` seconds for the agent to end
+        the stream, then cancel it (the agent kills what is left of the session)."""
+        if self._thread is not None and grace > 0 and self._end is not None:
+            self._thread.join(grace)  # (if ssh never connected, there is nothing to end)
+        self._closing = True
+        if self._call is not None:
+            self._call.cancel()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+        except OSError:
+            pass
+        if self._thread is not None:
+            self._thread.join(5)
 
 
-def run_proxy(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str,
-              error_file: str, shells: Sequence[str], auth: Authenticator, stdin_fd: int,
-              stdout_fd: int, err: TextIO, debug: bool = False,
-              open_timeout: float = OPEN_TIMEOUT) -> int:
-    """Relay ssh's bytes (stdin_fd/stdout_fd) over OpenJobShell. Closes stdout_fd when the
-    agent's side ends (ssh sees EOF). Returns 0, or 1 after writing `Category: message`
-    to error_file."""
+def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str,
+          shells: Sequence[str], auth: Authenticator, connect: Callable[[], Any],
+          err: TextIO, debug: bool = False, open_timeout: float = OPEN_TIMEOUT,
+          on_call: Callable[[Any], None] = lambda call: None) -> str:
+    """Open the session and relay bytes between it and `connect()`'s end (read, write,
+    close_write), which is asked for once the session is open. Returns "" when the
+    session ran, else `Category: message`."""
 
-    def fail(category: str, message: str) -> int:
-        return _proxy_fail(error_file, err, debug, category, message)
+    def fail(category: str, message: str) -> str:
+        if debug:
+            err.write(f"{PROG}: {category}: {message}\n")
+        return f"{category}: {message}"
 
     try:
         with open(pubkey, encoding="ascii") as f:
             public_key = f.read().strip()
     except OSError as e:
         return fail("Key", f"cannot read {pubkey}: {e.strerror}")
-    opened = threading.Event()
+    ready = threading.Event()
     finished = threading.Event()
+    end: Any = None
 
     def requests() -> Iterator[pb.ShellFrame]:
         yield pb.ShellFrame(open=pb.ShellOpen(job_id=job_id, public_key=public_key,
                                               shells=list(shells),
                                               client=f"{os.uname().nodename} ssh-to-job"))
         # Nothing from ssh goes out before the session exists and its key is known.
-        while not opened.wait(0.5):
+        while not ready.wait(0.5):
             if finished.is_set():
                 return
         while True:
-            try:
-                chunk = os.read(stdin_fd, CHUNK)
-            except OSError:
-                chunk = b""
+            chunk = end.read(CHUNK)
             if not chunk:
                 yield pb.ShellFrame(eof=True)
                 return
@@ -512,10 +581,10 @@ def run_proxy(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias:
 
     client = AgentClient(target, auth)
     timed_out = threading.Event()
-    stdout_open = True
     try:
         # Typed as Any: the stubs type it as CallIterator, without next() or cancel().
         call: Any = client.stub.OpenJobShell(requests())
+        on_call(call)
 
         def on_timeout() -> None:
             timed_out.set()
@@ -541,54 +610,34 @@ def run_proxy(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias:
         with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(f"{alias} {host_key}\n")
         if debug:
-            err.write(f"{PROG} proxy: session {first.opened.session_id} on "
+            err.write(f"{PROG}: session {first.opened.session_id} on "
                       f"{first.opened.node} as {first.opened.user}\n")
-        opened.set()
+        end = connect()
+        ready.set()
         for frame in call:
-            if frame.data and stdout_open:
+            if frame.data:
                 try:
-                    _write_all(stdout_fd, frame.data)
-                except BrokenPipeError:  # ssh went away; end the session
+                    end.write(frame.data)
+                except OSError:  # ssh went away; end the session
                     call.cancel()
-                    return 0
-            if frame.eof and stdout_open:
-                os.close(stdout_fd)
-                stdout_open = False
-        return 0
+                    return ""
+            if frame.eof:
+                end.close_write()
+        return ""
     except AuthError as e:  # raised by CredentialPlugin when munged cannot encode
         return fail("MUNGE", str(e))
     except grpc.RpcError as e:
         code = e.code()
         if timed_out.is_set():
             return fail("Timeout", f"no session from {target} within {open_timeout:g} s")
+        if code == grpc.StatusCode.CANCELLED and end is not None:
+            return ""  # we ended it (ssh is done, or Ctrl-C)
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return fail("Not supported", f"the agent at {target} has no ssh-to-job")
         return fail(_CATEGORIES.get(code, "Error"), e.details() or code.name)
     finally:
         finished.set()
-        if stdout_open:
-            try:
-                os.close(stdout_fd)
-            except OSError:
-                pass
         client.close()
-
-
-def _proxy_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"{PROG} --proxy", description="internal: ssh's "
-                                "ProxyCommand, relays the session over the agent's stream")
-    p.add_argument("--proxy", action="store_true", required=True)
-    p.add_argument("--target", required=True)
-    p.add_argument("--job", required=True)
-    p.add_argument("--pubkey", required=True)
-    p.add_argument("--known-hosts", required=True)
-    p.add_argument("--alias", required=True)
-    p.add_argument("--error-file", default="")
-    p.add_argument("--shells", default="")
-    p.add_argument("--config")
-    p.add_argument("--debug", action="store_true")
-    p.add_argument("--open-timeout", type=float, default=OPEN_TIMEOUT)
-    return p
 
 
 # -- entry point --------------------------------------------------------------------------
@@ -599,37 +648,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     argv = list(sys.argv[1:] if argv is None else argv)
     out = out or sys.stdout
     err = err or sys.stderr
-    if argv[:1] == ["--proxy"]:
-        try:
-            pa = _proxy_parser().parse_args(argv)
-        except SystemExit as e:
-            return int(e.code or 0)
-
-        def proxy_body() -> int:
-            auth = authenticator
-            if auth is None:
-                try:
-                    cfg = config_mod.find(pa.config)
-                    auth = MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
-                except config_mod.ConfigError as e:
-                    return _proxy_fail(pa.error_file, err, pa.debug, "Configuration", str(e))
-                except AuthError as e:
-                    return _proxy_fail(pa.error_file, err, pa.debug, "MUNGE", str(e))
-            # Relay on a duplicate of fd 1 and point fd 1 at /dev/null: closing the duplicate
-            # is then the last close of ssh's pipe (ssh sees EOF), and the interpreter's
-            # own flush and close of sys.stdout at exit stay harmless.
-            stdout_fd = os.dup(sys.stdout.fileno())
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-            return run_proxy(target=pa.target, job_id=pa.job, pubkey=pa.pubkey,
-                             known_hosts=pa.known_hosts, alias=pa.alias,
-                             error_file=pa.error_file,
-                             shells=[s for s in pa.shells.split(",") if s], auth=auth,
-                             stdin_fd=sys.stdin.fileno(), stdout_fd=stdout_fd,
-                             err=err, debug=pa.debug, open_timeout=pa.open_timeout)
-
-        return _cli(f"{PROG} proxy", proxy_body, err)
 
     def body() -> int:
         args = parse_args(argv)
@@ -643,5 +661,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     return _cli(PROG, body, err)
 
 
+def entry() -> None:
+    """The console script: skips the interpreter's slow teardown (gRPC's threads) once
+    everything is flushed."""
+    rc = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

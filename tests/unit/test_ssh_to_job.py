@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -35,7 +36,7 @@ from tests.unit.fakes import FakeAuthenticator
 
 ALICE = 1001
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeHostKeyForTests"
-PROXY = ["/py", "-m", "node_agent.ssh_to_job", "--proxy", "--target", "unix:/a 100%"]
+PROXY = ["/py", "-I", "-S", "/x/fdpass.py", "/t 100%/proxy.sock"]
 ALIAS = "job-42.ssh-to-job"
 
 
@@ -127,8 +128,8 @@ def test_ssh_command_keeps_host_checking_strict() -> None:
     assert o["BatchMode"] == "yes"
     assert o["User"] == "alice"
     # Quoted for /bin/sh, '%' escaped for ssh's token expansion.
-    assert o["ProxyCommand"] == ("/py -m node_agent.ssh_to_job --proxy --target "
-                                 "'unix:/a 100%%'")
+    assert o["ProxyCommand"] == "/py -I -S /x/fdpass.py '/t 100%%/proxy.sock'"
+    assert o["ProxyUseFdpass"] == "yes"
     assert cmd[0] == "ssh" and cmd[1:3] == ["-F", "/dev/null"]
     assert cmd[cmd.index("-i") + 1] == "/t/key"
     assert cmd[-3:] == [ALIAS, "--", "hostname"]
@@ -208,18 +209,14 @@ def test_openssh_accepts_the_options() -> None:
     assert conf["userknownhostsfile"] == "/t/known_hosts"
     assert conf["batchmode"] == "yes"
     assert conf["identitiesonly"] == "yes"
-    assert conf["proxycommand"].startswith("/py -m node_agent.ssh_to_job --proxy")
+    assert conf["proxycommand"].startswith("/py -I -S /x/fdpass.py")
+    assert conf["proxyusefdpass"] == "yes"
 
 
-def test_proxy_argv_round_trips_through_the_proxy_parser() -> None:
-    argv = stj.proxy_argv(target="ipv4:10.0.0.2:7011", job_id="42", tmp="/t",
-                          shells=("bash", "sh"), config="/c.toml", debug=True,
-                          program=("ssh-to-job",))
-    pa = stj._proxy_parser().parse_args(argv[1:])
-    assert (pa.target, pa.job, pa.pubkey, pa.known_hosts, pa.alias, pa.error_file,
-            pa.shells, pa.config, pa.debug) == (
-        "ipv4:10.0.0.2:7011", "42", "/t/key.pub", "/t/known_hosts", ALIAS, "/t/error",
-        "bash,sh", "/c.toml", True)
+def test_proxy_argv_is_fdpass_without_site() -> None:
+    argv = stj.proxy_argv("/t/proxy.sock", python="/usr/bin/python3")
+    assert argv == ["/usr/bin/python3", "-I", "-S", stj.FDPASS, "/t/proxy.sock"]
+    assert os.path.exists(stj.FDPASS)
 
 
 # -- a fake agent -------------------------------------------------------------------------
@@ -372,12 +369,26 @@ def session(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         state["mode"] = os.stat(tmp).st_mode & 0o777
         state["files"] = sorted(os.listdir(tmp))
         if state["error_line"]:
-            Path(tmp, "error").write_text(state["error_line"] + "\n")
+            state["relay"].error = state["error_line"]
         if state["raise"]:
             raise state["raise"]
         return subprocess.CompletedProcess(cmd, state["rc"])
 
+    class FakeRelay:
+        def __init__(self, **kw: Any) -> None:
+            self.sock_path = os.path.join(kw["tmp"], "proxy.sock")
+            self.error = ""
+            state["relay"] = self
+
+        def start(self) -> None:
+            state["started"] = True
+
+        def close(self, grace: float = 0.0) -> None:
+            state["closed"] = True
+            state.setdefault("graces", []).append(grace)
+
     monkeypatch.setattr("node_agent.ssh_to_job.subprocess.run", fake_run)
+    monkeypatch.setattr(stj, "Relay", FakeRelay)
     return state
 
 
@@ -392,7 +403,9 @@ def test_session_exit_status_and_temp_dir_removed(session: dict[str, Any]) -> No
     assert session["files"] == ["key", "key.pub"]
     assert session["cmd"][-3:] == [ALIAS, "--", "exit 7"]
     assert opts(session["cmd"])["User"] == "alice"
-    assert f"--pubkey {session['tmp']}/key.pub" in opts(session["cmd"])["ProxyCommand"]
+    assert f"{session['tmp']}/proxy.sock" in opts(session["cmd"])["ProxyCommand"]
+    assert session["started"] and session["closed"]
+    assert session["graces"][0] > 0  # after ssh, the agent may end the session first
     assert not os.path.exists(session["tmp"])
 
 
@@ -401,6 +414,7 @@ def test_temp_dir_removed_on_ctrl_c(session: dict[str, Any]) -> None:
     session["raise"] = KeyboardInterrupt()
     assert stj.main(["42"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 130
     assert session["tmp"] and not os.path.exists(session["tmp"])
+    assert session["graces"] == [0.0]  # Ctrl-C: the session is cancelled at once
 
 
 @needs_keygen
@@ -441,39 +455,68 @@ def test_keygen_failure_is_clear(session: dict[str, Any]) -> None:
     assert err.getvalue().startswith("ssh-to-job: Key generation: ")
 
 
-# -- the proxy ----------------------------------------------------------------------------
+# -- the relay ----------------------------------------------------------------------------
+
+class PipeEnd:
+    """ssh's end of the relay, over two pipes: what ssh writes (in_w) and reads (out_r)."""
+
+    def __init__(self) -> None:
+        self.in_r, self.in_w = os.pipe()
+        self.out_r, self.out_w = os.pipe()
+        self.connected = threading.Event()
+
+    def read(self, n: int) -> bytes:
+        return os.read(self.in_r, n)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.out_w, view):]
+
+    def close_write(self) -> None:
+        os.close(self.out_w)
+        self.out_w = -1
+
 
 @dataclass
-class Proxy:
-    tmp: Path
-    stdin_w: int
-    stdout_r: int
+class RelayRun:
+    end: PipeEnd
     err: io.StringIO
     thread: threading.Thread
-    result: list[int]
+    result: list[str]
+
+    def finish(self, timeout: float = 10.0) -> str:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive()
+        for fd in (self.end.in_r, self.end.in_w, self.end.out_r, self.end.out_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        return self.result[0]
 
 
-def start_proxy(target: str, auth: FakeAuthenticator, tmp: Path,
-                open_timeout: float = 5.0) -> Proxy:
+def start_relay(target: str, auth: FakeAuthenticator, tmp: Path,
+                open_timeout: float = 5.0) -> RelayRun:
     (tmp / "key.pub").write_text("ssh-ed25519 AAAAclientkey ssh-to-job\n")
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
+    end = PipeEnd()
     err = io.StringIO()
-    result: list[int] = []
+    result: list[str] = []
+
+    def connect() -> PipeEnd:
+        end.connected.set()
+        return end
 
     def run() -> None:
-        try:
-            result.append(stj.run_proxy(
-                target=target, job_id="42", pubkey=str(tmp / "key.pub"),
-                known_hosts=str(tmp / "known_hosts"), alias=ALIAS,
-                error_file=str(tmp / "error"), shells=["bash", "sh"], auth=auth,
-                stdin_fd=in_r, stdout_fd=out_w, err=err, open_timeout=open_timeout))
-        finally:
-            os.close(in_r)
+        result.append(stj.relay(
+            target=target, job_id="42", pubkey=str(tmp / "key.pub"),
+            known_hosts=str(tmp / "known_hosts"), alias=ALIAS, shells=["bash", "sh"],
+            auth=auth, connect=connect, err=err, open_timeout=open_timeout))
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    return Proxy(tmp, in_w, out_r, err, t, result)
+    return RelayRun(end, err, t, result)
 
 
 def read_all(fd: int) -> bytes:
@@ -483,36 +526,34 @@ def read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def test_proxy_relay_round_trip_with_half_close(
+def test_relay_round_trip_with_half_close(
         fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path) -> None:
     servicer, target, auth = fake_agent
-    p = start_proxy(target, auth.as_uid(ALICE), tmp_path)
+    r = start_relay(target, auth.as_uid(ALICE), tmp_path)
     # The first byte ssh sees: known_hosts must already hold the session's key.
-    first = os.read(p.stdout_r, 1)
+    first = os.read(r.end.out_r, 1)
     assert first == b"S"
     assert (tmp_path / "known_hosts").read_text() == f"{ALIAS} {HOST_KEY}\n"
     assert (tmp_path / "known_hosts").stat().st_mode & 0o777 == 0o600
-    payload = os.urandom(300 * 1024)  # several 64 KiB frames
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # several 1 MiB frames
 
     def write() -> None:
         view = memoryview(payload)
         while view:
-            view = view[os.write(p.stdin_w, view[:8192]):]
-        os.close(p.stdin_w)  # half-close: ssh's side is done, the echo keeps coming
+            view = view[os.write(r.end.in_w, view[:65536]):]
+        os.close(r.end.in_w)  # half-close: ssh's side is done, the echo keeps coming
+        r.end.in_w = -1
 
     w = threading.Thread(target=write)
     w.start()
-    got = read_all(p.stdout_r)  # ends when the agent's eof closes our stdout
+    got = read_all(r.end.out_r)  # ends when the agent's eof half-closes our side
     w.join(5)
-    p.thread.join(5)
-    os.close(p.stdout_r)
+    assert r.finish() == ""
     assert got == servicer.banner[1:] + payload
-    assert p.result == [0]
     uid, opened = servicer.opens[0]
     assert uid == ALICE
     assert (opened.job_id, opened.public_key, list(opened.shells)) == (
         "42", "ssh-ed25519 AAAAclientkey ssh-to-job", ["bash", "sh"])
-    assert not (tmp_path / "error").exists()
 
 
 @pytest.mark.parametrize(("refuse", "line"), [
@@ -520,21 +561,17 @@ def test_proxy_relay_round_trip_with_half_close(
      "Permission denied: job 42 is not yours"),
     ((grpc.StatusCode.NOT_FOUND, "no job 42"), "Not found: no job 42"),
 ])
-def test_proxy_refused(fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path,
+def test_relay_refused(fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path,
                        refuse: tuple[grpc.StatusCode, str], line: str) -> None:
     servicer, target, auth = fake_agent
     servicer.refuse = refuse
-    p = start_proxy(target, auth.as_uid(1002), tmp_path)
-    assert read_all(p.stdout_r) == b""
-    p.thread.join(5)
-    os.close(p.stdout_r)
-    os.close(p.stdin_w)
-    assert p.result == [1]
-    assert (tmp_path / "error").read_text() == line + "\n"
+    r = start_relay(target, auth.as_uid(1002), tmp_path)
+    assert r.finish() == line
+    assert not r.end.connected.is_set()  # ssh's connection was never taken
     assert not (tmp_path / "known_hosts").exists()
 
 
-def test_proxy_unimplemented_agent(tmp_path: Path) -> None:
+def test_relay_unimplemented_agent(tmp_path: Path) -> None:
     auth = FakeAuthenticator()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
                          interceptors=[AuthInterceptor(auth)])
@@ -543,35 +580,24 @@ def test_proxy_unimplemented_agent(tmp_path: Path) -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        p = start_proxy(f"ipv4:127.0.0.1:{port}", auth, tmp_path)
-        p.thread.join(5)
+        r = start_relay(f"ipv4:127.0.0.1:{port}", auth, tmp_path)
+        line = r.finish()
     finally:
         server.stop(0)
-    os.close(p.stdout_r)
-    os.close(p.stdin_w)
-    assert p.result == [1]
-    assert (tmp_path / "error").read_text().startswith("Not supported: ")
+    assert line.startswith("Not supported: ")
 
 
-def test_proxy_open_deadline(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
+def test_relay_open_deadline(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
                              tmp_path: Path) -> None:
     servicer, target, auth = fake_agent
     servicer.open_delay = 2.0
-    p = start_proxy(target, auth, tmp_path, open_timeout=0.3)
-    p.thread.join(5)
-    os.close(p.stdout_r)
-    os.close(p.stdin_w)
-    assert p.result == [1]
-    assert (tmp_path / "error").read_text().startswith("Timeout: no session from ")
+    r = start_relay(target, auth, tmp_path, open_timeout=0.3)
+    assert r.finish().startswith("Timeout: no session from ")
 
 
-def test_proxy_unreachable_agent(tmp_path: Path) -> None:
-    p = start_proxy("unix:/nonexistent/agent.sock", FakeAuthenticator(), tmp_path)
-    p.thread.join(10)
-    os.close(p.stdout_r)
-    os.close(p.stdin_w)
-    assert p.result == [1]
-    assert (tmp_path / "error").read_text().startswith("Agent unreachable: ")
+def test_relay_unreachable_agent(tmp_path: Path) -> None:
+    r = start_relay("unix:/nonexistent/agent.sock", FakeAuthenticator(), tmp_path)
+    assert r.finish().startswith("Agent unreachable: ")
 
 
 class BrokenMunge(FakeAuthenticator):
@@ -579,14 +605,44 @@ class BrokenMunge(FakeAuthenticator):
         raise AuthError("munged is not reachable at /run/munge/munge.socket.2")
 
 
-def test_proxy_munge_failure(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
+def test_relay_munge_failure(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
                              tmp_path: Path) -> None:
     _servicer, target, _auth = fake_agent
-    p = start_proxy(target, BrokenMunge(), tmp_path)
-    p.thread.join(5)
-    os.close(p.stdout_r)
-    os.close(p.stdin_w)
-    assert p.result == [1]
-    assert (tmp_path / "error").read_text() == (
-        "MUNGE: munged is not reachable at /run/munge/munge.socket.2\n")
-    assert p.err.getvalue() == ""  # the CLI prints it, once
+    r = start_relay(target, BrokenMunge(), tmp_path)
+    assert r.finish() == "MUNGE: munged is not reachable at /run/munge/munge.socket.2"
+    assert r.err.getvalue() == ""  # the CLI prints it, once
+
+
+@needs_keygen
+def test_relay_class_hands_ssh_a_socket_through_fdpass(
+        fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path) -> None:
+    """The real Relay and fdpass.py: what ssh would get is a connected socket that carries
+    the session's bytes both ways."""
+    servicer, target, auth = fake_agent
+    tmp = tmp_path / "t"
+    tmp.mkdir(mode=0o700)
+    stj.keygen(str(tmp), [])
+    relay = stj.Relay(target=target, job_id="42", tmp=str(tmp), shells=[],
+                      auth=auth.as_uid(ALICE), err=io.StringIO())
+    relay.start()
+    ssh_side, helper_side = socket.socketpair()
+    try:
+        helper = subprocess.run(stj.proxy_argv(relay.sock_path), stdout=helper_side,
+                                timeout=30)
+        assert helper.returncode == 0
+        _, fds, _, _ = socket.recv_fds(ssh_side, 1, 1)
+        conn = socket.socket(fileno=fds[0])
+        assert conn.recv(1) == b"S"  # the banner's first byte, after known_hosts is written
+        assert (tmp / "known_hosts").read_text() == f"{ALIAS} {HOST_KEY}\n"
+        conn.sendall(b"ping")
+        conn.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+        assert data == servicer.banner[1:] + b"ping"
+        conn.close()
+    finally:
+        relay.close()
+        ssh_side.close()
+        helper_side.close()
+    assert relay.error == ""
