@@ -6,7 +6,7 @@ VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 LAB     := $(PY) deploy/lab/lab.py
 
-.PHONY: all deps venv proto lint typecheck unit integration test demo lab-up lab-down clean bench
+.PHONY: all deps venv proto lint typecheck unit integration test demo lab-up lab-down clean bench bench-all
 
 all: venv
 
@@ -55,6 +55,11 @@ lab-down:
 
 bench: deps venv
 	$(VPY) tests/benchmarks/bench_callerid.py
+
+# All three benchmarks, one after the other (about 5 minutes).
+bench-all: bench
+	$(VPY) tests/benchmarks/bench_logins.py --rounds 100
+	$(VPY) tests/benchmarks/bench_ssh_to_job.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
