@@ -35,8 +35,8 @@ is compared by SHA-256; a copy is removed before the next one starts. Target: ss
 scp >= 60% of scp's MiB/s (ratio of medians).
 
 Between the two, "where the time goes": a few probes timed the same way (--probes runs
-each, median): the interpreter start, the import every ssh-to-job process pays (the CLI
-and its proxy each), ssh-keygen, the agent's launcher interpreter on node2, and both logins with the
+each, median): the interpreter start, the import the ssh-to-job process pays,
+ssh-keygen, the agent's launcher interpreter on node2, and both logins with the
 classic curve25519 key exchange instead of OpenSSH 9's default sntrup761x25519 (the
 difference is what the post-quantum KEX costs each login, in both variants). Each copy
 also records the CPU time its nodes used (cpuacct of the lab's node cgroups, read only).
@@ -198,7 +198,7 @@ def main() -> int:
     classic = "KexAlgorithms=curve25519-sha256"
     probes: dict[str, tuple[str, list[str]]] = {
         "venv python start (python -c pass)": ("node1", [py, "-c", "pass"]),
-        "import node_agent.ssh_to_job + exit (CLI, proxy: each)": (
+        "import node_agent.ssh_to_job + exit (the CLI)": (
             "node1", [py, "-c", "import node_agent.ssh_to_job"]),
         "ssh-keygen -t ed25519 (the client's session key)": (
             "node1", ["sh", "-c", 'k=$(mktemp -u); ssh-keygen -q -t ed25519 -N "" -f "$k" '
