@@ -279,6 +279,13 @@ class CgroupLayout:
                 except OSError as exc:
                     raise CgroupError(f"cannot set {own}: {exc.strerror}", own, cause=exc) from exc
 
+    def _mkdir_leaf(self, h: Hierarchy, job: Path, leaf: str) -> None:
+        """Create a (possibly nested) leaf one level at a time (v1 cpuset-aware)."""
+        path = job
+        for part in leaf.split("/"):
+            path = path / part
+            self._mkdir(h, path)
+
     def _enable_controllers(self, path: Path, check_available: bool) -> None:
         """Enable ``v2_controllers`` for the children of *path* (idempotent)."""
         if not self.v2_controllers:
@@ -338,10 +345,7 @@ class CgroupLayout:
             if h.version == 2:
                 self._enable_controllers(job, check_available=False)
             for leaf in leaf_names:
-                path = job
-                for part in leaf.split("/"):
-                    path = path / part
-                    self._mkdir(h, path)
+                self._mkdir_leaf(h, job, leaf)
 
     def attach(self, job_id: str, pid: int, leaf: str = "main") -> None:
         """Move *pid* into the job's *leaf* in every hierarchy (the leaf is created if
@@ -355,10 +359,7 @@ class CgroupLayout:
             if not target.is_dir():
                 if not job.is_dir():
                     raise CgroupError(f"job {job_id} has no cgroup in {h}", job)
-                path = job
-                for part in leaf.split("/"):
-                    path = path / part
-                    self._mkdir(h, path)
+                self._mkdir_leaf(h, job, leaf)
             procs = target / "cgroup.procs"
             try:
                 _write(procs, f"{pid}\n")
