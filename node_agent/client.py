@@ -11,11 +11,13 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 
+from node_agent import shellwire
 from node_agent.auth import Authenticator, CredentialPlugin
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
@@ -101,6 +103,15 @@ class AgentClient:
     def attach(self, job_id: str, pid: int) -> pb.Job:
         return self.stub.AttachToJob(pb.AttachToJobRequest(job_id=job_id, pid=pid),
                                      timeout=self.timeout).job
+
+    def open_job_shell(self, frames: Iterator[pb.ShellFrame | bytes]) -> Any:
+        """The OpenJobShell stream, with node_agent/shellwire.py's (de)serializers: data
+        frames go out pre-encoded and come back as memoryviews. Returns the call: an
+        iterator of frames that can also be cancelled."""
+        method = self._channel.stream_stream(
+            shellwire.METHOD, request_serializer=shellwire.serialize,
+            response_deserializer=shellwire.parse)
+        return method(frames)
 
     def end_job(self, job_id: str, timeout: float = 10.0) -> pb.EndJobReply:
         return self.stub.EndJob(pb.EndJobRequest(job_id=job_id, timeout=timeout),

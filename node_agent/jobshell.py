@@ -279,7 +279,7 @@ class Session:
         self._stdin = proc.stdin
         self._stdout = proc.stdout
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Send bytes to sshd's stdin; BrokenPipeError when sshd is gone."""
         view = memoryview(data)
         fd = self._stdin.fileno()
@@ -292,15 +292,15 @@ class Session:
         if not self._stdin.closed:
             self._stdin.close()
 
-    def read(self, n: int = PIPE_SIZE) -> bytes:
-        """Up to *n* bytes of sshd's output; b"" at EOF."""
+    def read(self, n: int = PIPE_SIZE) -> list[bytes]:
+        """Up to *n* bytes of sshd's output, in the pieces read (relaybuf); [] at EOF."""
         if self._stdout.closed:
-            return b""
+            return []
         return read_gathered(self._stdout.fileno(), n)
 
-    def __iter__(self) -> Iterator[bytes]:
-        while chunk := self.read():
-            yield chunk
+    def __iter__(self) -> Iterator[list[bytes]]:
+        while parts := self.read():
+            yield parts
 
     def wait(self, timeout: float | None = None) -> int:
         return self.proc.wait(timeout)

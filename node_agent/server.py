@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from callerid import CgroupLayout, Resolver
-from node_agent import metrics
+from node_agent import metrics, shellwire
 from node_agent.admission import Admission, AdmissionServer
 from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator
 from node_agent.client import PeerPool
@@ -51,7 +51,16 @@ def create_server(servicer: NodeAgentServicer, authenticator: Authenticator,
         interceptors=[metrics.MetricsInterceptor(), AuthInterceptor(authenticator)],
         options=[("grpc.so_reuseport", 0)],
     )
+    # OpenJobShell's frames go through shellwire's (de)serializers, not the generated
+    # ones: the same bytes on the wire, without protobuf's copies of the ssh stream. The
+    # generated registration adds a generic handler (asked in order: ours goes first) and
+    # a registered one (a dict: ours goes after).
+    shell = {"OpenJobShell": grpc.stream_stream_rpc_method_handler(
+        servicer.OpenJobShell, request_deserializer=shellwire.parse,
+        response_serializer=shellwire.serialize)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, shell),))
     agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, server)
+    server.add_registered_method_handlers(SERVICE_NAME, shell)  # type: ignore[attr-defined]
     health_servicer = health.HealthServicer()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -20,7 +20,7 @@ import grpc
 
 import callerid
 from callerid import Connection, Endpoint, Resolution, Resolver
-from node_agent import metrics
+from node_agent import metrics, shellwire
 from node_agent.auth import Identity, current_identity
 from node_agent.errors import InvalidRequest, PermissionDenied, status_for
 from node_agent.jobshell import JobShellSessions
@@ -173,10 +173,12 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         rec = self.registry.attach(request.job_id, request.pid)
         return pb.AttachToJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
 
-    def OpenJobShell(self, request_iterator: Iterator[pb.ShellFrame],
-                     context: grpc.ServicerContext) -> Iterator[pb.ShellFrame]:
+    def OpenJobShell(  # type: ignore[override]  # shellwire frames, not only ShellFrame
+            self, request_iterator: Iterator[shellwire.Frame],
+            context: grpc.ServicerContext) -> Iterator[pb.ShellFrame | bytes]:
         """ssh-to-job: the first frame opens a session (node_agent/jobshell.py); then the
-        ssh byte stream flows both ways until sshd exits or the client goes away."""
+        ssh byte stream flows both ways until sshd exits or the client goes away. Frames
+        are (de)serialized by node_agent/shellwire.py (see `register`)."""
         ident = current_identity()
         if self.shells is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -185,7 +187,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             first = next(request_iterator)
         except StopIteration:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send `open` first")
-        if first.WhichOneof("kind") != "open":
+        if isinstance(first, memoryview) or first.WhichOneof("kind") != "open":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be `open`")
         req = first.open
         try:
@@ -206,17 +208,19 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         return self._relay(session, request_iterator)
 
     def _relay(self, session: JobShellSession,
-               request_iterator: Iterator[pb.ShellFrame]) -> Iterator[pb.ShellFrame]:
+               request_iterator: Iterator[shellwire.Frame]) -> Iterator[pb.ShellFrame | bytes]:
         counts = [0, 0, 0, 0]  # frames and bytes in, frames and bytes out
 
         def pump_in() -> None:
             try:
                 for frame in request_iterator:
-                    if frame.data:
+                    # Data frames come as a memoryview of the payload (shellwire.parse).
+                    data = frame if isinstance(frame, memoryview) else frame.data
+                    if data:
                         counts[0] += 1
-                        counts[1] += len(frame.data)
-                        session.write(frame.data)
-                    if frame.eof:
+                        counts[1] += len(data)
+                        session.write(data)
+                    if not isinstance(frame, memoryview) and frame.eof:
                         break
             except Exception:  # the call ended (cancelled, or sshd went away)
                 pass
@@ -232,10 +236,10 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             yield pb.ShellFrame(opened=pb.ShellOpened(
                 host_key=session.host_key, node=self.node, user=session.user,
                 session_id=session.session_id))
-            for chunk in session:
+            for parts in session:
                 counts[2] += 1
-                counts[3] += len(chunk)
-                yield pb.ShellFrame(data=chunk)
+                counts[3] += sum(len(p) for p in parts)
+                yield shellwire.data_frame(parts)
             yield pb.ShellFrame(eof=True)
         finally:
             session.cleanup()

@@ -37,6 +37,7 @@ from typing import Any, TextIO
 import grpc
 
 from node_agent import config as config_mod
+from node_agent import shellwire
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.cli import _CATEGORIES, CliError, UsageError, _cli
 from node_agent.client import AgentClient, target_of
@@ -448,13 +449,13 @@ class _End:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> list[bytes]:
         try:
             return read_gathered(self.sock.fileno(), n)
         except OSError:
-            return b""
+            return []
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.sock.sendall(data)
 
     def close_write(self) -> None:
@@ -564,7 +565,7 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
     finished = threading.Event()
     end: Any = None
 
-    def requests() -> Iterator[pb.ShellFrame]:
+    def requests() -> Iterator[pb.ShellFrame | bytes]:
         yield pb.ShellFrame(open=pb.ShellOpen(job_id=job_id, public_key=public_key,
                                               shells=list(shells),
                                               client=f"{os.uname().nodename} ssh-to-job"))
@@ -573,17 +574,17 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
             if finished.is_set():
                 return
         while True:
-            chunk = end.read(CHUNK)
-            if not chunk:
+            parts = end.read(CHUNK)
+            if not parts:
                 yield pb.ShellFrame(eof=True)
                 return
-            yield pb.ShellFrame(data=chunk)
+            yield shellwire.data_frame(parts)
 
     client = AgentClient(target, auth)
     timed_out = threading.Event()
     try:
         # Typed as Any: the stubs type it as CallIterator, without next() or cancel().
-        call: Any = client.stub.OpenJobShell(requests())
+        call: Any = client.open_job_shell(requests())
         on_call(call)
 
         def on_timeout() -> None:
@@ -599,7 +600,7 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
             return fail("Protocol", "the agent ended the stream without opening a session")
         finally:
             timer.cancel()
-        if not first.HasField("opened"):
+        if isinstance(first, memoryview) or not first.HasField("opened"):
             call.cancel()
             return fail("Protocol", "the agent's first frame is not `opened`")
         host_key = first.opened.host_key.strip()
@@ -615,13 +616,15 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
         end = connect()
         ready.set()
         for frame in call:
-            if frame.data:
+            # Data frames come as a memoryview of the payload (shellwire.parse).
+            data = frame if isinstance(frame, memoryview) else frame.data
+            if data:
                 try:
-                    end.write(frame.data)
+                    end.write(data)
                 except OSError:  # ssh went away; end the session
                     call.cancel()
                     return ""
-            if frame.eof:
+            if not isinstance(frame, memoryview) and frame.eof:
                 end.close_write()
         return ""
     except AuthError as e:  # raised by CredentialPlugin when munged cannot encode

@@ -314,8 +314,9 @@ def _pump(sock: socket.socket, session: Session) -> None:
 
     t = threading.Thread(target=up, daemon=True)
     t.start()
-    for chunk in session:
-        sock.sendall(chunk)
+    for parts in session:
+        for part in parts:
+            sock.sendall(part)
     sock.shutdown(socket.SHUT_WR)
     t.join(5)
 

@@ -465,10 +465,11 @@ class PipeEnd:
         self.out_r, self.out_w = os.pipe()
         self.connected = threading.Event()
 
-    def read(self, n: int) -> bytes:
-        return os.read(self.in_r, n)
+    def read(self, n: int) -> list[bytes]:
+        data = os.read(self.in_r, n)
+        return [data] if data else []
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(self.out_w, view):]
