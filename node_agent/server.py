@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from callerid import CgroupLayout, Resolver
-from node_agent import metrics, shellwire
+from node_agent import metrics, relaybuf, shellwire
 from node_agent.admission import Admission, AdmissionServer
 from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator
 from node_agent.client import PeerPool
@@ -133,6 +133,7 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         undo.callback(resolver.close)
         shells = JobShellSessions(registry, config.session_dir, config.node_name,
                                   procfs=config.procfs)
+        relaybuf.keep_buffers_in_heap()  # ssh-to-job's relay: no page fault per byte
         servicer = NodeAgentServicer(node=config.node_name, resolver=resolver,
                                      registry=registry, admin_uids=config.admin_uids,
                                      shells=shells)

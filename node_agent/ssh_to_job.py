@@ -37,7 +37,7 @@ from typing import Any, TextIO
 import grpc
 
 from node_agent import config as config_mod
-from node_agent import shellwire
+from node_agent import relaybuf, shellwire
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.cli import _CATEGORIES, CliError, UsageError, _cli
 from node_agent.client import AgentClient, target_of
@@ -408,6 +408,7 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
     relay: Relay | None = None
     try:
         keygen(tmp, args.keygen_options)
+        relaybuf.keep_buffers_in_heap()  # no page fault per byte relayed
         relay = Relay(target=where.target, job_id=args.job_id, tmp=tmp, shells=args.shells,
                       auth=auth, err=err, debug=args.debug)
         relay.start()  # the agent starts the session while ssh starts
