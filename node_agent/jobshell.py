@@ -64,11 +64,12 @@ import subprocess
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from callerid import CgroupError, CgroupLayout, InvalidJobId
+from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
 from node_agent import spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
 from node_agent.registry import JobRegistry
 from node_agent.relaybuf import read_gathered
+from node_agent.warmup import MigrationWarmer
 
 log = logging.getLogger("node_agent.jobshell")
 
@@ -384,8 +385,10 @@ class JobShellSessions:
 
     def __init__(self, registry: JobRegistry, run_dir: str | os.PathLike[str], node: str, *,
                  sshd: str = "/usr/sbin/sshd", ssh_keygen: str = "/usr/bin/ssh-keygen",
-                 nss_wrapper: str = NSS_WRAPPER, procfs: str = "/proc") -> None:
+                 nss_wrapper: str = NSS_WRAPPER, procfs: str = "/proc",
+                 warmer: MigrationWarmer | None = None) -> None:
         self.registry = registry
+        self.warmer = warmer
         self.run_dir = Path(run_dir)
         self.node = node
         self.sshd = sshd
@@ -403,6 +406,20 @@ class JobShellSessions:
             raise PermissionDenied(f"job {job_id} on {self.node} belongs to {job.user}, "
                                    f"not to uid {caller_uid}")
         key = validate_public_key(public_key)
+        if self.warmer is not None:
+            # sshd's launcher joins the session's cgroup some 30 ms from now: keep the
+            # kernel's migration lock switched until then (node_agent/warmup.py).
+            self.warmer.expect_login()
+        try:
+            return self._open(job, caller_uid, public_key=key, shells=shells)
+        finally:
+            if self.warmer is not None:
+                self.warmer.login_arrived()
+
+    def _open(self, job: Job, caller_uid: int, *, public_key: str,
+              shells: list[str]) -> Session:
+        job_id = job.id
+        key = public_key
         pids = self.job_pids(job_id)
         main = job.main_pid if job.main_pid in pids else (pids[0] if pids else None)
         env: dict[str, str] = {}

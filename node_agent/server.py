@@ -131,8 +131,10 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         metrics.JOBS.set_function(lambda: len(registry.list_jobs()))
         resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
         undo.callback(resolver.close)
+        warmer = MigrationWarmer(layout)
+        undo.callback(warmer.close)
         shells = JobShellSessions(registry, config.session_dir, config.node_name,
-                                  procfs=config.procfs)
+                                  procfs=config.procfs, warmer=warmer)
         relaybuf.keep_buffers_in_heap()  # ssh-to-job's relay: no page fault per byte
         servicer = NodeAgentServicer(node=config.node_name, resolver=resolver,
                                      registry=registry, admin_uids=config.admin_uids,
@@ -143,8 +145,6 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         addresses = [f"unix:{config.socket}", *config.listen]
         server, _ = create_server(servicer, auth, addresses, max_workers=config.max_workers)
         undo.callback(lambda: server.stop(grace=5).wait())
-        warmer = MigrationWarmer(layout)
-        undo.callback(warmer.close)
         watch = LoginWatch(warmer.expect_login, config.login_services)
         undo.callback(watch.close)
         admission = AdmissionServer(

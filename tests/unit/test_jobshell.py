@@ -24,7 +24,7 @@ import pytest
 
 from callerid import CgroupLayout, Hierarchy
 from node_agent import jobshell, launch
-from node_agent.errors import InvalidRequest, JobNotFound, PermissionDenied
+from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
 from node_agent.jobshell import JobShellSessions, Session
 from node_agent.registry import JobRegistry
 
@@ -350,6 +350,35 @@ class _Client:
         conn, _ = self.listener.accept()
         with conn:
             _pump(conn, self.session)
+
+
+class RecordingWarmer:
+    """Stands in for warmup.MigrationWarmer: records what the sessions ask of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def expect_login(self) -> None:
+        self.calls.append("expect")
+
+    def login_arrived(self) -> None:
+        self.calls.append("arrived")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="opening a session chowns its files")
+def test_opening_keeps_the_migration_lock_warm_also_when_it_fails(
+        registry: JobRegistry, tmp_path: Path) -> None:
+    _job_without_process(registry)
+    warmer = RecordingWarmer()
+    sessions = JobShellSessions(registry, tmp_path / "s", "n1", sshd="/nonexistent/sshd",
+                                warmer=warmer)  # type: ignore[arg-type]
+    with pytest.raises(PermissionDenied):
+        sessions.open("7", 4242, False, ED_KEY, [])
+    assert warmer.calls == []  # refused before anything is made: nothing to warm up
+    with pytest.raises(JobStartFailed):
+        sessions.open("7", 0, False, ED_KEY, [])  # sshd cannot be started
+    assert warmer.calls == ["expect", "arrived"]
+    assert list((tmp_path / "s").iterdir()) == []  # and the session dir is gone
 
 
 def _start_job(reg: JobRegistry, user: str, cwd: Path) -> None:
