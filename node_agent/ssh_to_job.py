@@ -608,9 +608,13 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
         if not host_key:
             call.cancel()
             return fail("Protocol", "the agent sent no host key")
-        fd = os.open(known_hosts, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(f"{alias} {host_key}\n")
+        try:
+            fd = os.open(known_hosts, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write(f"{alias} {host_key}\n")
+        except OSError as e:  # one clear line, not a traceback from the relay's thread
+            call.cancel()
+            return fail("Known hosts", f"cannot write {known_hosts}: {e.strerror or e}")
         if debug:
             err.write(f"{PROG}: session {first.opened.session_id} on "
                       f"{first.opened.node} as {first.opened.user}\n")

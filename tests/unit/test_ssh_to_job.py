@@ -527,6 +527,17 @@ def read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
+def test_relay_cannot_write_known_hosts_is_one_line_and_ends_the_session(
+        fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path) -> None:
+    servicer, target, auth = fake_agent
+    (tmp_path / "known_hosts").mkdir()  # not writable as a file
+    r = start_relay(target, auth.as_uid(ALICE), tmp_path)
+    error = r.finish()
+    assert error.startswith("Known hosts: cannot write ") and "Is a directory" in error
+    assert not r.end.connected.is_set()  # nothing reached ssh
+    assert len(servicer.opens) == 1
+
+
 def test_relay_round_trip_with_half_close(
         fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path) -> None:
     servicer, target, auth = fake_agent
