@@ -407,19 +407,18 @@ class JobShellSessions:
                                    f"not to uid {caller_uid}")
         key = validate_public_key(public_key)
         if self.warmer is not None:
-            # sshd's launcher joins the session's cgroup some 30 ms from now: keep the
-            # kernel's migration lock switched until then (node_agent/warmup.py).
+            # sshd's launcher joins the session's cgroup some tens of ms from now: keep
+            # the kernel's migration lock switched until then (node_agent/warmup.py).
             self.warmer.expect_login()
         try:
-            return self._open(job, caller_uid, public_key=key, shells=shells)
+            return self._open(job, caller_uid, key, shells)
         finally:
             if self.warmer is not None:
                 self.warmer.login_arrived()
 
-    def _open(self, job: Job, caller_uid: int, *, public_key: str,
-              shells: list[str]) -> Session:
+    def _open(self, job: Job, caller_uid: int, key: str, shells: list[str]) -> Session:
+        """The session, once the caller may have it and its key is valid."""
         job_id = job.id
-        key = public_key
         pids = self.job_pids(job_id)
         main = job.main_pid if job.main_pid in pids else (pids[0] if pids else None)
         env: dict[str, str] = {}

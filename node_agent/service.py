@@ -178,7 +178,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             context: grpc.ServicerContext) -> Iterator[pb.ShellFrame | bytes]:
         """ssh-to-job: the first frame opens a session (node_agent/jobshell.py); then the
         ssh byte stream flows both ways until sshd exits or the client goes away. Frames
-        are (de)serialized by node_agent/shellwire.py (see `register`)."""
+        are (de)serialized by node_agent/shellwire.py (see server.create_server)."""
         ident = current_identity()
         if self.shells is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED,
@@ -214,13 +214,12 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         def pump_in() -> None:
             try:
                 for frame in request_iterator:
-                    # Data frames come as a memoryview of the payload (shellwire.parse).
-                    data = frame if isinstance(frame, memoryview) else frame.data
+                    data, eof = shellwire.unpack(frame)
                     if data:
                         counts[0] += 1
                         counts[1] += len(data)
                         session.write(data)
-                    if not isinstance(frame, memoryview) and frame.eof:
+                    if eof:
                         break
             except Exception:  # the call ended (cancelled, or sshd went away)
                 pass

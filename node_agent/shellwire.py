@@ -21,7 +21,7 @@ from node_agent.proto.v1 import agent_pb2 as pb
 METHOD = f"/{pb.DESCRIPTOR.services_by_name['NodeAgent'].full_name}/OpenJobShell"
 
 # ShellFrame.data is field 3, wire type 2 (length-delimited).
-_DATA_TAG = (pb.ShellFrame.DATA_FIELD_NUMBER << 3) | 2
+_DATA_TAG = bytes(((pb.ShellFrame.DATA_FIELD_NUMBER << 3) | 2,))
 _MAX_VARINT = 10
 
 Frame = pb.ShellFrame | memoryview
@@ -39,7 +39,7 @@ def _varint(n: int) -> bytes:
 def data_frame(parts: Sequence[bytes]) -> bytes:
     """The encoded `ShellFrame{data: b"".join(parts)}`."""
     size = sum(len(p) for p in parts)
-    return b"".join([bytes((_DATA_TAG,)), _varint(size), *parts])
+    return b"".join([_DATA_TAG, _varint(size), *parts])
 
 
 def serialize(frame: pb.ShellFrame | bytes) -> bytes:
@@ -49,10 +49,18 @@ def serialize(frame: pb.ShellFrame | bytes) -> bytes:
     return frame.SerializeToString()
 
 
+def unpack(frame: Frame) -> tuple[bytes | memoryview, bool]:
+    """What a relay needs of a parsed frame: its data (maybe empty), and whether it ends
+    its direction of the stream (eof)."""
+    if isinstance(frame, memoryview):
+        return frame, False
+    return frame.data, frame.eof
+
+
 def parse(raw: bytes) -> Frame:
     """The request/response deserializer: a data-only frame's payload, else the message.
     Malformed bytes raise protobuf's DecodeError, as the generated parser would."""
-    if raw[:1] == bytes((_DATA_TAG,)):
+    if raw[:1] == _DATA_TAG:
         size, shift, i = 0, 0, 1
         while i < min(len(raw), 1 + _MAX_VARINT):
             b = raw[i]

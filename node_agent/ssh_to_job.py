@@ -584,8 +584,7 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
     client = AgentClient(target, auth)
     timed_out = threading.Event()
     try:
-        # Typed as Any: the stubs type it as CallIterator, without next() or cancel().
-        call: Any = client.open_job_shell(requests())
+        call = client.open_job_shell(requests())
         on_call(call)
 
         def on_timeout() -> None:
@@ -621,15 +620,14 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
         end = connect()
         ready.set()
         for frame in call:
-            # Data frames come as a memoryview of the payload (shellwire.parse).
-            data = frame if isinstance(frame, memoryview) else frame.data
+            data, eof = shellwire.unpack(frame)
             if data:
                 try:
                     end.write(data)
                 except OSError:  # ssh went away; end the session
                     call.cancel()
                     return ""
-            if not isinstance(frame, memoryview) and frame.eof:
+            if eof:
                 end.close_write()
         return ""
     except AuthError as e:  # raised by CredentialPlugin when munged cannot encode
