@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import socket
 import struct
 import threading
@@ -52,6 +53,8 @@ CHOICES = {"action_no_jobs": ("deny", "ignore"),
            "action_unknown": ("newest", "allow", "deny"),
            "action_adopt_failure": ("deny", "allow")}
 DEFAULT_TIMEOUT = 2.0
+CALL_SHARE = 0.6  # of the module's timeout, for the caller-ID call
+MIN_CALL = 0.05  # seconds: less than that left, and the call is not even tried
 ADOPTED_LEAF = "adopted"
 
 MSG_NO_JOBS = "Access denied by pam_adopt: you have no active jobs on this node"
@@ -114,10 +117,15 @@ class Admission:
         self.rpc_timeout = rpc_timeout
         self.warmer = warmer
 
-    def decide(self, request: apb.AdmissionRequest, peer: Peer) -> apb.AdmissionReply:
-        t0 = time.perf_counter()
-        reply = self._decide(request, peer)
-        elapsed = time.perf_counter() - t0
+    def decide(self, request: apb.AdmissionRequest, peer: Peer,
+               received: float | None = None) -> apb.AdmissionReply:
+        """`received`: time.monotonic() when the request came in (default: now). The
+        module's clock has been running since then, waiting for a worker included."""
+        t0 = time.monotonic()
+        if received is None or received > t0:
+            received = t0
+        reply = self._decide(request, peer, received)
+        elapsed = time.monotonic() - received
         metrics.ADMISSIONS.labels(apb.AdmissionReply.Decision.Name(reply.decision),
                                   reply.reason).observe(elapsed)
         log.info("admission: %s from %s (%s) pid %d: %s %s%s (%.1f ms)%s", request.user,
@@ -128,7 +136,8 @@ class Admission:
                  f": {reply.detail}" if reply.detail else "")
         return reply
 
-    def _decide(self, request: apb.AdmissionRequest, peer: Peer) -> apb.AdmissionReply:
+    def _decide(self, request: apb.AdmissionRequest, peer: Peer,
+                received: float) -> apb.AdmissionReply:
         opts = options_of(request)
         jobs = self.registry.list_jobs(request.user)
         if not jobs:
@@ -139,11 +148,18 @@ class Admission:
             return self._adopt(jobs[0], peer, opts, "one-job")
         conn = parse_ssh_connection(request.ssh_connection)
         detail = ""
+        # The call gets at most 60 % of the module's timeout, counted from the request's
+        # arrival: the rest is for the adoption, the reply, and a busy machine.
+        budget = ((request.options.timeout or DEFAULT_TIMEOUT) * CALL_SHARE
+                  - (time.monotonic() - received))
         if conn is None:
             detail = f"no usable SSH_CONNECTION ({request.ssh_connection!r})"
+        elif budget < MIN_CALL:
+            waited = (time.monotonic() - received) * 1000
+            detail = (f"no time left to ask {conn.src_ip} for the caller's job (the request "
+                      f"waited {waited:.0f} ms for the agent)")
         else:
-            budget = (request.options.timeout or DEFAULT_TIMEOUT) * 0.6
-            deadline = max(0.05, min(self.rpc_timeout, budget))
+            deadline = min(self.rpc_timeout, budget)
             if self.warmer is not None:
                 self.warmer.kick()  # overlap the kernel's migration toll with the call
             t_call = time.perf_counter()
@@ -208,7 +224,13 @@ def _reply_line(reply: apb.AdmissionReply) -> bytes:
 
 
 class AdmissionServer:
-    """The root-only Unix socket: one request line in, one reply line out, per connection."""
+    """The root-only Unix socket: one request line in, one reply line out, per connection.
+
+    One thread accepts connections and reads their request lines (never blocking on a
+    slow client); a complete request goes to a worker pool with the time it arrived, so
+    that the decision knows how much of the module's timeout is left. A connection that
+    sends nothing for `io_timeout` seconds is dropped.
+    """
 
     def __init__(self, path: str, admission: Admission, *, workers: int = 32,
                  io_timeout: float = 5.0) -> None:
@@ -226,91 +248,178 @@ class AdmissionServer:
         finally:
             os.umask(old)
         self._sock.listen(512)
+        self._sock.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._sock, selectors.EVENT_READ, None)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._reading: dict[socket.socket, _Reading] = {}
         self._pool = futures.ThreadPoolExecutor(max_workers=workers,
                                                 thread_name_prefix="admission")
-        self._thread = threading.Thread(target=self._accept_loop, name="admission-accept",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="admission-io", daemon=True)
         self._closing = False
 
     def start(self) -> None:
         self._thread.start()
 
-    def _accept_loop(self) -> None:
+    # -- the I/O thread ------------------------------------------------------------------
+    def _loop(self) -> None:
         while not self._closing:
             try:
-                conn, _ = self._sock.accept()
+                events = self._selector.select(self._next_expiry())
             except OSError:
                 if self._closing:
                     return
-                log.exception("admission: accept failed")
-                time.sleep(0.1)
-                continue
-            self._pool.submit(self._serve, conn)
+                raise
+            for key, _ in events:
+                if key.fileobj is self._sock:
+                    self._accept()
+                elif key.fileobj == self._wake_r:
+                    return
+                else:
+                    assert isinstance(key.fileobj, socket.socket)
+                    self._read(key.fileobj)
+            self._expire()
 
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
+    def _accept(self) -> None:
+        while True:
             try:
-                conn.settimeout(self.io_timeout)
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if not self._closing:
+                    log.error("admission: accept failed: %s", e)
+                return
+            conn.setblocking(False)
+            try:
                 peer = _peercred(conn)
-                if peer.uid == 0 and self.admission.warmer is not None:
-                    # Most requests end in an adoption: start the kernel's lock switch now
-                    # (if the login watch has not already), while the request is read.
-                    self.admission.warmer.kick()
-                    self.admission.warmer.login_arrived()
-                if peer.uid != 0:
-                    security.warning("SECURITY: admission request from uid %d pid %d refused: "
-                                     "only root may ask", peer.uid, peer.pid)
-                    conn.sendall(_reply_line(apb.AdmissionReply(
-                        decision=DENY, reason="not-root", message=MSG_BAD_REQUEST)))
-                    return
-                line = self._read_line(conn)
-                if not line.strip():
-                    # pam_adopt.py connects before it knows whether it will ask (root,
-                    # another service): a connection closed without a request is normal.
-                    log.debug("admission: pid %d closed without a request", peer.pid)
-                    return
-                request = apb.AdmissionRequest()
-                try:
-                    json_format.Parse(line, request)
-                except Exception as e:  # ParseError, or TypeError for a non-object ("[]")
-                    log.error("admission: malformed request from pid %d: %s", peer.pid, e)
-                    conn.sendall(_reply_line(apb.AdmissionReply(
-                        decision=DENY, reason="bad-request", message=MSG_BAD_REQUEST,
-                        detail=str(e))))
-                    return
+            except OSError as e:
+                log.warning("admission: connection dropped: %s", e)
+                conn.close()
+                continue
+            if peer.uid != 0:
+                self._pool.submit(self._refuse, conn, peer)
+                continue
+            if self.admission.warmer is not None:
+                # Most requests end in an adoption: start the kernel's lock switch now
+                # (if the login watch has not already), while the request is read.
+                self.admission.warmer.kick()
+                self.admission.warmer.login_arrived()
+            self._reading[conn] = _Reading(peer, time.monotonic() + self.io_timeout)
+            self._selector.register(conn, selectors.EVENT_READ, None)
+
+    def _read(self, conn: socket.socket) -> None:
+        reading = self._reading[conn]
+        try:
+            chunk = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("admission: connection dropped: %s", e)
+            self._forget(conn).close()
+            return
+        reading.buf += chunk
+        if chunk and b"\n" not in chunk:
+            if len(reading.buf) > MAX_REQUEST:
+                log.error("admission: request from pid %d longer than %d bytes: dropped",
+                          reading.peer.pid, MAX_REQUEST)
+                self._forget(conn).close()
+            return
+        self._forget(conn)
+        line = reading.buf.split(b"\n", 1)[0]
+        if not line.strip():
+            # pam_adopt.py connects before it knows whether it will ask (root, another
+            # service): a connection closed without a request is normal.
+            log.debug("admission: pid %d closed without a request", reading.peer.pid)
+            conn.close()
+            return
+        self._pool.submit(self._answer, conn, reading.peer, line, time.monotonic())
+
+    def _forget(self, conn: socket.socket) -> socket.socket:
+        self._selector.unregister(conn)
+        del self._reading[conn]
+        return conn
+
+    def _next_expiry(self) -> float | None:
+        if not self._reading:
+            return None
+        soonest = min(r.expires for r in self._reading.values())
+        return max(0.0, soonest - time.monotonic())
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for conn, reading in list(self._reading.items()):
+            if reading.expires <= now:
+                log.warning("admission: pid %d sent no request within %g s: dropped",
+                            reading.peer.pid, self.io_timeout)
+                self._forget(conn).close()
+
+    # -- the workers ---------------------------------------------------------------------
+    def _refuse(self, conn: socket.socket, peer: Peer) -> None:
+        security.warning("SECURITY: admission request from uid %d pid %d refused: "
+                         "only root may ask", peer.uid, peer.pid)
+        self._send(conn, apb.AdmissionReply(decision=DENY, reason="not-root",
+                                            message=MSG_BAD_REQUEST))
+
+    def _answer(self, conn: socket.socket, peer: Peer, line: bytes, received: float) -> None:
+        try:
+            request = apb.AdmissionRequest()
+            try:
+                json_format.Parse(line, request)
+            except Exception as e:  # ParseError, or TypeError for a non-object ("[]")
+                log.error("admission: malformed request from pid %d: %s", peer.pid, e)
+                reply = apb.AdmissionReply(decision=DENY, reason="bad-request",
+                                           message=MSG_BAD_REQUEST, detail=str(e))
+            else:
                 if not request.user:
                     log.error("admission: request from pid %d names no user", peer.pid)
-                    conn.sendall(_reply_line(apb.AdmissionReply(
-                        decision=DENY, reason="bad-request", message=MSG_BAD_REQUEST,
-                        detail="no user")))
-                    return
-                conn.sendall(_reply_line(self.admission.decide(request, peer)))
-            except (OSError, ValueError) as e:
-                log.warning("admission: connection dropped: %s", e)
-            except Exception:
-                log.exception("admission: request failed")
+                    reply = apb.AdmissionReply(decision=DENY, reason="bad-request",
+                                               message=MSG_BAD_REQUEST, detail="no user")
+                else:
+                    reply = self.admission.decide(request, peer, received)
+        except Exception as e:
+            # A bug must not look like a silent agent to the module: say so, and deny.
+            log.exception("admission: request from pid %d failed", peer.pid)
+            reply = apb.AdmissionReply(decision=DENY, reason="internal-error",
+                                       message=MSG_BAD_REQUEST, detail=str(e))
+        self._send(conn, reply)
 
-    @staticmethod
-    def _read_line(conn: socket.socket) -> bytes:
-        buf = b""
-        while b"\n" not in buf:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
-            if len(buf) > MAX_REQUEST:
-                raise ValueError(f"request longer than {MAX_REQUEST} bytes")
-        return buf.split(b"\n", 1)[0]
+    def _send(self, conn: socket.socket, reply: apb.AdmissionReply) -> None:
+        with conn:
+            try:
+                conn.setblocking(True)
+                conn.settimeout(self.io_timeout)
+                conn.sendall(_reply_line(reply))
+            except OSError as e:
+                log.warning("admission: connection dropped: %s", e)
 
     def close(self) -> None:
         self._closing = True
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
+            os.write(self._wake_w, b"x")
         except OSError:
             pass
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._selector.close()
+        for conn in self._reading:
+            conn.close()
+        self._reading.clear()
         self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+@dataclass
+class _Reading:
+    """A connection whose request line is still coming."""
+
+    peer: Peer
+    expires: float
+    buf: bytes = b""

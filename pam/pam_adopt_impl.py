@@ -454,18 +454,21 @@ def acct_mgmt(pamh, flags: int, argv: list[str]) -> int:
     except Exception:
         ssh_connection = ""
     request = build_request(user, service, pamh.rhost or "", ssh_connection or "", opts)
+    t_ask = time.monotonic()
     try:
         reply = ask_agent(opts.socket, request, opts.timeout)
     except AgentError as e:
         # 4. the agent could not be asked.
-        return _generic_failure(pamh, flags, opts, log, f"{user}: {e}")
+        took = (time.monotonic() - t_ask) * 1000
+        return _generic_failure(pamh, flags, opts, log, f"{user}: {e} (after {took:.0f} ms)")
+    took = (time.monotonic() - t_ask) * 1000
     decision = reply["decision"]
     reason = reply.get("reason", "")
     job = reply.get("job_id", "")
     detail = reply.get("detail", "")
     summary = (f"{user} from {pamh.rhost or '?'} ({ssh_connection or 'no SSH_CONNECTION'}): "
                f"{decision.lower()} ({reason}{', job ' + job if job else ''})"
-               f"{': ' + detail if detail else ''}")
+               f"{': ' + detail if detail else ''}; answered in {took:.0f} ms")
     if decision == "ALLOW":
         log.info(summary)
         for key, value in (reply.get("env") or {}).items():

@@ -153,6 +153,24 @@ def test_unknown_source_applies_action_unknown(registry: JobRegistry, answer: st
         assert "DEADLINE_EXCEEDED" in r.detail
 
 
+def test_time_spent_waiting_for_the_agent_comes_off_the_call(registry: JobRegistry) -> None:
+    registry.start("A", "alice")
+    time.sleep(0.01)
+    registry.start("B", "alice")
+    cid = FakeCallerId()
+    cid.answer = "A"
+    adm = Admission(registry, cid)
+    # Waited 0.5 s of a 2 s module timeout: the call gets what is left of its 60 %.
+    r = adm.decide(request(timeout=2.0), PEER, received=time.monotonic() - 0.5)
+    assert r.job_id == "A"
+    assert 0.6 < cid.calls[0][2] <= 2.0 * 0.6 - 0.5 + 1e-9
+    # Waited past the call's share: no call at all, straight to action_unknown (newest).
+    r = adm.decide(request(timeout=2.0), PEER, received=time.monotonic() - 1.3)
+    assert len(cid.calls) == 1
+    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "unknown-newest", "B")
+    assert "no time left to ask 10.0.0.1" in r.detail and "waited 13" in r.detail
+
+
 def test_missing_ssh_connection_never_calls_out(registry: JobRegistry) -> None:
     registry.start("A", "alice")
     registry.start("B", "alice")
@@ -251,6 +269,75 @@ def test_connection_without_request_is_closed_quietly(server: tuple[AdmissionSer
     registry.start("42", "alice")
     line = json_format.MessageToJson(request(), preserving_proto_field_name=True, indent=None)
     assert ask(server[1], line.encode() + b"\n")["decision"] == "ALLOW"  # still serving
+
+
+def test_a_silent_client_does_not_hold_up_the_others(registry: JobRegistry,
+                                                     tmp_path: Path) -> None:
+    # One worker, and a client that connects and says nothing (a PAM process the machine
+    # has not scheduled yet): the next request is answered anyway, the silent one dropped.
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, FakeCallerId()), workers=1,
+                          io_timeout=1.0)
+    srv.start()
+    registry.start("42", "alice")
+    line = json_format.MessageToJson(request(), preserving_proto_field_name=True, indent=None)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+            silent.connect(str(path))
+            t0 = time.monotonic()
+            assert ask(path, line.encode() + b"\n")["decision"] == "ALLOW"
+            assert time.monotonic() - t0 < 1.0  # not after the silent one's io_timeout
+            silent.settimeout(10)
+            assert silent.recv(100) == b""  # dropped after io_timeout, without an answer
+            assert time.monotonic() - t0 >= 0.9
+    finally:
+        srv.close()
+
+
+def test_a_request_sent_in_pieces_is_answered(server: tuple[AdmissionServer, Path],
+                                              registry: JobRegistry) -> None:
+    registry.start("42", "alice")
+    line = json_format.MessageToJson(request(), preserving_proto_field_name=True,
+                                     indent=None).encode() + b"\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(server[1]))
+        for i in range(0, len(line), 7):
+            s.sendall(line[i:i + 7])
+            time.sleep(0.002)
+        assert json.loads(s.recv(65536))["job_id"] == "42"
+
+
+def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
+                                                          tmp_path: Path) -> None:
+    class Broken(Admission):
+        def decide(self, request: apb.AdmissionRequest, peer: Peer,
+                   received: float | None = None) -> apb.AdmissionReply:
+            raise RuntimeError("registry on fire")
+
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Broken(registry, FakeCallerId()))
+    srv.start()
+    try:
+        line = json_format.MessageToJson(request(), preserving_proto_field_name=True,
+                                         indent=None)
+        reply = ask(path, line.encode() + b"\n")
+        assert (reply["decision"], reply["reason"]) == ("DENY", "internal-error")
+        assert "registry on fire" in reply["detail"]
+    finally:
+        srv.close()
+
+
+def test_an_oversized_request_is_dropped(server: tuple[AdmissionServer, Path]) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(server[1]))
+        try:
+            s.sendall(b"x" * (70 * 1024))
+            answer = s.recv(100)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""  # closed with our bytes unread: the kernel says so
+        assert answer == b""
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
