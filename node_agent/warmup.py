@@ -23,6 +23,7 @@ not the agent's.)
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import errno
@@ -49,18 +50,26 @@ class MigrationWarmer:
 
     `kick` moves it once, in the background. `expect_login` keeps moving it every
     `interval` seconds (shorter than a grace period, so the lock never switches back)
-    until as many admission requests have come (`login_arrived`) as logins were
-    expected, or `hold` seconds have passed since the last one was expected.
+    while a login it announced is pending: until its admission request has come
+    (`login_arrived`), or `hold` seconds after it was announced.
+
+    That keeping is for logins that come one at a time. When `burst` or more logins are
+    pending at once, it stops, and starts again only after `hold` seconds without such a
+    crowd: in a burst the adoptions themselves take the lock often, and 500 more takings
+    a second would each queue behind the burst's forks, which wait behind the writers in
+    turn (measured with 200 concurrent logins on 2 cores: p99 answer 650-1700 ms with
+    the keeping, 35 ms without).
     """
 
     def __init__(self, layout: CgroupLayout, *, interval: float = 0.002,
-                 hold: float = 1.0) -> None:
+                 hold: float = 1.0, burst: int = 4) -> None:
         self.interval = interval
         self.hold = hold
+        self.burst = burst
         self._lock = threading.Lock()
         self._busy = False
-        self._pending = 0
-        self._until = 0.0
+        self._expected: collections.deque[float] = collections.deque()  # when each expires
+        self._crowd_until = 0.0  # no keeping before this (a burst was seen)
         self._proc: subprocess.Popen[bytes] | None = None
         self._dirs: list[Path] = []
         self._turn = 0
@@ -106,14 +115,30 @@ class MigrationWarmer:
     def expect_login(self) -> None:
         """A login is starting: keep the lock switched until its request comes."""
         with self._lock:
-            self._pending += 1
-            self._until = time.monotonic() + self.hold
+            now = time.monotonic()
+            self._drop_expired(now)
+            if len(self._expected) + 1 >= self.burst:
+                self._crowd_until = now + self.hold
+            self._expected.append(now + self.hold)
+            if now < self._crowd_until:
+                return
         self._start(self._keep)
 
     def login_arrived(self) -> None:
         """An admission request came in (the one `expect_login` announced, or another)."""
         with self._lock:
-            self._pending = max(0, self._pending - 1)
+            if self._expected:
+                self._expected.popleft()
+
+    def _drop_expired(self, now: float) -> None:
+        while self._expected and self._expected[0] <= now:
+            self._expected.popleft()  # announced, never came (failed auth, a stray open)
+
+    @property
+    def keeping_paused(self) -> bool:
+        """True while a burst of logins has turned the keeping off."""
+        with self._lock:
+            return time.monotonic() < self._crowd_until
 
     def _start(self, target: Callable[[], None]) -> None:
         if self._proc is None:
@@ -146,8 +171,9 @@ class MigrationWarmer:
             while True:
                 self._move()
                 with self._lock:
-                    if self._pending <= 0 or time.monotonic() > self._until:
-                        self._pending = 0
+                    now = time.monotonic()
+                    self._drop_expired(now)
+                    if not self._expected or now < self._crowd_until:
                         return
                 time.sleep(self.interval)
         finally:

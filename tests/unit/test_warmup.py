@@ -141,6 +141,34 @@ def test_warmer_gives_up_after_hold(layout: CgroupLayout) -> None:
         w.close()
 
 
+def test_a_burst_of_logins_pauses_the_keeping(layout: CgroupLayout) -> None:
+    w = CountingWarmer(layout, interval=0.005, hold=0.3, burst=3)
+    try:
+        w.expect_login()
+        w.expect_login()
+        assert _wait(pred=lambda: w.moves >= 3)  # two at once: still kept
+        assert not w.keeping_paused
+        w.expect_login()  # the third at once: a burst
+        assert w.keeping_paused
+        assert _wait(pred=lambda: not w._busy)
+        stopped_at = w.moves
+        w.expect_login()  # more of the burst: no keeping, however many are pending
+        time.sleep(0.1)
+        assert w.moves == stopped_at and not w._busy
+        w.kick()  # single moves still go
+        assert _wait(pred=lambda: w.moves == stopped_at + 1)
+        # hold seconds later the crowd has gone: a lone login is kept again.
+        for _ in range(4):
+            w.login_arrived()
+        assert _wait(pred=lambda: not w.keeping_paused, timeout=2.0)
+        w.expect_login()
+        assert _wait(pred=lambda: w.moves >= stopped_at + 4)
+        w.login_arrived()
+        assert _wait(pred=lambda: not w._busy)
+    finally:
+        w.close()
+
+
 def test_warmer_without_hierarchies_does_nothing() -> None:
     w = CountingWarmer(CgroupLayout([], "callerid"))
     assert not w.enabled
