@@ -67,6 +67,58 @@ def lab() -> Iterator[lab_mod.Lab]:
         the_lab.down()
 
 
+# -- when a test fails: what the lab logged meanwhile, in its report ----------------------
+# CI keeps only pytest's output, and the next module's lab replaces these logs, so a
+# failing lab test carries the lab's complaints (agent warnings and errors, pam_adopt and
+# sshd lines that are not plain successes) from its own run.
+
+LOG_MARKS = pytest.StashKey[dict[Path, int]]()
+SHOWN_LINES = 60
+ROUTINE = (" INFO ", " DEBUG ", ".info ", ".debug ")
+
+
+def _lab_logs(the_lab: lab_mod.Lab) -> list[Path]:
+    logs = the_lab.dir / "logs"
+    return [*sorted(logs.glob("agent-*.log")), logs / "syslog.log"]
+
+
+@pytest.fixture(autouse=True)
+def _mark_lab_logs(request: pytest.FixtureRequest) -> None:
+    if "lab" not in request.fixturenames:
+        return
+    the_lab = request.getfixturevalue("lab")
+    request.node.stash[LOG_MARKS] = {
+        p: (p.stat().st_size if p.exists() else 0) for p in _lab_logs(the_lab)}
+
+
+def lab_complaints(marks: dict[Path, int]) -> str:
+    """The non-routine lines each log gained since `marks`, the last SHOWN_LINES of each."""
+    out = []
+    for path, start in marks.items():
+        try:
+            with path.open("rb") as f:
+                f.seek(start)
+                new = f.read().decode(errors="replace").splitlines()
+        except FileNotFoundError:
+            continue
+        lines = [line for line in new if not any(r in line for r in ROUTINE)]
+        if lines:
+            out.append(f"{path.name} ({len(lines)} lines, the last {SHOWN_LINES}):")
+            out.extend(lines[-SHOWN_LINES:])
+    return "\n".join(out)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    marks = item.stash.get(LOG_MARKS, None)
+    if report.when == "call" and report.failed and marks:
+        text = lab_complaints(marks)
+        if text:
+            report.sections.append(("lab logs (not routine) during this test", text))
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Iterator[Path]:
     """A directory every lab user can read and write (outputs of jobs, test programs)."""
