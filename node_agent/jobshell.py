@@ -68,7 +68,7 @@ from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
 from node_agent import spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
 from node_agent.registry import JobRegistry
-from node_agent.relaybuf import read_gathered
+from node_agent.relaybuf import Pacer, read_gathered
 from node_agent.warmup import MigrationWarmer
 
 log = logging.getLogger("node_agent.jobshell")
@@ -279,9 +279,11 @@ class Session:
         assert proc.stdin is not None and proc.stdout is not None
         self._stdin = proc.stdin
         self._stdout = proc.stdout
+        self._inbound = Pacer()  # bulk in -> sshd's small replies may linger (relaybuf)
 
     def write(self, data: bytes | memoryview) -> None:
         """Send bytes to sshd's stdin; BrokenPipeError when sshd is gone."""
+        self._inbound.saw(len(data))
         view = memoryview(data)
         fd = self._stdin.fileno()
         while view:
@@ -297,7 +299,7 @@ class Session:
         """Up to *n* bytes of sshd's output, in the pieces read (relaybuf); [] at EOF."""
         if self._stdout.closed:
             return []
-        return read_gathered(self._stdout.fileno(), n)
+        return read_gathered(self._stdout.fileno(), n, linger=self._inbound.linger())
 
     def __iter__(self) -> Iterator[list[bytes]]:
         while parts := self.read():

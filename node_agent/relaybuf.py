@@ -1,11 +1,20 @@
-"""Reads for the ssh-to-job byte relays (client and agent): large frames for bulk copies.
+"""Reads for the ssh-to-job byte relays (client and agent): few frames for bulk copies.
 
 Every gRPC message costs Python's gRPC about 0.1 ms of CPU whatever its size, and ssh
 writes in packets of at most 32 KiB, so relaying each read as it comes makes a bulk copy
 CPU-bound on the relays. `read_gathered` reads once; when that read looks like bulk
 (at least `bulk` bytes), it keeps reading whatever arrives within `wait` seconds, up to
-`limit`. Interactive traffic (small reads) goes out at once. The reads are returned as
-they came, so that the frame is built with one copy (node_agent/shellwire.py).
+`limit`. The reads are returned as they came, so that the frame is built with one copy
+(node_agent/shellwire.py).
+
+A bulk copy one way also makes a stream of small messages the other way: ssh's window
+adjustments (one per 96 KiB the receiver consumes) and sftp's status replies, about
+4,500 per 512 MiB. Sent one frame each, they cost the two relays more CPU than the
+copy itself. `Pacer` tells one direction's reads that the other direction carries
+bulk: then a small read lingers up to `LINGER` seconds for more (4,500 frames become
+about 800). Those messages can wait that long: ssh keeps a 2 MiB window in flight,
+about 15 ms of a copy here. Without bulk the other way (typing, a shell's output),
+small reads go out at once.
 """
 
 from __future__ import annotations
@@ -13,9 +22,12 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import time
 
 BULK = 16 * 1024
 WAIT = 0.001
+LINGER = 0.002  # how long a small read waits for company while the other way is bulk
+RECENT = 0.05  # the other way counts as bulk this long after its last bulk frame
 
 # glibc's mallopt(3) parameters
 _M_TRIM_THRESHOLD = -1
@@ -39,16 +51,49 @@ def keep_buffers_in_heap(largest: int = 4 << 20) -> bool:
                 mallopt(_M_TRIM_THRESHOLD, 8 * largest))
 
 
-def read_gathered(fd: int, limit: int, *, bulk: int = BULK,
-                  wait: float = WAIT) -> list[bytes]:
+class Pacer:
+    """One direction of a relay notes its frames (`saw`); the other asks how long its
+    small reads may linger (`linger`)."""
+
+    def __init__(self, linger: float = LINGER, recent: float = RECENT) -> None:
+        self._linger = linger
+        self._recent = recent
+        self._bulk_at = float("-inf")
+
+    def saw(self, size: int) -> None:
+        if size >= BULK:
+            self._bulk_at = time.monotonic()
+
+    def linger(self) -> float:
+        return self._linger if time.monotonic() - self._bulk_at < self._recent else 0.0
+
+
+def read_gathered(fd: int, limit: int, *, bulk: int = BULK, wait: float = WAIT,
+                  linger: float = 0.0) -> list[bytes]:
     """Up to `limit` bytes from `fd`, in the pieces read; [] at end of file (a read after
-    one that found the end mid-gather returns [] too)."""
+    one that found the end mid-gather returns [] too). A small first read (under `bulk`)
+    goes back at once, or, with `linger`, after what else came within `linger` seconds
+    (or as soon as that adds up to `bulk`)."""
     data = os.read(fd, limit)
     if not data:
         return []
-    if len(data) < bulk:
-        return [data]
     parts, size = [data], len(data)
+    if size < bulk:
+        if linger <= 0:
+            return parts
+        until = time.monotonic() + linger
+        while size < bulk:
+            left = until - time.monotonic()
+            if left <= 0:
+                return parts
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                return parts
+            more = os.read(fd, limit - size)
+            if not more:
+                return parts
+            parts.append(more)
+            size += len(more)
     while size < limit:
         ready, _, _ = select.select([fd], [], [], wait)
         if not ready:

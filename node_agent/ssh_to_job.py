@@ -43,7 +43,7 @@ from node_agent.cli import _CATEGORIES, CliError, UsageError, _cli
 from node_agent.client import AgentClient, target_of
 from node_agent.errors import AuthError
 from node_agent.proto.v1 import agent_pb2 as pb
-from node_agent.relaybuf import read_gathered
+from node_agent.relaybuf import Pacer, read_gathered
 
 PROG = "ssh-to-job"
 CHUNK = 1 << 20  # large reads: bulk copies move in fewer, bigger frames
@@ -449,14 +449,16 @@ class _End:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self._inbound = Pacer()  # bulk to ssh -> its small replies may linger (relaybuf)
 
     def read(self, n: int) -> list[bytes]:
         try:
-            return read_gathered(self.sock.fileno(), n)
+            return read_gathered(self.sock.fileno(), n, linger=self._inbound.linger())
         except OSError:
             return []
 
     def write(self, data: bytes | memoryview) -> None:
+        self._inbound.saw(len(data))
         self.sock.sendall(data)
 
     def close_write(self) -> None:

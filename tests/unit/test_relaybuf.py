@@ -1,4 +1,5 @@
-"""node_agent.relaybuf: small reads go at once, bulk reads are gathered."""
+"""node_agent.relaybuf: small reads go at once (or linger while the other way is bulk),
+bulk reads are gathered."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import threading
 import time
 
-from node_agent.relaybuf import read_gathered
+from node_agent.relaybuf import BULK, Pacer, read_gathered
 
 
 def test_small_read_is_returned_at_once() -> None:
@@ -62,3 +63,49 @@ def test_end_of_file_mid_gather() -> None:
         assert read_gathered(r, 1 << 20) == []
     finally:
         os.close(r)
+
+
+def test_a_small_read_lingers_for_company_when_asked() -> None:
+    r, w = os.pipe()
+
+    def writer() -> None:
+        for _ in range(5):  # replies trickling back, like sftp's status messages
+            os.write(w, b"s" * 40)
+            time.sleep(0.002)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        got = read_gathered(r, 1 << 20, linger=0.5)
+        assert b"".join(got) == b"s" * 200 and len(got) == 5  # one frame, not five
+    finally:
+        t.join(5)
+    try:
+        # It lingers no longer than asked: nothing more comes.
+        os.write(w, b"t")
+        t0 = time.monotonic()
+        assert read_gathered(r, 1 << 20, linger=0.05) == [b"t"]
+        assert 0.04 < time.monotonic() - t0 < 1.0
+        # And stops lingering once it has bulk's worth.
+        os.write(w, b"u" * 10)
+        later = threading.Timer(0.05, os.write, (w, b"v" * BULK))
+        later.start()
+        t0 = time.monotonic()
+        assert b"".join(read_gathered(r, 1 << 20, linger=5.0, wait=0.0)) == (
+            b"u" * 10 + b"v" * BULK)
+        assert time.monotonic() - t0 < 2.0
+        later.join()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_pacer_lingers_only_while_the_other_way_is_bulk() -> None:
+    pacer = Pacer(linger=0.002, recent=0.1)
+    assert pacer.linger() == 0.0  # nothing seen: typing goes out at once
+    pacer.saw(100)
+    assert pacer.linger() == 0.0  # small frames the other way: still interactive
+    pacer.saw(BULK)
+    assert pacer.linger() == 0.002
+    time.sleep(0.15)
+    assert pacer.linger() == 0.0  # the bulk has stopped
