@@ -386,28 +386,41 @@ class _Handlers:
         self.saved.clear()
 
 
-def keygen(tmp: str, options: Sequence[str]) -> None:
+def start_keygen(tmp: str, options: Sequence[str]) -> subprocess.Popen[str]:
+    """Start making the session's key pair in `tmp` (key, key.pub); `finish_keygen`
+    waits for it. The key is made while the job is being located."""
     cmd = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "ssh-to-job",
            "-f", os.path.join(tmp, "key"), *options]
     try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
     except OSError as e:
         raise CliError("Key generation", f"cannot run ssh-keygen: {e}") from None
-    if r.returncode != 0:
-        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+
+
+def finish_keygen(proc: subprocess.Popen[str]) -> None:
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        why = (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise CliError("Key generation", why)
+
+
+def keygen(tmp: str, options: Sequence[str]) -> None:
+    finish_keygen(start_keygen(tmp, options))
 
 
 def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
                 sleep: Callable[[float], None] = time.sleep) -> int:
-    where = locate(candidate_targets(cfg, args.name), args.job_id, auth,
-                   auto_retry=args.auto_retry, err=err, sleep=sleep)
     handlers = _Handlers()
     handlers.install()
     tmp = tempfile.mkdtemp(prefix="ssh-to-job.")  # mode 0700
     relay: Relay | None = None
+    key: subprocess.Popen[str] | None = None
     try:
-        keygen(tmp, args.keygen_options)
+        key = start_keygen(tmp, args.keygen_options)
+        where = locate(candidate_targets(cfg, args.name), args.job_id, auth,
+                       auto_retry=args.auto_retry, err=err, sleep=sleep)
+        finish_keygen(key)
         relaybuf.keep_buffers_in_heap()  # no page fault per byte relayed
         relay = Relay(target=where.target, job_id=args.job_id, tmp=tmp, shells=args.shells,
                       auth=auth, err=err, debug=args.debug)
@@ -436,6 +449,9 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
     except _Signalled as e:
         return 128 + e.signum
     finally:
+        if key is not None and key.poll() is None:  # the job was not found, or a signal
+            key.kill()
+            key.communicate()
         if relay is not None:
             relay.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -446,6 +447,25 @@ def test_scp_without_remote_path_exit_2(session: dict[str, Any]) -> None:
     assert stj.main(["-ssh", "scp", "42", "a", "b"], err=err,
                     authenticator=FakeAuthenticator()) == 2
     assert "HOST:PATH" in err.getvalue()
+
+
+@needs_keygen
+def test_key_dir_exists_while_locating_and_is_gone_when_the_job_is_not_found(
+        session: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    seen: list[list[str]] = []
+
+    def not_found(*a: Any, **k: Any) -> None:
+        (tmp,) = os.listdir(tmp_path)  # the key's directory exists while locating
+        seen.append(sorted(os.listdir(tmp_path / tmp)))
+        raise stj.CliError("Not found", "no job 42 on any agent")
+
+    monkeypatch.setattr(stj, "locate", not_found)
+    err = io.StringIO()
+    assert stj.main(["42"], err=err, authenticator=FakeAuthenticator()) == 1
+    assert err.getvalue() == "ssh-to-job: Not found: no job 42 on any agent\n"
+    assert len(seen) == 1
+    assert os.listdir(tmp_path) == []  # nothing left: no directory, no key
 
 
 def test_keygen_failure_is_clear(session: dict[str, Any]) -> None:
