@@ -820,6 +820,7 @@ class Lab:
                 self._ensure_users()
             self._make_dirs(sshd)
             self._save_state(state)
+            self._compile_checkout()
             self._make_cgroups()
             with machine_lock():
                 state["syslog"] = self._ensure_logger()
@@ -847,6 +848,19 @@ class Lab:
             raise
         log.info("lab %s up at %s: %s (%.2f s)", self.name, self.dir, ", ".join(self.nodes),
                  time.monotonic() - t0)
+
+    def _compile_checkout(self) -> None:
+        """Byte-compile the checkout's packages, as an installed package has them.
+
+        Lab users (alice, bob) cannot write ``__pycache__`` in the root-owned checkout, so
+        without this every ``ssh-to-job`` or ``adoptctl`` they start would compile its
+        modules from source first (~17 ms for ssh-to-job), which a site's install never
+        does. Only stale or missing files are written."""
+        argv = [str(self.venv / "bin" / "python"), "-m", "compileall", "-q",
+                *(str(REPO / pkg) for pkg in ("callerid", "node_agent"))]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            log.warning("byte-compiling the checkout failed: %s", (r.stdout + r.stderr)[-500:])
 
     def _ensure_shared(self, sshd: bool) -> None:
         """Under the machine lock: host-side dirs the nodes need, recorded as shared."""
