@@ -270,15 +270,22 @@ class AdmissionServer:
             except OSError:
                 if self._closing:
                     return
-                raise
+                log.exception("admission: select failed")
+                time.sleep(0.1)
+                continue
             for key, _ in events:
-                if key.fileobj is self._sock:
-                    self._accept()
-                elif key.fileobj == self._wake_r:
+                if key.fileobj == self._wake_r:
                     return
-                else:
-                    assert isinstance(key.fileobj, socket.socket)
-                    self._read(key.fileobj)
+                try:
+                    if key.fileobj is self._sock:
+                        self._accept()
+                    else:
+                        assert isinstance(key.fileobj, socket.socket)
+                        self._read(key.fileobj)
+                except Exception:  # one bad connection must not stop the others' logins
+                    log.exception("admission: I/O failed")
+                    if isinstance(key.fileobj, socket.socket) and key.fileobj in self._reading:
+                        self._forget(key.fileobj).close()
             self._expire()
 
     def _accept(self) -> None:
@@ -287,27 +294,30 @@ class AdmissionServer:
                 conn, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
+            except OSError as e:  # EMFILE and the like: wait a little, not in a busy loop
                 if not self._closing:
                     log.error("admission: accept failed: %s", e)
+                    time.sleep(0.1)
                 return
-            conn.setblocking(False)
             try:
-                peer = _peercred(conn)
-            except OSError as e:
+                self._admit(conn)
+            except Exception as e:  # OSError from SO_PEERCRED, or a bug: drop this one only
                 log.warning("admission: connection dropped: %s", e)
                 conn.close()
-                continue
-            if peer.uid != 0:
-                self._pool.submit(self._refuse, conn, peer)
-                continue
-            if self.admission.warmer is not None:
-                # Most requests end in an adoption: start the kernel's lock switch now
-                # (if the login watch has not already), while the request is read.
-                self.admission.warmer.kick()
-                self.admission.warmer.login_arrived()
-            self._reading[conn] = _Reading(peer, time.monotonic() + self.io_timeout)
-            self._selector.register(conn, selectors.EVENT_READ, None)
+
+    def _admit(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        peer = _peercred(conn)
+        if peer.uid != 0:
+            self._pool.submit(self._refuse, conn, peer)
+            return
+        if self.admission.warmer is not None:
+            # Most requests end in an adoption: start the kernel's lock switch now
+            # (if the login watch has not already), while the request is read.
+            self.admission.warmer.kick()
+            self.admission.warmer.login_arrived()
+        self._selector.register(conn, selectors.EVENT_READ, None)
+        self._reading[conn] = _Reading(peer, time.monotonic() + self.io_timeout)
 
     def _read(self, conn: socket.socket) -> None:
         reading = self._reading[conn]

@@ -229,6 +229,14 @@ def ask(path: Path, line: bytes) -> dict[str, object]:
     return result
 
 
+def closed_without_answer(s: socket.socket) -> bool:
+    """The agent closed `s` without a reply (a reset when our bytes were left unread)."""
+    try:
+        return s.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
 @pytest.fixture
 def server(registry: JobRegistry, tmp_path: Path) -> Iterator[tuple[AdmissionServer, Path]]:
     path = tmp_path / "admission.sock"
@@ -328,16 +336,40 @@ def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
         srv.close()
 
 
+def test_a_connection_that_breaks_the_server_is_dropped_alone(
+        server: tuple[AdmissionServer, Path], registry: JobRegistry,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import node_agent.admission as admission_mod
+
+    real = admission_mod._peercred
+    calls = []
+
+    def broken_once(conn: socket.socket) -> Peer:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return real(conn)
+
+    monkeypatch.setattr(admission_mod, "_peercred", broken_once)
+    registry.start("42", "alice")
+    line = json_format.MessageToJson(request(), preserving_proto_field_name=True,
+                                     indent=None).encode() + b"\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(server[1]))
+        assert closed_without_answer(s)  # dropped at once, before it could even ask
+    assert ask(server[1], line)["decision"] == "ALLOW"  # the next login is served
+
+
 def test_an_oversized_request_is_dropped(server: tuple[AdmissionServer, Path]) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(server[1]))
         try:
             s.sendall(b"x" * (70 * 1024))
-            answer = s.recv(100)
         except (BrokenPipeError, ConnectionResetError):
-            answer = b""  # closed with our bytes unread: the kernel says so
-        assert answer == b""
+            pass  # closed while we were still sending
+        assert closed_without_answer(s)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
