@@ -68,13 +68,13 @@ from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
 from node_agent import spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
 from node_agent.registry import JobRegistry
-from node_agent.relaybuf import Pacer, read_gathered
+from node_agent.relaybuf import FRAME, Pacer, read_gathered
 from node_agent.warmup import MigrationWarmer
 
 log = logging.getLogger("node_agent.jobshell")
 
 SSH_LEAF = "ssh-to-job"
-PIPE_SIZE = 1 << 20   # sshd's stdin/stdout pipes, and the largest read from sshd
+PIPE_SIZE = 1 << 20   # sshd's stdin/stdout pipes
 NSS_WRAPPER = "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 NAMESPACES = ("net", "pid", "mnt")    # setns order: mnt last (paths change after it)
@@ -295,7 +295,7 @@ class Session:
         if not self._stdin.closed:
             self._stdin.close()
 
-    def read(self, n: int = PIPE_SIZE) -> list[bytes]:
+    def read(self, n: int = FRAME) -> list[bytes]:
         """Up to *n* bytes of sshd's output, in the pieces read (relaybuf); [] at EOF."""
         if self._stdout.closed:
             return []

@@ -46,7 +46,7 @@ from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.relaybuf import Pacer, read_gathered
 
 PROG = "ssh-to-job"
-CHUNK = 1 << 20  # large reads: bulk copies move in fewer, bigger frames
+CHUNK = 1 << 20  # socket buffers between ssh and the relay
 # How long the relay waits for the agent's `opened` frame (it makes a host key and starts
 # sshd); the stream itself has no deadline, a session lasts as long as the user wants.
 OPEN_TIMEOUT = 30.0
@@ -593,7 +593,7 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
             if finished.is_set():
                 return
         while True:
-            parts = end.read(CHUNK)
+            parts = end.read(relaybuf.FRAME)
             if not parts:
                 yield pb.ShellFrame(eof=True)
                 return
