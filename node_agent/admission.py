@@ -52,7 +52,7 @@ DEFAULTS = {"action_no_jobs": "deny", "action_unknown": "newest",
 CHOICES = {"action_no_jobs": ("deny", "ignore"),
            "action_unknown": ("newest", "allow", "deny"),
            "action_adopt_failure": ("deny", "allow")}
-DEFAULT_TIMEOUT = 2.0
+DEFAULT_TIMEOUT = 5.0  # pam_adopt's default timeout=, for a request that names none
 CALL_SHARE = 0.6  # of the module's timeout, for the caller-ID call
 MIN_CALL = 0.05  # seconds: less than that left, and the call is not even tried
 ADOPTED_LEAF = "adopted"

@@ -34,7 +34,7 @@ is logged and ignored):
     service=NAME|*                          default sshd
     log_level=debug|info|error|quiet        default info
     socket=PATH                             default /run/callerid-adopt/admission.sock
-    timeout=SECONDS                         default 2
+    timeout=SECONDS                         default 5
 
 A denied user sees one sentence (e.g. "Access denied by pam_adopt: you have no active
 jobs on this node"); the details go to syslog (authpriv).
@@ -239,7 +239,7 @@ class Options:
             setattr(self, key, default)
         self.service = "sshd"
         self.socket = DEFAULT_SOCKET
-        self.timeout = 2.0
+        self.timeout = 5.0
         self.problems: list[str] = []
 
     @classmethod

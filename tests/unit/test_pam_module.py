@@ -135,7 +135,7 @@ def test_defaults() -> None:
     o = pam_adopt.Options.parse([])
     assert (o.action_no_jobs, o.action_unknown, o.action_adopt_failure,
             o.action_generic_failure, o.service, o.timeout, o.log_level) == (
-        "deny", "newest", "deny", "deny", "sshd", 2.0, "info")
+        "deny", "newest", "deny", "deny", "sshd", 5.0, "info")
     assert o.socket == "/run/callerid-adopt/admission.sock" and o.problems == []
 
 
@@ -161,8 +161,8 @@ def test_each_option(arg: str, attr: str, value: object) -> None:
     ("action_no_jobs=allow", "action_no_jobs", "deny"),
     ("action_unknown=any", "action_unknown", "newest"),
     ("action_generic_failure=", "action_generic_failure", "deny"),
-    ("timeout=-1", "timeout", 2.0), ("timeout=abc", "timeout", 2.0),
-    ("timeout=1e9", "timeout", 2.0), ("socket=relative", "socket",
+    ("timeout=-1", "timeout", 5.0), ("timeout=abc", "timeout", 5.0),
+    ("timeout=1e9", "timeout", 5.0), ("socket=relative", "socket",
                                         "/run/callerid-adopt/admission.sock"),
     ("service=", "service", "sshd"),
 ])

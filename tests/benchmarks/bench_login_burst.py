@@ -1,0 +1,154 @@
+"""Login burst benchmark: many ssh logins at once, both ways, each from inside its own job.
+
+Run as root with the project's venv::
+
+    .venv/bin/python tests/benchmarks/bench_login_burst.py [--per 25] [--rounds 3]
+
+It brings up its own 2-node lab (instance `cidlab-bb`, dir /run/callerid-lab-bench-burst,
+torn down at the end). alice has jobs A and B, bob C and D, on both nodes, so every login
+needs a caller-ID call to the source node. A burst starts, on each node and in each job,
+`--per` logins at once to the other node (`ssh NODE cat /proc/self/cgroup`): 8 x per
+logins (200 with the default). Bursts against pam_adopt (port 22) and against the no-op
+pam_python module (port 2202, the cost of pam_python alone, no adoption) alternate,
+`--rounds` of each.
+
+It prints, per variant, the burst's wall time and the failed logins; for pam_adopt also
+the logins that did not land in their own job, and how long pam_adopt waited for the
+agent's answer (its "answered in N ms" syslog lines), next to the module's `timeout=`
+(2 s): the answer, not the login, is what must stay inside it. No target is set by an
+issue; a login that fails or lands in another job is a failure of the run (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "deploy" / "lab"))
+
+import lab as lab_mod  # noqa: E402
+
+JOBS = {"A": "alice", "B": "alice", "C": "bob", "D": "bob"}
+VARIANTS = {"pam_adopt": 22, "no-op module": 2202}
+LANDED = re.compile(r"^0::/callerid/job_([^/]+)/adopted$", re.M)
+MODULE_TIMEOUT_MS = 2000
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def adoptctl(lab: lab_mod.Lab, node: str, *argv: str) -> None:
+    lab.run(node, [lab.venv_bin("adoptctl"), *argv])
+
+
+def burst(lab: lab_mod.Lab, out: Path, port: int, per: int) -> tuple[float, int, int]:
+    """One burst: (seconds, failed logins, logins that landed outside their job)."""
+    script = out / "burst.sh"
+    script.write_text('read go\nout=$1; shift\n'
+                      f'for i in $(seq {per}); do "$@" > $out/$i.out 2> $out/$i.err & done\n'
+                      "wait\n")
+    procs = []
+    for src, dst in (("node1", "node2"), ("node2", "node1")):
+        for job, user in JOBS.items():
+            d = out / f"{src}-{job}"
+            d.mkdir(mode=0o777)
+            d.chmod(0o777)
+            argv = lab.ssh_argv(dst, ["cat", "/proc/self/cgroup"], port=port)
+            p = lab.popen(src, ["/bin/sh", str(script), str(d), *argv], user=user,
+                          stdin=subprocess.PIPE, text=True)
+            adoptctl(lab, src, "job", "attach", job, str(p.pid))
+            procs.append((job, d, p))
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=p.communicate, args=("go\n",)) for *_x, p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    elapsed = time.monotonic() - t0
+    failed = wrong = 0
+    for job, d, _p in procs:
+        for i in range(1, per + 1):
+            text = (d / f"{i}.out").read_text()
+            if "::" not in text:
+                failed += 1
+            elif port == VARIANTS["pam_adopt"]:
+                m = LANDED.search(text)
+                wrong += (m is None or m.group(1) != job)
+    return elapsed, failed, wrong
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per", type=int, default=25, help="logins per job and direction")
+    ap.add_argument("--rounds", type=int, default=3, help="bursts per variant")
+    args = ap.parse_args()
+    lab = lab_mod.Lab("/run/callerid-lab-bench-burst", nodes=2, venv=REPO / ".venv",
+                      name="cidlab-bb")
+    results: dict[str, list[tuple[float, int, int]]] = {v: [] for v in VARIANTS}
+    answered: list[float] = []
+    t_start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="callerid-bench-burst-", dir="/var/tmp"))
+    work.chmod(0o755)
+    try:
+        lab.up()
+        for node in lab.nodes:
+            lab.set_pam(node, [])
+            for job, user in JOBS.items():
+                adoptctl(lab, node, "job", "run", "--id", job, "--user", user, "--",
+                         "/bin/sleep", "1000000")
+                time.sleep(0.01)
+        for r in range(args.rounds):
+            for variant, port in (VARIANTS.items() if r % 2 == 0
+                                  else reversed(VARIANTS.items())):
+                out = work / f"{r}-{port}"
+                out.mkdir()
+                out.chmod(0o755)
+                before = len(lab.syslog())
+                results[variant].append(burst(lab, out, port, args.per))
+                if port == VARIANTS["pam_adopt"]:
+                    answered += [float(ms) for ms in re.findall(
+                        r"answered in (\d+) ms", lab.syslog()[before:])]
+    finally:
+        lab.down()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+    logins = 8 * args.per
+    ok = True
+    print(f"\ncallerid-adopt login burst: {logins} ssh logins at once ({args.per} per job and "
+          f"direction, 4 jobs, both ways), {args.rounds} bursts per variant, alternating\n")
+    print(f"{'variant':<14}{'bursts':>7}{'s p50':>8}{'s max':>8}{'logins/s':>10}"
+          f"{'failed':>8}{'wrong job':>11}")
+    for variant, rs in results.items():
+        secs = [r[0] for r in rs]
+        failed, wrong = sum(r[1] for r in rs), sum(r[2] for r in rs)
+        ok &= failed == 0 and wrong == 0
+        wrong_text = str(wrong) if variant == "pam_adopt" else "-"
+        print(f"{variant:<14}{len(rs):>7}{statistics.median(secs):>8.1f}{max(secs):>8.1f}"
+              f"{logins / statistics.median(secs):>10.1f}{failed:>8}{wrong_text:>11}")
+    if answered:
+        print(f"\npam_adopt's wait for the agent's answer, ms (n={len(answered)}): "
+              f"p50 {statistics.median(answered):.0f}  p90 {pct(answered, 0.9):.0f}  "
+              f"p99 {pct(answered, 0.99):.0f}  max {max(answered):.0f}  "
+              f"(module timeout {MODULE_TIMEOUT_MS} ms)")
+    else:
+        print("\n(no pam_adopt lines in the lab's syslog: answer times unknown)")
+    print(f"\n{'ALL LOGINS IN THEIR OWN JOB' if ok else 'SOME LOGINS FAILED'}; "
+          f"runtime {time.monotonic() - t_start:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
