@@ -150,14 +150,13 @@ class Admission:
         detail = ""
         # The call gets at most 60 % of the module's timeout, counted from the request's
         # arrival: the rest is for the adoption, the reply, and a busy machine.
-        budget = ((request.options.timeout or DEFAULT_TIMEOUT) * CALL_SHARE
-                  - (time.monotonic() - received))
+        waited = time.monotonic() - received
+        budget = (request.options.timeout or DEFAULT_TIMEOUT) * CALL_SHARE - waited
         if conn is None:
             detail = f"no usable SSH_CONNECTION ({request.ssh_connection!r})"
         elif budget < MIN_CALL:
-            waited = (time.monotonic() - received) * 1000
             detail = (f"no time left to ask {conn.src_ip} for the caller's job (the request "
-                      f"waited {waited:.0f} ms for the agent)")
+                      f"waited {waited * 1000:.0f} ms for the agent)")
         else:
             deadline = min(self.rpc_timeout, budget)
             if self.warmer is not None:

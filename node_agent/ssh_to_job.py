@@ -405,10 +405,6 @@ def finish_keygen(proc: subprocess.Popen[str]) -> None:
         raise CliError("Key generation", why)
 
 
-def keygen(tmp: str, options: Sequence[str]) -> None:
-    finish_keygen(start_keygen(tmp, options))
-
-
 def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
                 sleep: Callable[[float], None] = time.sleep) -> int:
     handlers = _Handlers()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +37,48 @@ def process_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")
+
+
+@dataclass(frozen=True)
+class BurstLogin:
+    """One login of a burst: where it came from, in which job, what it printed."""
+
+    src: str
+    job: str
+    out: str
+    err: str
+
+
+def login_burst(lab: Any, work: Path, jobs: Mapping[str, str], per: int,
+                argv_to: Callable[[str], list[str]],
+                timeout: float = 300) -> tuple[float, list[BurstLogin]]:
+    """From each of node1 and node2 to the other, inside each job of `jobs` (id -> user,
+    already running on both nodes), start `per` logins (`argv_to(destination)`) at once,
+    all released together. `work` must be readable by the lab users. Returns the seconds
+    from the release to the last exit, and every login. AssertionError if any hangs."""
+    script = work / "burst.sh"
+    script.write_text('read go\nout=$1; shift\n'
+                      f'for i in $(seq {per}); do "$@" > $out/$i.out 2> $out/$i.err & done\n'
+                      "wait\n")
+    script.chmod(0o755)
+    procs = []
+    for src, dst in (("node1", "node2"), ("node2", "node1")):
+        for job, user in jobs.items():
+            out = work / f"burst-{src}-{job}"
+            out.mkdir(exist_ok=True)
+            out.chmod(0o777)
+            p = lab.popen(src, ["/bin/sh", str(script), str(out), *argv_to(dst)], user=user,
+                          stdin=subprocess.PIPE, text=True)
+            adoptctl(lab, src, "job", "attach", job, str(p.pid))
+            procs.append((src, job, out, p))
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=p.communicate, args=("go\n",)) for *_x, p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "logins hung"
+    elapsed = time.monotonic() - t0
+    return elapsed, [BurstLogin(src, job, (out / f"{i}.out").read_text(),
+                                (out / f"{i}.err").read_text())
+                     for src, job, out, _p in procs for i in range(1, per + 1)]

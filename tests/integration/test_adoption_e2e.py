@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
-from tests.integration.helpers import adoptctl, process_alive
+from tests.integration.helpers import adoptctl, login_burst, process_alive
 
 pytestmark = pytest.mark.root
 
@@ -207,43 +206,16 @@ def test_100_concurrent_logins_each_in_its_own_job(lab: Any, shared_dir: Any) ->
     for job, user in jobs.items():
         start_job(lab, job, user)
     per = 13  # 4 jobs x 13 logins x 2 directions = 104
-    script = shared_dir / "conc.sh"
-    script.write_text('read go\nout=$1; shift\n'
-                      f'for i in $(seq {per}); do "$@" > $out/$i.out 2> $out/$i.err & done\n'
-                      "wait\n")
-    script.chmod(0o755)
-    procs = []
-    for src, dst in (("node1", "node2"), ("node2", "node1")):
-        for job, user in jobs.items():
-            out = shared_dir / f"conc-{src}-{job}"
-            out.mkdir(exist_ok=True)
-            out.chmod(0o777)
-            procs.append((src, job, out, lab.popen(
-                src, ["/bin/sh", str(script), str(out), *ssh(lab, dst, "cat /proc/self/cgroup")],
-                user=user, stdin=subprocess.PIPE, text=True)))
-    for src, job, _out, p in procs:
-        adoptctl(lab, src, "job", "attach", job, str(p.pid))
     logged_before = len(lab.syslog())
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=p.communicate, args=("go\n",)) for *_x, p in procs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "logins hung"
-    elapsed = time.monotonic() - t0
-    wrong = []
-    for src, job, out, _p in procs:
-        for i in range(1, per + 1):
-            text = (out / f"{i}.out").read_text()
-            if landed_in(text) != job:
-                wrong.append((src, job, i, text, (out / f"{i}.err").read_text()))
+    elapsed, logins = login_burst(lab, shared_dir, jobs, per,
+                                  lambda dst: ssh(lab, dst, "cat /proc/self/cgroup"))
+    wrong = [(x.src, x.job, x.out, x.err) for x in logins if landed_in(x.out) != x.job]
     assert not wrong, wrong[:3]
     logged = lab.syslog()
     if logged.startswith("(lab:"):  # a real syslog daemon has pam_adopt's lines
         return
     answered = sorted(int(ms) for ms in re.findall(r"answered in (\d+) ms",
                                                     logged[logged_before:]))
-    assert len(answered) == len(procs) * per
-    print(f"{len(answered)} concurrent logins in {elapsed:.1f} s, all in their own job; "
+    assert len(answered) == len(logins)
+    print(f"{len(logins)} concurrent logins in {elapsed:.1f} s, all in their own job; "
           f"pam_adopt's answer p50 {answered[len(answered) // 2]} ms, max {answered[-1]} ms")

@@ -653,7 +653,7 @@ def test_relay_class_hands_ssh_a_socket_through_fdpass(
     servicer, target, auth = fake_agent
     tmp = tmp_path / "t"
     tmp.mkdir(mode=0o700)
-    stj.keygen(str(tmp), [])
+    stj.finish_keygen(stj.start_keygen(str(tmp), []))
     relay = stj.Relay(target=target, job_id="42", tmp=str(tmp), shells=[],
                       auth=auth.as_uid(ALICE), err=io.StringIO())
     relay.start()
