@@ -37,6 +37,8 @@ _JOB_PREFIX = "job_"
 # How long a cgroup id that names no job is remembered as such (seconds).
 _MISS_TTL = 1.0
 _POLL_S = 0.02
+#: errno of a cgroup file whose group was removed meanwhile (ENODEV: being deactivated).
+_GONE = (errno.ENOENT, errno.ENODEV)
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,12 +586,18 @@ class CgroupLayout:
             for pid in members:
                 self._sigkill(pid)
             return members
+        except OSError as exc:
+            # Race: the group was removed meanwhile (the whole job ended and was swept:
+            # ENOENT, or ENODEV while the kernel deactivates it). Nothing is left in it.
+            if exc.errno in _GONE:
+                return set()
+            raise
         finally:
             # SIGKILL is delivered when the task thaws; never leave the job frozen.
             try:
                 _write_state(state, "THAWED")
             except OSError as exc:
-                if exc.errno != errno.ENOENT:
+                if exc.errno not in _GONE:
                     raise CgroupError(
                         f"cannot thaw {job}: {exc.strerror}", state, cause=exc
                     ) from exc

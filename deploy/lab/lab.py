@@ -134,6 +134,7 @@ instances are up, the listener moves into another instance's head cgroup (and pi
 and keeps running; the last instance down stops it and removes ``/dev/log``. An existing
 ``/dev/log`` that is not the lab's (a real syslog daemon) is left alone and ``Lab.syslog()``
 says so.
+The socket queues DEVLOG_QUEUE (512) datagrams, as on a systemd node; see _devlog_socket.
 
 Black holes
 -----------
@@ -149,6 +150,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -165,6 +167,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -1373,7 +1376,7 @@ class Lab:
             log.warning("%s is a stale socket of the lab's syslog listener: replacing it",
                         DEV_LOG)
             DEV_LOG.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock = _devlog_socket()
         try:
             sock.bind(str(DEV_LOG))
             os.chmod(DEV_LOG, 0o666)
@@ -1901,6 +1904,46 @@ _BSD_TIME = re.compile(r"[A-Z][a-z]{2} [ 0-9]\d \d\d:\d\d:\d\d ")
 #: A sender gone by the time its message is read keeps the node it logged from before
 #: for this long (pids wrap at 32768 here: far longer than this).
 RECENT_PIDS = 60.0
+
+
+#: How many datagrams /dev/log queues for the listener. The kernel's default
+#: (net.unix.max_dgram_qlen) is 10, which a burst of logins overflows at once: senders then
+#: block, and pam_adopt gives up on a line after 0.2 s. systemd raises it to 512 on real
+#: nodes (sysctl.d/50-default.conf), which the lab copies without touching the host's value.
+DEVLOG_QUEUE = 512
+CLONE_NEWNET = 0x40000000
+
+
+def _devlog_socket() -> socket.socket:
+    """The /dev/log datagram socket, queueing DEVLOG_QUEUE datagrams.
+
+    A unix socket takes its queue length from net.unix.max_dgram_qlen of the network
+    namespace it is created in. So it is made by a thread that unshares a network
+    namespace of its own and raises the value there; the socket keeps that namespace
+    alive, and /dev/log is reached by path, from any namespace. If that fails, the
+    socket is made here, with the host's queue length, and a warning.
+    """
+    made: list[socket.socket] = []
+    problem: list[str] = []
+
+    def make() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            Path("/proc/sys/net/unix/max_dgram_qlen").write_text(f"{DEVLOG_QUEUE}\n")
+            made.append(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        except OSError as e:  # the thread ends here: its namespace goes with it
+            problem.append(str(e))
+
+    worker = threading.Thread(target=make, name="devlog-netns")
+    worker.start()
+    worker.join()
+    if made:
+        return made[0]
+    log.warning("/dev/log keeps the host's queue length (a burst of logins may lose "
+                "syslog lines): %s", problem[0] if problem else "?")
+    return socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
 
 def format_syslog(data: bytes, node: str, now: float | None = None) -> str:

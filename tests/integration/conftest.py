@@ -9,9 +9,11 @@ namespaces only; the tests talk to them through `lab.run(node, argv)`.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,21 +93,45 @@ def _mark_lab_logs(request: pytest.FixtureRequest) -> None:
         p: (p.stat().st_size if p.exists() else 0) for p in _lab_logs(the_lab)}
 
 
+def _new_lines(path: Path, start: int) -> list[str]:
+    try:
+        with path.open("rb") as f:
+            f.seek(start)
+            return f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+
+
 def lab_complaints(marks: dict[Path, int]) -> str:
     """The non-routine lines each log gained since `marks`, the last SHOWN_LINES of each."""
     out = []
     for path, start in marks.items():
-        try:
-            with path.open("rb") as f:
-                f.seek(start)
-                new = f.read().decode(errors="replace").splitlines()
-        except FileNotFoundError:
-            continue
-        lines = [line for line in new if not any(r in line for r in ROUTINE)]
+        lines = [line for line in _new_lines(path, start) if not any(r in line for r in ROUTINE)]
         if lines:
             out.append(f"{path.name} ({len(lines)} lines, the last {SHOWN_LINES}):")
             out.extend(lines[-SHOWN_LINES:])
     return "\n".join(out)
+
+
+@pytest.fixture
+def agents_end_sessions_cleanly(lab: lab_mod.Lab) -> Iterator[None]:
+    """After the test: every ssh-to-job session an agent opened during it is logged as
+    ended (within 10 s), and no agent logged an error or a traceback meanwhile."""
+    marks = {p: p.stat().st_size if p.exists() else 0
+             for p in _lab_logs(lab) if p.name.startswith("agent-")}
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        lines = [line for p, start in marks.items() for line in _new_lines(p, start)]
+        text = "\n".join(lines)
+        open_ = set(re.findall(r"opened session (\w+)", text))
+        open_ -= set(re.findall(r"session (\w+) ended", text))
+        if not open_ or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not open_, f"sessions never logged as ended: {sorted(open_)}"
+    bad = [line for line in lines if " ERROR " in line or line.startswith("Traceback")]
+    assert not bad, "\n".join(bad[:SHOWN_LINES])
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -107,6 +107,7 @@ def test_scp_rsync_sftp_both_ways(lab: Any, job: dict[str, Any], shared_dir: Pat
     assert hashlib.sha256((job["work"] / "back.bin").read_bytes()).hexdigest() == digest
 
 
+@pytest.mark.usefixtures("agents_end_sessions_cleanly")
 def test_job_end_kills_open_sessions(lab: Any, shared_dir: Path) -> None:
     adoptctl(lab, "node1", "job", "run", "--id", "stj2", "--user", "alice", "--",
              "/bin/sleep", "1000000")

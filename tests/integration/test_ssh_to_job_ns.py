@@ -155,6 +155,7 @@ def test_job_private_tmp_holds_the_files_and_is_cleaned(lab: Any, shared_dir: Pa
         adoptctl(lab, "node1", "job", "end", PRIVATE_TMP, check=False)
 
 
+@pytest.mark.usefixtures("agents_end_sessions_cleanly")
 def test_job_end_kills_the_session_and_removes_its_files(lab: Any, shared_dir: Path) -> None:
     """The session's files are in the node's /tmp (the job hides only /run); the job ends
     while the session runs: its processes are gone, the agent still removes them, as

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from callerid import (
     InvalidJobId,
     KernelFormatError,
     ProcCgroup,
+    _cgroup,
 )
 from tests.unit.conftest import FakeCgroupFS, FakeProc
 
@@ -468,6 +470,37 @@ def test_kill_v1_freezer_freezes_kills_thaws(
     assert states == ["FROZEN", "FROZEN"]  # killed while frozen: no fork escapes
     assert (job / "freezer.state").read_text() == "THAWED"  # never left frozen
     assert lay.procs("42") == set()
+
+
+def test_kill_leaf_swept_while_freezing_is_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The whole job ends (and its tree is removed) while one ssh-to-job session's own
+    # cleanup is freezing its leaf: the leaf's freezer.state vanishes under the loop.
+    mount = tmp_path / "freezer"
+    mount.mkdir()
+    lay = CgroupLayout([Hierarchy("freezer", 1, mount)], "callerid")
+    lay.create_job("42")
+    lay.attach("42", FAKE_PIDS[1], leaf="ssh-to-job/s1")
+    leaf = mount / "callerid" / "job_42" / "ssh-to-job" / "s1"
+    (leaf / "freezer.state").write_text("THAWED\n")
+    real_write_state = _cgroup._write_state
+
+    def write_state(path: Path, state: str) -> None:
+        real_write_state(path, state)
+        if state == "FROZEN":
+            path.write_text("FREEZING\n")  # the kernel has not stopped every task yet
+
+    def sweep(_: float) -> None:  # the job's end removes the tree meanwhile
+        shutil.rmtree(mount / "callerid" / "job_42")
+
+    monkeypatch.setattr(_cgroup, "_write_state", write_state)
+    monkeypatch.setattr(_cgroup.time, "sleep", sweep)
+    fake = FakeKernel(mount)
+    monkeypatch.setattr(os, "kill", fake.kill)
+    assert lay.kill("42", timeout=2, leaf="ssh-to-job/s1") == 0
+    assert fake.signals == []
+    assert lay.procs("42", leaf="ssh-to-job/s1") == set()
 
 
 def test_kill_v2_uses_cgroup_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
