@@ -276,7 +276,7 @@ class Options:
                     opts.timeout = t
                 except ValueError:
                     opts.problems.append(f"timeout={value!r} is not a number of seconds "
-                                         "in (0, 60]; using 2")
+                                         f"in (0, 60]; using {opts.timeout:g}")
             else:
                 opts.problems.append(f"ignoring unknown option {key!r}")
         return opts

@@ -170,6 +170,15 @@ def test_bad_values_are_logged_and_defaulted(arg: str, attr: str, default: objec
     o = pam_adopt.Options.parse([arg])
     assert getattr(o, attr) == default
     assert len(o.problems) == 1
+    # The line in syslog names the value that is used instead.
+    assert o.problems[0].endswith(f"using {default:g}" if isinstance(default, float)
+                                  else f"using {default}"), o.problems[0]
+
+
+def test_bad_timeout_keeps_an_earlier_good_one() -> None:
+    o = pam_adopt.Options.parse(["timeout=3", "timeout=never"])
+    assert o.timeout == 3.0 and o.problems == ["timeout='never' is not a number of "
+                                               "seconds in (0, 60]; using 3"]
 
 
 def test_unknown_and_malformed_options_are_ignored() -> None:
