@@ -446,13 +446,19 @@ class FakeKernel:
             procs.write_text("".join(f"{ln}\n" for ln in lines))
 
 
+def job_42_in(tmp_path: Path, name: str, version: int = 1) -> tuple[CgroupLayout, Path]:
+    """A layout over one (fake) hierarchy mounted at tmp_path/name, with job 42 created."""
+    mount = tmp_path / name
+    mount.mkdir()
+    lay = CgroupLayout([Hierarchy(name, version, mount)], "callerid")
+    lay.create_job("42")
+    return lay, mount
+
+
 def test_kill_v1_freezer_freezes_kills_thaws(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mount = tmp_path / "freezer"
-    mount.mkdir()
-    lay = CgroupLayout([Hierarchy("freezer", 1, mount)], "callerid")
-    lay.create_job("42")
+    lay, mount = job_42_in(tmp_path, "freezer")
     job = mount / "callerid" / "job_42"
     (job / "freezer.state").write_text("THAWED\n")
     lay.attach("42", FAKE_PIDS[0])
@@ -477,10 +483,7 @@ def test_kill_leaf_swept_while_freezing_is_not_an_error(
 ) -> None:
     # The whole job ends (and its tree is removed) while one ssh-to-job session's own
     # cleanup is freezing its leaf: the leaf's freezer.state vanishes under the loop.
-    mount = tmp_path / "freezer"
-    mount.mkdir()
-    lay = CgroupLayout([Hierarchy("freezer", 1, mount)], "callerid")
-    lay.create_job("42")
+    lay, mount = job_42_in(tmp_path, "freezer")
     lay.attach("42", FAKE_PIDS[1], leaf="ssh-to-job/s1")
     leaf = mount / "callerid" / "job_42" / "ssh-to-job" / "s1"
     (leaf / "freezer.state").write_text("THAWED\n")
@@ -504,10 +507,7 @@ def test_kill_leaf_swept_while_freezing_is_not_an_error(
 
 
 def test_kill_v2_uses_cgroup_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    mount = tmp_path / "unified"
-    mount.mkdir()
-    lay = CgroupLayout([Hierarchy("unified", 2, mount)], "callerid")
-    lay.create_job("42")
+    lay, mount = job_42_in(tmp_path, "unified", 2)
     job = mount / "callerid" / "job_42"
     (job / "cgroup.kill").write_text("")
     lay.attach("42", FAKE_PIDS[0])
@@ -531,10 +531,7 @@ def test_kill_v2_uses_cgroup_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_kill_without_freezer_loops_sigkill(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mount = tmp_path / "pids"
-    mount.mkdir()
-    lay = CgroupLayout([Hierarchy("pids", 1, mount)], "callerid")
-    lay.create_job("42")
+    lay, mount = job_42_in(tmp_path, "pids")
     lay.attach("42", FAKE_PIDS[2])
     fake = FakeKernel(mount)
     monkeypatch.setattr(os, "kill", fake.kill)
@@ -543,10 +540,7 @@ def test_kill_without_freezer_loops_sigkill(
 
 
 def test_kill_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    mount = tmp_path / "pids"
-    mount.mkdir()
-    lay = CgroupLayout([Hierarchy("pids", 1, mount)], "callerid")
-    lay.create_job("42")
+    lay, mount = job_42_in(tmp_path, "pids")
     lay.attach("42", FAKE_PIDS[0])
     fake = FakeKernel(mount, survivors={FAKE_PIDS[0]})  # stuck in D state, say
     monkeypatch.setattr(os, "kill", fake.kill)
@@ -568,10 +562,7 @@ def test_kill_missing_job_is_a_no_op(layout: CgroupLayout, monkeypatch: pytest.M
 def test_nested_leaf_attach_kill_remove_leave_the_rest_of_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    mount = tmp_path / "pids"
-    mount.mkdir()
-    lay = CgroupLayout([Hierarchy("pids", 1, mount)], "callerid")
-    lay.create_job("42")
+    lay, mount = job_42_in(tmp_path, "pids")
     lay.attach("42", FAKE_PIDS[0])
     lay.attach("42", FAKE_PIDS[1], leaf="ssh-to-job/s1")  # parents created on demand
     lay.attach("42", FAKE_PIDS[2], leaf="ssh-to-job/s2")
