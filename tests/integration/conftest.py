@@ -88,9 +88,12 @@ def _lab_logs(the_lab: lab_mod.Lab) -> list[Path]:
 def _mark_lab_logs(request: pytest.FixtureRequest) -> None:
     if "lab" not in request.fixturenames:
         return
-    the_lab = request.getfixturevalue("lab")
-    request.node.stash[LOG_MARKS] = {
-        p: (p.stat().st_size if p.exists() else 0) for p in _lab_logs(the_lab)}
+    request.node.stash[LOG_MARKS] = _log_marks(request.getfixturevalue("lab"))
+
+
+def _log_marks(the_lab: lab_mod.Lab) -> dict[Path, int]:
+    """Where each lab log ends now."""
+    return {p: (p.stat().st_size if p.exists() else 0) for p in _lab_logs(the_lab)}
 
 
 def _new_lines(path: Path, start: int) -> list[str]:
@@ -117,8 +120,7 @@ def lab_complaints(marks: dict[Path, int]) -> str:
 def agents_end_sessions_cleanly(lab: lab_mod.Lab) -> Iterator[None]:
     """After the test: every ssh-to-job session an agent opened during it is logged as
     ended (within 10 s), and no agent logged an error or a traceback meanwhile."""
-    marks = {p: p.stat().st_size if p.exists() else 0
-             for p in _lab_logs(lab) if p.name.startswith("agent-")}
+    marks = {p: at for p, at in _log_marks(lab).items() if p.name.startswith("agent-")}
     yield
     deadline = time.monotonic() + 10
     while True:
