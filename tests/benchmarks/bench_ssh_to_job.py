@@ -62,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,15 @@ def pct(values: list[float], p: float) -> float:
     k = (len(s) - 1) * p
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def shuffled_rounds(rng: random.Random, variants: Iterable[str], rounds: int) -> Iterator[str]:
+    """Each variant once per round, in a new random order each round (interleaved runs:
+    a drift of the machine hits every variant alike)."""
+    order = list(variants)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        yield from order
 
 
 def sha256(path: Path) -> str:
@@ -242,45 +252,36 @@ def main() -> int:
             if fs:
                 raise RuntimeError(f"warm-up login failed: {fs[0]}")
         print(f"logins: {args.rounds} rounds of {len(logins)} ...", flush=True)
-        order = list(logins)
-        for _ in range(args.rounds):
-            rng.shuffle(order)
-            for v in order:
-                times[v].append(once(v, *logins[v]))
+        for v in shuffled_rounds(rng, logins, args.rounds):
+            times[v].append(once(v, *logins[v]))
 
         if args.probes:
             print(f"probes: {args.probes} rounds of {len(probes)} ...", flush=True)
-        porder = list(probes)
-        for _ in range(args.probes):
-            rng.shuffle(porder)
-            for v in porder:
-                probe_ms[v].append(once(v, *probes[v]))
+        for v in shuffled_rounds(rng, probes, args.probes):
+            probe_ms[v].append(once(v, *probes[v]))
 
         print(f"creating a {args.mib} MiB file ...", flush=True)
         src_sum = make_file(src, args.mib, args.seed)
         size = src.stat().st_size
         print(f"copies: {args.copies} rounds of {len(copies)} ...", flush=True)
         checked: set[str] = set()
-        corder = list(copies)
-        for _ in range(args.copies):
-            rng.shuffle(corder)
-            for v in corder:
-                dst[v].unlink(missing_ok=True)
-                n_fail = len(failures[v])
-                cpu0 = node_cpu(lab)
-                ms = once(v, "node1", copies[v])
-                cpu1 = node_cpu(lab)
-                copy_cpu[v].append({n: cpu1[n] - cpu0[n] for n in cpu1 if n in cpu0})
-                if len(failures[v]) == n_fail:
-                    got = dst[v].stat().st_size if dst[v].exists() else -1
-                    if got != size:
-                        failures[v].append(f"copy has {got} bytes, not {size}")
-                    elif v not in checked:
-                        checked.add(v)
-                        if sha256(dst[v]) != src_sum:
-                            failures[v].append("copy differs from the source (SHA-256)")
-                copy_ms[v].append(ms)
-                dst[v].unlink(missing_ok=True)
+        for v in shuffled_rounds(rng, copies, args.copies):
+            dst[v].unlink(missing_ok=True)
+            n_fail = len(failures[v])
+            cpu0 = node_cpu(lab)
+            ms = once(v, "node1", copies[v])
+            cpu1 = node_cpu(lab)
+            copy_cpu[v].append({n: cpu1[n] - cpu0[n] for n in cpu1 if n in cpu0})
+            if len(failures[v]) == n_fail:
+                got = dst[v].stat().st_size if dst[v].exists() else -1
+                if got != size:
+                    failures[v].append(f"copy has {got} bytes, not {size}")
+                elif v not in checked:
+                    checked.add(v)
+                    if sha256(dst[v]) != src_sum:
+                        failures[v].append("copy differs from the source (SHA-256)")
+            copy_ms[v].append(ms)
+            dst[v].unlink(missing_ok=True)
         log = lab.agent_log("node2")
         sessions_opened = len(re.findall(r"ssh session \S+ opened", log))
     finally:
