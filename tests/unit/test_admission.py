@@ -91,6 +91,14 @@ def adopted_pids(reg: JobRegistry, job: str) -> list[set[str]]:
     return out
 
 
+def two_jobs_of_alice(registry: JobRegistry) -> FakeCallerId:
+    """Jobs A and then B of alice (B the newest); a caller-ID fake that answers nothing yet."""
+    registry.start("A", "alice")
+    time.sleep(0.01)
+    registry.start("B", "alice")
+    return FakeCallerId()
+
+
 def test_no_jobs_denies_with_the_sentence_or_ignores(registry: JobRegistry) -> None:
     adm = Admission(registry, FakeCallerId())
     r = adm.decide(request(), PEER)
@@ -117,10 +125,7 @@ def test_one_job_adopts_without_asking_anyone(registry: JobRegistry) -> None:
 
 
 def test_several_jobs_ask_the_source_node(registry: JobRegistry) -> None:
-    registry.start("A", "alice")
-    time.sleep(0.01)
-    registry.start("B", "alice")
-    cid = FakeCallerId()
+    cid = two_jobs_of_alice(registry)
     cid.answer = "A"
     adm = Admission(registry, cid, rpc_timeout=5.0)
     r = adm.decide(request(timeout=2.0), PEER)
@@ -135,10 +140,7 @@ def test_several_jobs_ask_the_source_node(registry: JobRegistry) -> None:
                                            (None, True)])
 def test_unknown_source_applies_action_unknown(registry: JobRegistry, answer: str | None,
                                                error: bool) -> None:
-    registry.start("A", "alice")
-    time.sleep(0.01)
-    registry.start("B", "alice")
-    cid = FakeCallerId()
+    cid = two_jobs_of_alice(registry)
     cid.answer = answer
     cid.error = Unavailable() if error else None
     adm = Admission(registry, cid)
@@ -154,10 +156,7 @@ def test_unknown_source_applies_action_unknown(registry: JobRegistry, answer: st
 
 
 def test_time_spent_waiting_for_the_agent_comes_off_the_call(registry: JobRegistry) -> None:
-    registry.start("A", "alice")
-    time.sleep(0.01)
-    registry.start("B", "alice")
-    cid = FakeCallerId()
+    cid = two_jobs_of_alice(registry)
     cid.answer = "A"
     adm = Admission(registry, cid)
     # Waited 0.5 s of a 2 s module timeout: the call gets what is left of its 60 %.
