@@ -10,7 +10,8 @@ The implementation lives in private modules; this module re-exports the public A
 - addresses: :class:`Endpoint`, :class:`Connection`, :func:`normalize_ip` (``_addr``)
 - ``/proc/net/tcp{,6}``: :func:`decode_address`, :func:`parse_tcp_table`,
   :func:`read_tcp_tables`, :func:`find_in_tables` (``_procnet``)
-- netlink sock_diag: :class:`SockDiag`, :class:`DiagSocket` (``_diag``)
+- netlink sock_diag: :class:`SockDiag`, :class:`DiagSocket` (``_diag``); this namespace's
+  addresses: :func:`local_addresses` (``_ifaddr``)
 - processes: :func:`find_socket_owner`, :func:`read_proc_cgroups`, ... (``_procfs``)
 - jobs and cgroups: :class:`Job`, :func:`validate_job_id`, :class:`CgroupLayout` (``_jobs``,
   ``_cgroup``)
@@ -22,6 +23,7 @@ from ._addr import Connection, Endpoint, IPAddress, normalize_ip
 from ._cgroup import CgroupConfig, CgroupLayout, Hierarchy
 from ._diag import DiagSocket, SockDiag
 from ._errors import CgroupError, Error, InvalidJobId, KernelFormatError, NetlinkUnavailable
+from ._ifaddr import local_addresses
 from ._jobs import JOB_ID_MAX_LEN, Job, validate_job_id
 from ._procfs import (
     ProcCgroup,
@@ -78,6 +80,7 @@ __all__ = [
     "Endpoint",
     "IPAddress",
     "normalize_ip",
+    "local_addresses",
     # /proc/net/tcp
     "TCP_CLOSE",
     "TCP_CLOSE_WAIT",
