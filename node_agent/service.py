@@ -104,15 +104,20 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         rec = self.registry.get(res.job_id) if res.job_id else None
         metrics.RESOLVE_SECONDS.observe(time.perf_counter() - t0)
         owner_uid = rec.job.uid if rec else res.uid
-        if not self._privileged(ident) and owner_uid is not None and owner_uid != ident.uid:
-            # Not yours: the same answer as "no such connection", and a record of the question.
-            security.warning(
-                "SECURITY: uid %d asked %s about %s -> %s, owned by uid %d%s: answered unknown",
-                ident.uid, self.node, conn.local, conn.remote, owner_uid,
-                f" (job {rec.job.id})" if rec else "")
-            metrics.ANSWERS.labels("denied").inc()
+        if not self._privileged(ident) and owner_uid != ident.uid:
+            # Not yours, or no such connection: one and the same answer (no pid, no
+            # steps), so that a user cannot tell someone else's connection from a
+            # missing one; a question about someone else's is recorded.
+            if owner_uid is not None:
+                security.warning(
+                    "SECURITY: uid %d asked %s about %s -> %s, owned by uid %d%s: answered "
+                    "unknown", ident.uid, self.node, conn.local, conn.remote, owner_uid,
+                    f" (job {rec.job.id})" if rec else "")
+                metrics.ANSWERS.labels("denied").inc()
+            else:
+                metrics.ANSWERS.labels("unknown").inc()
             return pb.CallerIdReply(outcome=pb.CallerIdReply.UNKNOWN, node=self.node,
-                                    method="not-found")
+                                    method=callerid.METHOD_NOT_FOUND)
         reply = pb.CallerIdReply(node=self.node, method=res.method, pid=res.pid or 0,
                                  uid=res.uid if res.uid is not None else 0)
         if rec is not None:

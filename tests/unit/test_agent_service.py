@@ -21,8 +21,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from callerid import CgroupLayout, Connection, Hierarchy, Resolution, Step
 from node_agent import metrics
+from node_agent.auth import Claim, digest, reply_payload
 from node_agent.cli import adoptctl_main
 from node_agent.client import AgentClient
+from node_agent.errors import AuthError
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 from node_agent.registry import JobRegistry
@@ -66,7 +68,8 @@ class Agent:
     cgroot: Path
 
     def client(self, uid: int = 0, unix: bool = False) -> AgentClient:
-        return AgentClient(self.unix if unix else self.tcp, self.auth.as_uid(uid), timeout=5)
+        return AgentClient(self.unix if unix else self.tcp, self.auth.as_uid(uid), timeout=5,
+                           local_node="testnode")
 
 
 @pytest.fixture
@@ -150,6 +153,25 @@ def test_socket_of_another_user_without_job_is_unknown_too(
     assert any("uid 1002" in r.getMessage() for r in caplog.records)
 
 
+def test_someone_elses_connection_is_answered_like_a_missing_one(agent: Agent) -> None:
+    """Whois (with steps) and CallerId: bob cannot tell alice's connection, in a job or
+    not, from one that does not exist; alice still gets her own explained."""
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("42", ALICE, 777)
+    agent.resolver.table[("10.0.0.1:40001", "10.0.0.2:22")] = (None, ALICE, 778)
+    agent.registry.start("42", "alice")
+    missing = AgentClient.connection("10.0.0.1", 40002, "10.0.0.2", 22)
+    in_job = CONN
+    no_job = AgentClient.connection("10.0.0.1", 40001, "10.0.0.2", 22)
+    with agent.client(BOB) as c:
+        for ask in (c.whois, c.caller_id):
+            answers = {ask(conn).SerializeToString(deterministic=True)
+                       for conn in (missing, in_job, no_job)}
+            assert len(answers) == 1, answers
+    with agent.client(ALICE) as c:
+        assert c.whois(no_job).steps  # her own connection, not in a job: explained
+        assert c.whois(no_job).pid == 778
+
+
 def test_whois_explains_and_finds_pid(agent: Agent) -> None:
     agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("42", ALICE, 777)
     agent.registry.start("42", "alice")
@@ -187,28 +209,64 @@ def test_ipv4_mapped_is_normalised(agent: Agent) -> None:
         assert c.caller_id(conn).job_id == "42"
 
 
-def test_calls_without_valid_credentials_are_refused(agent: Agent) -> None:
+def _claim(method: str, request: object, target: str = "ip:127.0.0.1") -> bytes:
+    return Claim(method, target, digest(request)).payload()
+
+
+def test_calls_without_valid_credentials_are_refused(
+        agent: Agent, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="node_agent.security")
     channel = grpc.insecure_channel(agent.tcp)
     stub = agent_pb2_grpc.NodeAgentStub(channel)
     req = pb.CallerIdRequest(connection=CONN)
     method = "/callerid_adopt.v1.NodeAgent/CallerId"
+
+    def refused(cred: str) -> str:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", cred)])
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        return e.value.details()
+
     with pytest.raises(grpc.RpcError) as e:
         stub.CallerId(req, timeout=5)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "no MUNGE credential" in e.value.details()
-    cred = agent.auth.encode(method.encode())
+    cred = agent.auth.encode(_claim(method, req), restrict_uid=0)
     stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", cred)])
-    with pytest.raises(grpc.RpcError) as e:  # the same credential again: replay
-        stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", cred)])
-    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "Replayed" in e.value.details()
-    other = agent.auth.encode(b"/callerid_adopt.v1.NodeAgent/ListJobs")
-    with pytest.raises(grpc.RpcError) as e:  # minted for another method
-        stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", other)])
-    assert "not minted for this method" in e.value.details()
-    with pytest.raises(grpc.RpcError) as e:
-        stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", "garbage")])
-    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "Replayed" in refused(cred)   # the same credential again
+    assert "not minted for this method" in refused(
+        agent.auth.encode(_claim("/callerid_adopt.v1.NodeAgent/ListJobs", req)))
+    # Meant for another node: by address, or by name over a node's own socket.
+    assert "minted for ip:10.77.0.12, not for this node" in refused(
+        agent.auth.encode(_claim(method, req, "ip:10.77.0.12")))
+    assert "minted for node:node2, not for this node" in refused(
+        agent.auth.encode(_claim(method, req, "node:node2")))
+    # Minted for another question (another connection) than the one asked.
+    other = pb.CallerIdRequest(connection=AgentClient.connection("10.0.0.9", 1, "10.0.0.2", 22))
+    assert "not minted for this request" in refused(agent.auth.encode(_claim(method, other)))
+    assert "not minted by callerid-adopt" in refused(agent.auth.encode(method.encode()))
+    assert "Invalid credential format" in refused("garbage")
+    lines = [r.getMessage() for r in caplog.records if "SECURITY:" in r.getMessage()]
+    assert len(lines) == 7, lines
+    assert all("refused the credential" in line for line in lines)
+    channel.close()
+
+
+def test_answers_carry_the_agents_credential(agent: Agent) -> None:
+    """The reply credential: made by root, for this caller only, bound to this request."""
+    channel = grpc.insecure_channel(agent.tcp)
+    stub = agent_pb2_grpc.NodeAgentStub(channel)
+    req = pb.ListJobsRequest()
+    method = "/callerid_adopt.v1.NodeAgent/ListJobs"
+    alice = agent.auth.as_uid(ALICE)
+    cred = alice.encode(_claim(method, req), restrict_uid=0)
+    _, call = stub.ListJobs.with_call(req, timeout=5, metadata=[("x-munge-cred", cred)])
+    reply = dict(call.initial_metadata())["x-munge-reply"]
+    with pytest.raises(AuthError, match="Unauthorized"):
+        agent.auth.as_uid(BOB).decode(reply)  # for alice only
+    ident, payload = alice.decode(reply)
+    assert ident.uid == 0
+    assert payload == reply_payload(method, cred)
     channel.close()
 
 
