@@ -38,6 +38,7 @@ from google.protobuf import json_format
 
 import callerid
 from node_agent import metrics
+from node_agent.errors import ImpostorError
 from node_agent.proto.v1 import admission_pb2 as apb
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.registry import JobRecord, JobRegistry
@@ -167,6 +168,9 @@ class Admission:
             except grpc.RpcError as e:
                 detail = (f"caller ID from {conn.src_ip} failed: {e.code().name}: "
                           f"{e.details()}")
+            except ImpostorError as e:  # not the agent (auth.CredentialPlugin): ignore it
+                security.warning("SECURITY: caller ID for %s's login: %s", request.user, e)
+                detail = f"caller ID from {conn.src_ip} refused: {e}"
             except Exception as e:  # a bug here must not become a hung or failed login
                 log.exception("admission: caller ID from %s", conn.src_ip)
                 detail = f"caller ID from {conn.src_ip} failed: {e}"

@@ -1,15 +1,25 @@
-"""Identity on every gRPC call: MUNGE credentials, and the server interceptor.
+"""Identity on every gRPC call, both ways: MUNGE credentials and the interceptors.
 
-Every call to an agent carries a MUNGE credential in the `x-munge-cred` metadata
-entry. Its payload is the full method name, so a credential minted for one method
-cannot be replayed against another; munged itself rejects a second decode of the
-same credential ("Replayed credential"). The server interceptor decodes it into the
-caller's uid/gid before the servicer runs; the servicer reads it with
-`current_identity()`.
+A credential means one thing, at one place, once:
 
-`Authenticator` is the interface; `MungeAuthenticator` talks to munged through
-libmunge with ctypes (about 0.2 ms a pair; the `munge` CLI costs ~2.5 ms). Unit tests
-inject a fake authenticator. The health and reflection services are exempt so that
+- Every call to an agent carries a MUNGE credential in the `x-munge-cred` metadata entry.
+  Its payload is a `Claim`: the protocol version, the full method name, the node it is
+  meant for (`node:<name>` over the local Unix socket, `ip:<address>` as dialed over TCP)
+  and the SHA-256 of the request (a unary call's request message, or a stream's first
+  message, serialized deterministically). An agent refuses a claim for another method,
+  another node or another request; munged refuses a credential decoded twice.
+- Request credentials are restricted to uid 0 (MUNGE_OPT_UID_RESTRICTION): only root,
+  that is the agent, can decode one. A process that captures a credential (a squatter on
+  the agent's port while the agent is down) can neither read it nor use it anywhere else.
+- The agent answers every authenticated call with a credential of its own in its initial
+  metadata (`x-munge-reply`): made by root, restricted to the caller's uid, its payload
+  bound to the caller's credential. The client checks it before it trusts an answer, so a
+  process that is not root on the node it meant (a port squatter) is refused with one
+  clear line (`ImpostorError`).
+
+`Authenticator` is the interface; `MungeAuthenticator` talks to munged through libmunge
+with ctypes (about 0.1 ms an encode or a decode; the `munge` CLI costs ~2.5 ms). Unit
+tests inject a fake authenticator. The health and reflection services are exempt so that
 standard gRPC tools work; they reveal nothing about jobs.
 """
 
@@ -18,15 +28,20 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import ctypes.util
+import hashlib
+import itertools
 import logging
 import os
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Collection, Container, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from node_agent.errors import AuthError
+from callerid import local_addresses, normalize_ip
+from node_agent.errors import AuthError, ImpostorError
 
 if TYPE_CHECKING:  # grpc-stubs makes these generic; the runtime classes are not.
     ServerInterceptor = grpc.ServerInterceptor[Any, Any]
@@ -42,9 +57,18 @@ else:
     _SSClient = grpc.StreamStreamClientInterceptor
 
 METADATA_KEY = "x-munge-cred"
+REPLY_KEY = "x-munge-reply"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+PROTOCOL = "callerid-adopt/1"
+ROOT = 0
+# A request credential is decoded when its call starts, and calls start at once (every
+# call has a deadline, ssh-to-job's open waits at most 30 s): a minute covers that and
+# any sane clock skew between nodes, and bounds how long a captured one could be replayed
+# at the node it names (munged's default is 5 minutes).
+REQUEST_TTL = 60
 
 log = logging.getLogger("node_agent.auth")
+security = logging.getLogger("node_agent.security")
 
 
 @dataclass(frozen=True)
@@ -58,15 +82,80 @@ class Identity:
 class Authenticator(Protocol):
     """Mints credentials (client side) and verifies them (server side)."""
 
-    def encode(self, payload: bytes) -> str: ...
+    def encode(self, payload: bytes, *, restrict_uid: int | None = None,
+               ttl: int | None = None) -> str:
+        """A credential for `payload`; with `restrict_uid`, only that uid may decode it;
+        with `ttl`, it expires that many seconds after it was made (else munged's TTL)."""
+        ...
 
     def decode(self, credential: str) -> tuple[Identity, bytes]:
         """Return the identity and payload, or raise AuthError."""
         ...
 
 
+def digest(message: Any) -> str:
+    """SHA-256 (hex) of a request as a credential binds it: a protobuf message serialized
+    deterministically (map entries sorted), or raw bytes as they are."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        data = bytes(message)
+    else:
+        data = message.SerializeToString(deterministic=True)
+    return hashlib.sha256(data).hexdigest()
+
+
+def target_claim(target: str, local_node: str) -> str:
+    """The node a client means by a gRPC target: `node:<local_node>` for `unix:` (the
+    agent of this node), `ip:<address>` for an `ipv4:`/`ipv6:` target or an IP literal."""
+    if target.startswith("unix:"):
+        return f"node:{local_node}"
+    text = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
+    if text.startswith("["):
+        host = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        host = text.partition(":")[0]
+    else:
+        host = text
+    return f"ip:{normalize_ip(host)}"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a request credential authorizes: one method, at one node, for one request.
+
+    >>> Claim("/callerid_adopt.v1.NodeAgent/CallerId", "ip:10.77.0.11", "ab12").payload()
+    b'callerid-adopt/1 /callerid_adopt.v1.NodeAgent/CallerId ip:10.77.0.11 ab12'
+    """
+
+    method: str
+    target: str
+    body: str
+
+    def payload(self) -> bytes:
+        return f"{PROTOCOL} {self.method} {self.target} {self.body}".encode()
+
+    @classmethod
+    def parse(cls, payload: bytes) -> Claim:
+        try:
+            version, method, target, body = payload.decode("ascii").split(" ")
+        except (UnicodeDecodeError, ValueError):
+            raise AuthError("MUNGE credential was not minted by callerid-adopt "
+                            f"({PROTOCOL})") from None
+        if version != PROTOCOL:
+            raise AuthError(f"MUNGE credential is for protocol {version!r}, not {PROTOCOL}")
+        return cls(method, target, body)
+
+
+def reply_payload(method: str, request_credential: str) -> bytes:
+    """What the agent's answer credential says: this method, for exactly this request
+    credential (its SHA-256), so it proves nothing about any other call."""
+    cred = hashlib.sha256(request_credential.encode("ascii", "replace")).hexdigest()
+    return f"{PROTOCOL}-reply {method} {cred}".encode()
+
+
 # munge.h: enum munge_opt
+_MUNGE_OPT_TTL = 4
 _MUNGE_OPT_SOCKET = 8
+_MUNGE_OPT_UID_RESTRICTION = 9
 # munge.h: enum munge_err
 _EMUNGE_SOCKET = 6
 _EMUNGE_CRED_REPLAYED = 17
@@ -98,6 +187,11 @@ class MungeAuthenticator:
         # is passed like a fixed argument.
         lib.munge_ctx_set.restype = ctypes.c_int
         lib.munge_ctx_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_char_p]
+        # The same function for options whose value is an int (uid_t): indexing a CDLL
+        # makes a new function object, so the two prototypes do not clash.
+        self._ctx_set_int = lib["munge_ctx_set"]
+        self._ctx_set_int.restype = ctypes.c_int
+        self._ctx_set_int.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
         lib.munge_ctx_strerror.restype = ctypes.c_char_p
         lib.munge_ctx_strerror.argtypes = [ctypes.c_void_p]
         lib.munge_strerror.restype = ctypes.c_char_p
@@ -139,9 +233,15 @@ class MungeAuthenticator:
         return AuthError(f"MUNGE {doing} failed: {text}",
                          replayed=rc == _EMUNGE_CRED_REPLAYED)
 
-    def encode(self, payload: bytes) -> str:
+    def encode(self, payload: bytes, *, restrict_uid: int | None = None,
+               ttl: int | None = None) -> str:
         ctx = self._ctx()
         try:
+            for opt, value in ((_MUNGE_OPT_UID_RESTRICTION, restrict_uid), (_MUNGE_OPT_TTL, ttl)):
+                if value is not None:
+                    rc = self._ctx_set_int(ctx, opt, value)
+                    if rc != 0:
+                        raise self._error(rc, ctx, "encode (options)")
             out = ctypes.c_void_p()
             buf = ctypes.create_string_buffer(payload, len(payload))
             rc = self._lib.munge_encode(ctypes.byref(out), ctx, buf, len(payload))
@@ -189,6 +289,7 @@ class MungeAuthenticator:
         self.decode(self.encode(b"self-test"))
 
 
+
 _identity: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
     "callerid_identity", default=None
 )
@@ -224,16 +325,69 @@ def wrap_handler(handler: grpc.RpcMethodHandler[Any, Any],
         handler.response_serializer)
 
 
+class NodeTargets:
+    """Which claimed targets mean this node: `node:<name>`, and `ip:<address>` for each
+    address of the agent's network namespace. The addresses are read once and again when a
+    claim names an unknown one (an address added since), at most once a second, so a
+    stream of claims for other nodes cannot make the agent dump its addresses in a loop."""
+
+    def __init__(self, node: str, addresses: Collection[str] | None = None,
+                 refresh_interval: float = 1.0) -> None:
+        self.node = node
+        self._fixed = addresses is not None
+        self._addresses = frozenset(str(normalize_ip(a)) for a in addresses or ())
+        self._interval = refresh_interval
+        self._read_at = -refresh_interval
+        self._lock = threading.Lock()
+        if not self._fixed:
+            self._refresh()
+
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._read_at < self._interval:
+                return
+            self._read_at = now
+        try:
+            found = frozenset(str(a) for a in local_addresses())
+        except OSError as e:  # NetlinkUnavailable is an OSError too; keep what we had
+            log.warning("cannot read this node's addresses: %s", e)
+            return
+        self._addresses = found
+
+    def __contains__(self, target: object) -> bool:
+        if not isinstance(target, str):
+            return False
+        kind, _, value = target.partition(":")
+        if kind == "node":
+            return value == self.node
+        if kind != "ip":
+            return False
+        try:
+            ip = str(normalize_ip(value))
+        except ValueError:
+            return False
+        if ip in self._addresses:
+            return True
+        if not self._fixed:
+            self._refresh()
+        return ip in self._addresses
+
+
 class AuthInterceptor(ServerInterceptor):
-    """Decodes the MUNGE credential of every call; refuses calls without a valid one.
+    """Decodes the MUNGE credential of every call; refuses calls without a valid one, or
+    whose claim names another method, another node or another request; and answers each
+    authenticated call with the agent's own credential (see the module docstring).
 
     Decoding happens in the worker thread that runs the call (the interceptor itself
     may run elsewhere), and the identity is put into a context variable for the
-    servicer.
+    servicer. A stream's claim is checked against its first message when the servicer
+    reads it, before the servicer can act on it.
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, targets: Container[str]) -> None:
         self._auth = authenticator
+        self._targets = targets
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -246,7 +400,16 @@ class AuthInterceptor(ServerInterceptor):
             if key == METADATA_KEY:
                 cred = value if isinstance(value, str) else value.decode("ascii", "replace")
         auth = self._auth
+        targets = self._targets
         streaming = handler.response_streaming
+        request_streaming = handler.request_streaming
+
+        def refuse(context: grpc.ServicerContext, uid: int | None, why: str,
+                   public: str) -> None:
+            security.warning("SECURITY: %s: refused the credential of %s from %s: %s",
+                             method, "an unknown caller" if uid is None else f"uid {uid}",
+                             context.peer(), why)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, public)
 
         def wrap_fn(behaviour: Callable[..., Any]) -> Callable[..., Any]:
             def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
@@ -256,16 +419,30 @@ class AuthInterceptor(ServerInterceptor):
                 try:
                     ident, payload = auth.decode(cred)
                 except AuthError as e:
-                    log.warning("SECURITY: %s: rejected credential from %s: %s",
-                                method, context.peer(), e)
-                    code = (grpc.StatusCode.UNAVAILABLE if e.unavailable
-                            else grpc.StatusCode.UNAUTHENTICATED)
-                    context.abort(code, str(e))
-                if payload != method.encode():
-                    log.warning("SECURITY: %s: credential of uid %d was minted for %r",
-                                method, ident.uid, payload[:80])
-                    context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                  "MUNGE credential was not minted for this method")
+                    if e.unavailable:
+                        log.error("%s: %s", method, e)
+                        context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+                    refuse(context, None, str(e), str(e))
+                try:
+                    claim = Claim.parse(payload)
+                except AuthError as e:
+                    refuse(context, ident.uid, f"{e} (payload {payload[:80]!r})", str(e))
+                if claim.method != method:
+                    refuse(context, ident.uid, f"it was minted for {claim.method[:80]!r}",
+                           "MUNGE credential was not minted for this method")
+                if claim.target not in targets:
+                    refuse(context, ident.uid,
+                           f"it was minted for {claim.target[:80]!r}, not for this node",
+                           f"MUNGE credential was minted for {claim.target[:80]}, "
+                           "not for this node")
+                if request_streaming:
+                    request = _first_checked(request, claim.body, method, ident, context)
+                elif digest(request) != claim.body:
+                    refuse(context, ident.uid, "it was minted for another request",
+                           "MUNGE credential was not minted for this request")
+                # Prove to the caller that root on this node answers (module docstring).
+                context.send_initial_metadata(((REPLY_KEY, auth.encode(
+                    reply_payload(method, cred), restrict_uid=ident.uid)),))
                 token = _identity.set(ident)
                 try:
                     result = behaviour(request, context)
@@ -278,6 +455,22 @@ class AuthInterceptor(ServerInterceptor):
             return authenticated
 
         return wrap_handler(handler, wrap_fn)
+
+
+def _first_checked(requests: Iterator[Any], body: str, method: str, ident: Identity,
+                   context: grpc.ServicerContext) -> Iterator[Any]:
+    """The request stream, its first message checked against the claim before anyone
+    sees it."""
+    first = next(requests, None)
+    if first is None:
+        return
+    if digest(first) != body:
+        security.warning("SECURITY: %s: refused the credential of uid %d from %s: it was "
+                         "minted for another first message", method, ident.uid, context.peer())
+        context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                      "MUNGE credential was not minted for this request")
+    yield first
+    yield from requests
 
 
 def _with_identity(ident: Identity, results: Any) -> Any:
@@ -294,29 +487,106 @@ def _with_identity(ident: Identity, results: Any) -> Any:
         yield item
 
 
+# -- the client side ---------------------------------------------------------------------
+
 class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):
-    """Client side: adds a fresh credential, bound to the method, to every call."""
+    """Client side: adds a fresh credential to every call, bound to the method, the node
+    meant (`target_claim`) and the request (a stream's first message), decodable by root
+    only; and refuses an answer that does not carry the agent's proof (`ImpostorError`)."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, target: str, local_node: str) -> None:
         self._auth = authenticator
+        self.target = target
+        self._claim_target = target_claim(target, local_node)
 
-    def _details(self, details: Any) -> Any:
-        metadata = list(details.metadata or ())
-        metadata.append((METADATA_KEY, self._auth.encode(details.method.encode())))
-        return _CallDetails(details.method, details.timeout, metadata,
-                            details.credentials, details.wait_for_ready, details.compression)
+    def _details(self, details: Any, body: str) -> tuple[Any, str]:
+        cred = self._auth.encode(Claim(details.method, self._claim_target, body).payload(),
+                                 restrict_uid=ROOT, ttl=REQUEST_TTL)
+        metadata = [*(details.metadata or ()), (METADATA_KEY, cred)]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression), cred
+
+    def verify(self, metadata: Any, method: str, cred: str) -> None:
+        """Check the agent's answer credential; raise ImpostorError when it is missing,
+        not root's, or not bound to our request credential `cred`."""
+        reply = next((v for k, v in metadata or () if k == REPLY_KEY), None)
+        where = f"the agent at {self.target} is not root on the node meant"
+        if not reply:
+            raise ImpostorError(f"{where}: its answer carries no credential; ignored")
+        text = reply if isinstance(reply, str) else reply.decode("ascii", "replace")
+        try:
+            ident, payload = self._auth.decode(text)
+        except AuthError as e:
+            if e.unavailable:
+                raise
+            raise ImpostorError(f"{where}: its answer's credential is invalid ({e}); "
+                                "ignored") from None
+        if ident.uid != ROOT:
+            raise ImpostorError(f"{where}: its answer was signed by uid {ident.uid}; ignored")
+        if payload != reply_payload(method, cred):
+            raise ImpostorError(f"{where}: its answer's credential was made for another "
+                                "request; ignored")
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        new, cred = self._details(details, digest(request))
+        outcome = continuation(new, request)
+        try:
+            outcome.result()
+        except grpc.RpcError:
+            return outcome  # errors go to the caller as they are
+        self.verify(outcome.initial_metadata(), details.method, cred)
+        return outcome
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+        new, cred = self._details(details, digest(request))
+        return _VerifiedStream(continuation(new, request), self, details.method, cred)
+
+    def _first(self, details: Any, request_iter: Any) -> tuple[Any, str, Iterator[Any]]:
+        # The claim binds the first message: take it now (callers yield it at once).
+        requests = iter(request_iter)
+        first = next(requests, None)
+        new, cred = self._details(details, "" if first is None else digest(first))
+        rest = requests if first is None else itertools.chain([first], requests)
+        return new, cred, rest
 
     def intercept_stream_unary(self, continuation: Any, details: Any, request_iter: Any) -> Any:
-        return continuation(self._details(details), request_iter)
+        new, cred, requests = self._first(details, request_iter)
+        outcome = continuation(new, requests)
+        try:
+            outcome.result()
+        except grpc.RpcError:
+            return outcome
+        self.verify(outcome.initial_metadata(), details.method, cred)
+        return outcome
 
     def intercept_stream_stream(self, continuation: Any, details: Any, request_iter: Any) -> Any:
-        return continuation(self._details(details), request_iter)
+        new, cred, requests = self._first(details, request_iter)
+        return _VerifiedStream(continuation(new, requests), self, details.method, cred)
+
+
+class _VerifiedStream:
+    """A response stream whose first response is only handed out once the agent's
+    credential checked out (ImpostorError otherwise); everything else is the call's."""
+
+    def __init__(self, call: Any, plugin: CredentialPlugin, method: str, cred: str) -> None:
+        self._call = call
+        self._plugin = plugin
+        self._method = method
+        self._cred = cred
+        self._checked = False
+
+    def __iter__(self) -> _VerifiedStream:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self._call)
+        if not self._checked:
+            self._plugin.verify(self._call.initial_metadata(), self._method, self._cred)
+            self._checked = True
+        return item
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from callerid import Endpoint
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.client import AgentClient, target_of
-from node_agent.errors import AuthError, StartupError
+from node_agent.errors import AuthError, ImpostorError, StartupError
 from node_agent.proto.v1 import agent_pb2 as pb
 
 EXIT_FAILURE = 1
@@ -79,6 +79,9 @@ def _cli(prog: str, body: Callable[[], int], err: TextIO) -> int:
         return EXIT_FAILURE
     except CliError as e:
         print(f"{prog}: {e.category}: {e}", file=err)
+        return EXIT_FAILURE
+    except ImpostorError as e:
+        print(f"{prog}: Authentication failed: {e}", file=err)
         return EXIT_FAILURE
     except AuthError as e:
         print(f"{prog}: MUNGE: {e}", file=err)
@@ -147,7 +150,7 @@ def _client(args: argparse.Namespace, cfg: config_mod.AgentConfig,
         target = target_of(args.agent, cfg.port)
     else:
         target = f"unix:{cfg.socket}"
-    return AgentClient(target, auth, timeout=args.timeout)
+    return AgentClient(target, auth, timeout=args.timeout, local_node=cfg.node_name)
 
 
 def _fmt_time(t: float) -> str:

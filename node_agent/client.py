@@ -1,9 +1,12 @@
 """A client of the node agent, used by the CLIs and by other agents.
 
-Every call carries a fresh MUNGE credential (node_agent.auth.CredentialPlugin) and a
-deadline. Targets are "unix:/path", an IP literal with a port, or a host name that is
-resolved here with the system resolver (/etc/hosts first), so that gRPC never does a
-DNS lookup of its own.
+Every call carries a fresh MUNGE credential bound to the method, the node meant and the
+request, and every answer is checked for the agent's own credential
+(node_agent.auth.CredentialPlugin: an impostor raises ImpostorError); every call has a
+deadline, and the channel sends keepalive pings so that a dead agent ends a long stream
+(an ssh-to-job session) within seconds. Targets are "unix:/path", an IP literal with a
+port, or a host name that is resolved here with the system resolver (/etc/hosts first),
+so that gRPC never does a DNS lookup of its own.
 """
 
 from __future__ import annotations
@@ -52,15 +55,30 @@ def target_of(spec: str, default_port: int) -> str:
     return grpc_target(spec, default_port)
 
 
-class AgentClient:
-    """Typed calls to one agent. Use as a context manager, or call close()."""
+# Keepalive: a ping every 5 s while a call is open, the connection declared dead when one
+# goes unanswered for 5 s (the agent's server accepts pings this often: server.py).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 5000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
-    def __init__(self, target: str, authenticator: Authenticator, timeout: float = 5.0) -> None:
+
+class AgentClient:
+    """Typed calls to one agent. Use as a context manager, or call close().
+
+    `local_node` is this node's name as its agent knows it (the configuration's
+    `node_name`): a credential for the local `unix:` socket names it; TCP targets name
+    the address dialed."""
+
+    def __init__(self, target: str, authenticator: Authenticator, timeout: float = 5.0, *,
+                 local_node: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
         self._channel = grpc.intercept_channel(
-            grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]),
-            CredentialPlugin(authenticator),
+            grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0),
+                                                   *KEEPALIVE_OPTIONS]),
+            CredentialPlugin(authenticator, target, local_node or socket.gethostname()),
         )
         self.stub = agent_pb2_grpc.NodeAgentStub(self._channel)
 

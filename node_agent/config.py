@@ -23,7 +23,9 @@ from callerid import CgroupConfig
 
 DEFAULT_PATH = "/etc/callerid-adopt/agent.toml"
 ENV_VAR = "CALLERID_ADOPT_CONFIG"
-DEFAULT_PORT = 7011
+# Privileged (only root can bind it: no user can squat it while the agent is down) and
+# below glibc's bindresvport range (512-1023), which RPC clients take ports from at random.
+DEFAULT_PORT = 411
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -40,7 +42,7 @@ class MungeConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     node_name: str = field(default_factory=socket.gethostname)
-    # TCP addresses the gRPC service listens on ("10.0.0.1:7011", "[fd00::1]:7011").
+    # TCP addresses the gRPC service listens on ("10.0.0.1:411", "[fd00::1]:411").
     listen: tuple[str, ...] = ()
     # The local gRPC socket (CLIs on this node use it).
     socket: str = "/run/callerid-adopt/agent.sock"

@@ -34,6 +34,11 @@ class AuthError(AgentError):
         self.replayed = replayed
 
 
+class ImpostorError(AuthError):
+    """Client side: whatever answered is not the agent meant (no proof that root on
+    that node made the answer): its answer is ignored."""
+
+
 class InvalidRequest(AgentError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -15,7 +15,7 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from callerid import CgroupLayout, Resolver
 from node_agent import metrics, relaybuf, shellwire
 from node_agent.admission import Admission, AdmissionServer
-from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator
+from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator, NodeTargets
 from node_agent.client import PeerPool
 from node_agent.config import AgentConfig
 from node_agent.errors import StartupError
@@ -41,15 +41,31 @@ log = logging.getLogger("node_agent")
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
 
 
+# Clients ping every 5 s (client.KEEPALIVE_OPTIONS), also while an ssh-to-job session is
+# idle: accept that instead of answering with GOAWAY ("too many pings"). The server pings
+# too, so a client that vanished ends its session within seconds.
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
+]
+
+
 def create_server(servicer: NodeAgentServicer, authenticator: Authenticator,
                   addresses: Sequence[str], *, max_workers: int = 16,
+                  targets: Container[str] | None = None,
                   ) -> tuple[grpc.Server, list[int]]:
     """A bound, not yet started server. Returns it and the port bound for each address
-    (0 for unix: addresses); "host:0" binds an ephemeral port."""
+    (0 for unix: addresses); "host:0" binds an ephemeral port. `targets` are the claims
+    a credential may name to be accepted here (auth.NodeTargets; default: the servicer's
+    node name and the addresses of this network namespace)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=[metrics.MetricsInterceptor(), AuthInterceptor(authenticator)],
-        options=[("grpc.so_reuseport", 0)],
+        interceptors=[metrics.MetricsInterceptor(),
+                      AuthInterceptor(authenticator, targets or NodeTargets(servicer.node))],
+        options=SERVER_OPTIONS,
     )
     # OpenJobShell's frames go through shellwire's (de)serializers, not the generated
     # ones: the same bytes on the wire, without protobuf's copies of the ssh stream. The
@@ -107,6 +123,28 @@ def _prepare_socket(path: str) -> None:
         pass
 
 
+def unprivileged_port_start(procfs: str = "/proc") -> int:
+    """The lowest port any user may bind in this network namespace (1024 unless a
+    site or a container runtime lowered it)."""
+    try:
+        with open(f"{procfs}/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def warn_if_port_unprivileged(port: int, procfs: str = "/proc") -> bool:
+    """Log a warning when users may bind the agent's port here; True when they may."""
+    start = unprivileged_port_start(procfs)
+    if port < start:
+        return False
+    log.warning("port %d is not privileged on this node (net.ipv4.ip_unprivileged_port_start "
+                "= %d): any user could listen on it while the agent is down. Clients still "
+                "refuse whatever answers without the agent's credential, but choose a port "
+                "below %d", port, start, start)
+    return True
+
+
 def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     if os.geteuid() != 0:
@@ -143,7 +181,9 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         undo.callback(peers.close)
         _prepare_socket(config.socket)
         addresses = [f"unix:{config.socket}", *config.listen]
-        server, _ = create_server(servicer, auth, addresses, max_workers=config.max_workers)
+        server, _ = create_server(servicer, auth, addresses, max_workers=config.max_workers,
+                                  targets=NodeTargets(config.node_name))
+        warn_if_port_unprivileged(config.port, config.procfs)
         undo.callback(lambda: server.stop(grace=5).wait())
         watch = LoginWatch(warmer.expect_login, config.login_services)
         undo.callback(watch.close)

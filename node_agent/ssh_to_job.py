@@ -41,7 +41,7 @@ from node_agent import relaybuf, shellwire
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.cli import _CATEGORIES, CliError, UsageError, _cli
 from node_agent.client import AgentClient, target_of
-from node_agent.errors import AuthError
+from node_agent.errors import AuthError, ImpostorError
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.relaybuf import Pacer, read_gathered
 
@@ -312,7 +312,7 @@ def candidate_targets(cfg: Any, name: str | None) -> list[str]:
 
 def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_retry: bool,
            err: TextIO, sleep: Callable[[float], None] = time.sleep,
-           timeout: float = 10.0) -> Located:
+           timeout: float = 10.0, local_node: str | None = None) -> Located:
     """Ask each agent for the job; the first that has it running wins. With auto_retry,
     a job that is absent or not running yet is waited for; any other error ends it."""
     announced = False
@@ -322,7 +322,7 @@ def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_ret
         answered = False
         for target in targets:
             try:
-                with AgentClient(target, auth, timeout=timeout) as c:
+                with AgentClient(target, auth, timeout=timeout, local_node=local_node) as c:
                     reply = c.list_jobs(job_id=job_id)
             except grpc.RpcError as e:
                 last_error = e
@@ -415,11 +415,12 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
     try:
         key = start_keygen(tmp, args.keygen_options)
         where = locate(candidate_targets(cfg, args.name), args.job_id, auth,
-                       auto_retry=args.auto_retry, err=err, sleep=sleep)
+                       auto_retry=args.auto_retry, err=err, sleep=sleep,
+                       local_node=cfg.node_name)
         finish_keygen(key)
         relaybuf.keep_buffers_in_heap()  # no page fault per byte relayed
         relay = Relay(target=where.target, job_id=args.job_id, tmp=tmp, shells=args.shells,
-                      auth=auth, err=err, debug=args.debug)
+                      auth=auth, err=err, debug=args.debug, local_node=cfg.node_name)
         relay.start()  # the agent starts the session while ssh starts
         cmd = build_command(args.ssh, key=os.path.join(tmp, "key"),
                             known_hosts=os.path.join(tmp, "known_hosts"), job_id=args.job_id,
@@ -495,8 +496,9 @@ class Relay:
 
     def __init__(self, *, target: str, job_id: str, tmp: str, shells: Sequence[str],
                  auth: Authenticator, err: TextIO, debug: bool = False,
-                 open_timeout: float = OPEN_TIMEOUT) -> None:
+                 open_timeout: float = OPEN_TIMEOUT, local_node: str | None = None) -> None:
         self.target, self.job_id, self.tmp = target, job_id, tmp
+        self.local_node = local_node
         self.shells, self.auth, self.err, self.debug = list(shells), auth, err, debug
         self.open_timeout = open_timeout
         self.sock_path = os.path.join(tmp, "proxy.sock")
@@ -528,7 +530,7 @@ class Relay:
                                alias=alias_of(self.job_id), shells=self.shells,
                                auth=self.auth, connect=self._accept, err=self.err,
                                debug=self.debug, open_timeout=self.open_timeout,
-                               on_call=self._set_call)
+                               on_call=self._set_call, local_node=self.local_node)
         except OSError:  # the listener closed under accept(): ssh never came
             if not self._closing:
                 raise
@@ -561,7 +563,8 @@ class Relay:
 def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str,
           shells: Sequence[str], auth: Authenticator, connect: Callable[[], Any],
           err: TextIO, debug: bool = False, open_timeout: float = OPEN_TIMEOUT,
-          on_call: Callable[[Any], None] = lambda call: None) -> str:
+          on_call: Callable[[Any], None] = lambda call: None,
+          local_node: str | None = None) -> str:
     """Open the session and relay bytes between it and `connect()`'s end (read, write,
     close_write), which is asked for once the session is open. Returns "" when the
     session ran, else `Category: message`."""
@@ -595,7 +598,7 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
                 return
             yield shellwire.data_frame(parts)
 
-    client = AgentClient(target, auth)
+    client = AgentClient(target, auth, local_node=local_node)
     timed_out = threading.Event()
     try:
         call = client.open_job_shell(requests())
@@ -644,6 +647,8 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
             if eof:
                 end.close_write()
         return ""
+    except ImpostorError as e:  # whatever answered is not the agent (auth.CredentialPlugin)
+        return fail("Authentication failed", str(e))
     except AuthError as e:  # raised by CredentialPlugin when munged cannot encode
         return fail("MUNGE", str(e))
     except grpc.RpcError as e:

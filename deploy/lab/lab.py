@@ -197,7 +197,7 @@ BRIDGE = "cidbr0"
 HIERARCHIES = ("freezer", "pids", "cpuacct", "unified")
 #: The v1 list written into agent.toml (same order as the spec's example).
 AGENT_V1 = ("freezer", "cpuacct", "pids")
-AGENT_PORT = 7011
+AGENT_PORT = 411
 METRICS_PORT = 9817
 LAB_USERS = ("alice", "bob")
 SSH_USERS = ("alice", "bob", "root")
@@ -932,7 +932,8 @@ class Lab:
             "admin_uids = []",
             'log_level = "debug"',
             f'login_services = ["{self.pam_service(node)}"]',
-            f'metrics_listen = "{v4}:{METRICS_PORT}"',
+            # loopback only: the metrics say who logs in where; other nodes need not see them
+            f'metrics_listen = "127.0.0.1:{METRICS_PORT}"',
             "",
             "[munge]",
             'socket = "/run/munge/munge.socket.2"',

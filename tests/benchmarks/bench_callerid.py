@@ -342,7 +342,7 @@ def grpc_main(args: argparse.Namespace) -> int:
     reqs = [(pb.CallerIdRequest(connection=pb.Connection(
         src_ip=str(s[0]), src_port=int(s[1]), dst_ip=str(s[2]), dst_port=int(s[3]))), str(s[4]))
         for s in raw]
-    target = target_of(args.target, 7011)
+    target = target_of(args.target, 411)
     auth = MungeAuthenticator(args.munge_socket)
     wrong: list[Json] = []
 

@@ -185,7 +185,7 @@ def test_blackholed_source_agent_never_hangs_a_login(lab: Any) -> None:
     time.sleep(0.05)
     start_job(lab, "B", "alice")
     lab.set_pam("node2", ["timeout=2"])
-    lab.blackhole("node1", port=7011, on=True)
+    lab.blackhole("node1", port=411, on=True)
     try:
         for options, expect_rc, expect_job in (([], 0, "B"),
                                                 (["action_unknown=deny"], 255, None)):
@@ -198,7 +198,7 @@ def test_blackholed_source_agent_never_hangs_a_login(lab: Any) -> None:
             assert landed_in(r.stdout) == expect_job
             assert elapsed < 2 + 5, elapsed
     finally:
-        lab.blackhole("node1", port=7011, on=False)
+        lab.blackhole("node1", port=411, on=False)
 
 
 def test_100_concurrent_logins_each_in_its_own_job(lab: Any, shared_dir: Any) -> None:

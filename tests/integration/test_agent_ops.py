@@ -23,7 +23,7 @@ def test_bad_configuration_is_one_clear_line(lab: Any, shared_dir: Path) -> None
     assert r.stderr.strip() == (f"node-agent: Configuration: {shared_dir}/absent.toml: "
                                 "no such configuration file")
     bad = shared_dir / "bad.toml"
-    bad.write_text('listen = ["10.77.0.11:7011"]\n[cgroup]\nv1 = ["freezer"]\nsubtre = "x"\n')
+    bad.write_text('listen = ["10.77.0.11:411"]\n[cgroup]\nv1 = ["freezer"]\nsubtre = "x"\n')
     r = run(lab, "node1", agent, "--config", str(bad))
     assert r.returncode == 2 and "cgroup.subtre: unknown setting" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -88,19 +88,23 @@ import os; os._exit(0)
 
 def test_health_and_reflection_from_another_node(lab: Any) -> None:
     r = lab.run("node2", [lab.venv_bin("python"), "-c", HEALTH,
-                          f"ipv6:[{lab.ip('node1', 6)}]:7011"])
+                          f"ipv6:[{lab.ip('node1', 6)}]:411"])
     status, services = r.stdout.splitlines()
     assert status == "SERVING"
     assert "callerid_adopt.v1.NodeAgent" in services.split()
     assert "grpc.health.v1.Health" in services.split()
 
 
-def test_metrics_endpoint(lab: Any) -> None:
+def test_metrics_endpoint_is_local_only(lab: Any) -> None:
+    """Metrics are served on the node's loopback: an ordinary user on the node may read
+    them, another node (where anyone could ask) cannot reach them."""
     run(lab, "node1", lab.venv_bin("adoptctl"), "jobs")
     code = ("import urllib.request, sys; "
             "print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())")
-    r = lab.run("node2", ["/usr/bin/python3", "-c", code,
-                          f"http://{lab.ip('node1')}:9817/metrics"])
+    far = lab.run("node2", ["/usr/bin/python3", "-c", code,
+                            f"http://{lab.ip('node1')}:9817/metrics"], check=False)
+    assert far.returncode != 0 and "Connection refused" in far.stderr
+    r = lab.run("node1", ["/usr/bin/python3", "-c", code, "http://127.0.0.1:9817/metrics"])
     assert 'callerid_agent_requests_total{code="OK",method="ListJobs"}' in r.stdout
     assert "callerid_agent_request_seconds_bucket" in r.stdout
     assert "callerid_agent_jobs" in r.stdout

@@ -146,8 +146,8 @@ def test_instance_names() -> None:
 def test_agent_config() -> None:
     conf = labmod.Lab("/nonexistent/lab-dir").agent_config("node2")
     assert 'node_name = "node2"' in conf
-    assert 'listen = ["10.77.0.12:7011", "[fd77::12]:7011"]' in conf
-    assert 'metrics_listen = "10.77.0.12:9817"' in conf
+    assert 'listen = ["10.77.0.12:411", "[fd77::12]:411"]' in conf
+    assert 'metrics_listen = "127.0.0.1:9817"' in conf
     assert "memory" not in conf
 
 

@@ -120,11 +120,11 @@ def test_other_users_job_does_not_admit(lab: Any, probe: Any) -> None:
 
 def test_one_job_needs_no_network(lab: Any, probe: Any) -> None:
     jobs(lab, "alice", ["a"])
-    lab.blackhole("node1", port=7011, on=True)  # proves no call to node1 is made
+    lab.blackhole("node1", port=411, on=True)  # proves no call to node1 is made
     try:
         p = probe("alice", job="a")
     finally:
-        lab.blackhole("node1", port=7011, on=False)
+        lab.blackhole("node1", port=411, on=False)
     assert p.rc == 0 and (p.decision, p.reason, p.job) == ("ALLOW", "one-job", "a"), p
     assert p.seconds < 1.0
 
@@ -201,11 +201,11 @@ def test_local_agent_down(lab: Any, probe: Any, option: str, rc_ok: bool) -> Non
 def test_blackholed_source_agent_costs_at_most_the_timeout(lab: Any, probe: Any) -> None:
     jobs(lab, "alice", ["A", "B"])
     lab.set_pam("node2", ["timeout=1"])
-    lab.blackhole("node1", port=7011, on=True)
+    lab.blackhole("node1", port=411, on=True)
     try:
         p = probe("alice", job="A")
     finally:
-        lab.blackhole("node1", port=7011, on=False)
+        lab.blackhole("node1", port=411, on=False)
     assert p.rc == 0 and (p.reason, p.job) == ("unknown-newest", "B"), p
     assert "DEADLINE_EXCEEDED" in p.agent_line or "UNAVAILABLE" in p.agent_line
     assert p.seconds < 1.0, p  # the agent keeps its call inside the module's timeout

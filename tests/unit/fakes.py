@@ -12,7 +12,9 @@ from node_agent.errors import AuthError
 
 class FakeAuthenticator:
     """A MUNGE stand-in: the credential names the uid in clear, decoding twice fails
-    like munged's replay check. `as_uid` makes a client-side authenticator for a uid."""
+    like munged's replay check, and a credential restricted to a uid decodes only for an
+    authenticator of that uid (MUNGE_OPT_UID_RESTRICTION). `as_uid` makes the
+    authenticator of a process of that uid, sharing one "munged"."""
 
     def __init__(self, uid: int = 0, gid: int = 0) -> None:
         self.uid = uid
@@ -28,19 +30,24 @@ class FakeAuthenticator:
         other._lock = self._lock
         return other
 
-    def encode(self, payload: bytes) -> str:
+    def encode(self, payload: bytes, *, restrict_uid: int | None = None,
+               ttl: int | None = None) -> str:
         with self._lock:
             n = next(self._counter)
-        return f"FAKE:{self.uid}:{self.gid}:{n}:{base64.b64encode(payload).decode()}"
+        only = "" if restrict_uid is None else str(restrict_uid)
+        return f"FAKE:{self.uid}:{self.gid}:{n}:{only}:{base64.b64encode(payload).decode()}"
 
     def decode(self, credential: str) -> tuple[Identity, bytes]:
         try:
-            tag, uid, gid, _n, payload = credential.split(":")
+            tag, uid, gid, _n, only, payload = credential.split(":")
             assert tag == "FAKE"
             ident = Identity(int(uid), int(gid))
             data = base64.b64decode(payload)
+            restricted = int(only) if only else None
         except (ValueError, AssertionError):
             raise AuthError("MUNGE decode failed: Invalid credential format") from None
+        if restricted is not None and restricted != self.uid:
+            raise AuthError("MUNGE decode failed: Unauthorized credential decode")
         with self._lock:
             if credential in self._seen:
                 raise AuthError("MUNGE decode failed: Replayed credential", replayed=True)

@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_example_config_parses() -> None:
     cfg = config.load(EXAMPLE)
-    assert cfg.port == 7011
+    assert cfg.port == 411
     assert "memory" not in cfg.cgroup.v1 or cfg.cgroup.v1  # the example is loadable
     assert cfg.socket.startswith("/run/")
     assert cfg.login_services == ("sshd",)
@@ -28,7 +28,7 @@ def test_example_config_parses() -> None:
 def test_full_config(tmp_path: Path) -> None:
     cfg = config.load(write(tmp_path, """
 node_name = "n1"
-listen = ["10.0.0.1:7011", "[fd00::1]:7011"]
+listen = ["10.0.0.1:411", "[fd00::1]:411"]
 admin_uids = [1500]
 rpc_timeout = 0.5
 login_services = ["sshd", "sshd-compute"]
@@ -40,7 +40,7 @@ v2 = false
 subtree = "site/callerid"
 """))
     assert cfg.node_name == "n1"
-    assert cfg.listen == ("10.0.0.1:7011", "[fd00::1]:7011")
+    assert cfg.listen == ("10.0.0.1:411", "[fd00::1]:411")
     assert cfg.admin_uids == (1500,)
     assert cfg.rpc_timeout == 0.5
     assert cfg.login_services == ("sshd", "sshd-compute")

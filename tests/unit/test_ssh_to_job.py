@@ -272,7 +272,7 @@ def fake_agent() -> Iterator[tuple[FakeAgent, str, FakeAuthenticator]]:
     auth = FakeAuthenticator()
     servicer = FakeAgent()  # type: ignore[abstract]  # the rest answers UNIMPLEMENTED
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
-                         interceptors=[AuthInterceptor(auth)])
+                         interceptors=[AuthInterceptor(auth, {"ip:127.0.0.1"})])
     agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -285,17 +285,17 @@ def fake_agent() -> Iterator[tuple[FakeAgent, str, FakeAuthenticator]]:
 # -- locating the job ---------------------------------------------------------------------
 
 def test_candidate_targets() -> None:
-    cfg = AgentConfig(socket="/run/a.sock", port=7011)
+    cfg = AgentConfig(socket="/run/a.sock", port=411)
     assert stj.candidate_targets(cfg, None) == ["unix:/run/a.sock"]
-    assert stj.candidate_targets(cfg, "10.0.0.5") == ["ipv4:10.0.0.5:7011"]
+    assert stj.candidate_targets(cfg, "10.0.0.5") == ["ipv4:10.0.0.5:411"]
 
     @dataclass
     class WithAgents:
         socket: str = "/x"
-        port: int = 7011
+        port: int = 411
         ssh_to_job_agents: tuple[str, ...] = ("10.0.0.1", "10.0.0.2:9000")
 
-    assert stj.candidate_targets(WithAgents(), None) == ["ipv4:10.0.0.1:7011",
+    assert stj.candidate_targets(WithAgents(), None) == ["ipv4:10.0.0.1:411",
                                                          "ipv4:10.0.0.2:9000"]
 
 
@@ -606,7 +606,7 @@ def test_relay_refused(fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp
 def test_relay_unimplemented_agent(tmp_path: Path) -> None:
     auth = FakeAuthenticator()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
-                         interceptors=[AuthInterceptor(auth)])
+                         interceptors=[AuthInterceptor(auth, {"ip:127.0.0.1"})])
     agent_pb2_grpc.add_NodeAgentServicer_to_server(
         agent_pb2_grpc.NodeAgentServicer(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
@@ -633,7 +633,8 @@ def test_relay_unreachable_agent(tmp_path: Path) -> None:
 
 
 class BrokenMunge(FakeAuthenticator):
-    def encode(self, payload: bytes) -> str:
+    def encode(self, payload: bytes, *, restrict_uid: int | None = None,
+               ttl: int | None = None) -> str:
         raise AuthError("munged is not reachable at /run/munge/munge.socket.2")
 
 
