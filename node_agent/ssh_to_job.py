@@ -481,6 +481,13 @@ class _End:
             pass
 
     def close(self) -> None:
+        # shutdown first: close() alone neither wakes the relay thread blocked reading
+        # this socket nor tells ssh anything while that read holds the socket, and ssh
+        # then waited for the job to end when the agent died (kill -9).
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 

@@ -284,3 +284,28 @@ def test_twenty_concurrent_sessions(lab: Any, job: dict[str, Any]) -> None:
     while sessions_left(lab) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert sessions_left(lab) == []
+
+
+def test_agent_killed_mid_session_ends_the_client_at_once(lab: Any,
+                                                          job: dict[str, Any]) -> None:
+    """kill -9 of the agent serving a session: the client says so in one line of its own
+    and exits within seconds (it used to wait for the job to end: the relay closed ssh's
+    socket while its own thread still read it, so ssh never saw the end)."""
+    client = lab.popen("node2", [lab.venv_bin("ssh-to-job"), "-name", "node1", JOB,
+                                 "echo started; exec sleep 1000000"], user="alice",
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "started"
+        lab.agent_stop("node1", sig=9)
+        t0 = time.monotonic()
+        _, err = client.communicate(timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.communicate()
+        lab.agent_start("node1")
+    ours = [line for line in err.splitlines() if line.startswith("ssh-to-job: ")]
+    assert client.returncode == 1 and len(ours) == 1, err
+    assert ours[0].startswith("ssh-to-job: Agent unreachable: "), err
+    assert took < 15, took
