@@ -56,10 +56,11 @@ lab-down:
 bench: deps venv
 	$(VPY) tests/benchmarks/bench_callerid.py
 
-# All three benchmarks, one after the other (about 5 minutes).
+# All the benchmarks, one after the other (about 6 minutes).
 bench-all: bench
 	$(VPY) tests/benchmarks/bench_logins.py --rounds 100
 	$(VPY) tests/benchmarks/bench_ssh_to_job.py
+	$(VPY) tests/benchmarks/bench_auth.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
