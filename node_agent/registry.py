@@ -430,7 +430,13 @@ class JobRegistry:
             procs = self.layout.procs(jid)
             if not procs:
                 log.warning("recover: removing empty cgroups of unknown job %s", jid)
-                self.layout.remove(jid)
+                try:
+                    self.layout.remove(jid)
+                except OSError as e:
+                    # EBUSY: a process in it after all (it moved in since procs()). Not a
+                    # reason to stop the agent from starting: the next start looks again.
+                    log.warning("recover: cannot remove the cgroups of unknown job %s: %s",
+                                jid, e)
                 continue
             uid = self._uid_of(min(procs))
             try:
@@ -694,6 +700,9 @@ class JobRegistry:
         if sync_due:
             self.sync()
         for job_id, reason in due:
+            with self._lock:
+                if job_id not in self._end_retry:
+                    continue  # Race: `job end` finished it meanwhile.
             self._finish(job_id, reason=reason)
 
     def _next_due(self) -> float | None:
