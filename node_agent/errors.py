@@ -65,6 +65,14 @@ class JobStartFailed(AgentError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class RegistryFailure(AgentError):
+    """The job registry could not do what was asked, and says what happens next: its
+    state dir cannot record a new job (full, read-only), or a job's processes would not
+    die yet (the agent keeps trying). Not INTERNAL: the cause is the node, not a bug."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and public message for an exception raised while serving."""
     if isinstance(exc, AgentError):

@@ -16,10 +16,48 @@ record that `recover()` can reconcile with the cgroup tree at the next start:
 When a job's main process exits the job ends: every remaining process in its cgroups
 (adopted ssh sessions included) is killed and the cgroups are removed, as a batch
 scheduler ends a job when its batch script exits. `end()` does the same on request.
+
+Memory first, the database after
+--------------------------------
+While the agent runs, the registry in memory is the truth: `get()`, `list_jobs()`, the
+caller-ID locator and admission read it, and every change is made there first.
+`jobs.sqlite` is its copy for the next start. Two orders matter:
+
+- a job is recorded *before* its cgroups are made (recovery needs the record), so a start
+  whose record cannot be written is refused (`RegistryFailure`, naming the state dir and
+  the cause) and nothing is created;
+- a job is killed *before* its end is recorded: ending never waits on the database. A job
+  being ended shows state "ending" (admission adopts into "running" jobs only); once its
+  processes are killed it is gone from memory, whatever the database says.
+
+A write that fails (full or read-only state dir, I/O error) leaves the copy behind: one
+ERROR line says so, and the keeper thread writes the whole registry again every
+`SYNC_RETRY_S` until that works (one WARNING line then). Until then a crash loses what
+changed since; `recover()` reconciles what it finds with the cgroup tree as above. An
+ending that failed (processes that would not die, a cgroup that cannot be removed) leaves
+the job "ending" and the keeper tries again after `END_RETRY_FIRST_S`, doubling up to
+`END_RETRY_MAX_S`; each failed attempt is one WARNING line.
+
+At start:
+
+- a file that is not a database, or a malformed one, is moved aside to
+  `jobs.sqlite.corrupt-<time>` (with its -wal and -shm), one ERROR line says so, and the
+  registry is rebuilt from the cgroup tree by `recover()` into a fresh database: every job
+  directory holding processes is registered again for the uid of its processes (start time:
+  when its `main` cgroup was made; its main process is not known any more, so it ends on
+  `job end` only), empty ones are removed;
+- a state dir where the database cannot be opened for writing (read-only, full, not a
+  directory) does not stop the agent. One ERROR line says so; it runs from memory, loaded
+  from what the database still lets it read, or else rebuilt from the cgroup tree as
+  above, and the keeper writes it out as soon as it can. Refusing to start would leave
+  every job of the node unmanaged (no end when a main process exits, no `job end`, no
+  adoption) for a problem that only concerns new jobs; those are refused until the state
+  dir can record them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pwd
@@ -28,14 +66,22 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import callerid
 from callerid import CgroupLayout, Job, ProcCgroup
 from node_agent import spawn
-from node_agent.errors import InvalidRequest, JobExists, JobNotFound, JobStartFailed
+from node_agent.errors import (
+    AgentError,
+    InvalidRequest,
+    JobExists,
+    JobNotFound,
+    JobStartFailed,
+    RegistryFailure,
+)
 
 log = logging.getLogger("node_agent.registry")
 
@@ -51,7 +97,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     state       TEXT NOT NULL
 )
 """
+_COLUMNS = "id, user, uid, gid, start_time, main_pid, main_start, state"
+_INSERT = f"INSERT OR REPLACE INTO jobs ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)"
 
+#: While the database is behind memory, how often the keeper tries to write it again.
+SYNC_RETRY_S = 5.0
+#: An ending that failed is tried again after this, doubling each time, up to the max.
+END_RETRY_FIRST_S = 2.0
+END_RETRY_MAX_S = 60.0
+
+# (id, user, uid, gid, start_time, main_pid, main_start, state), as stored.
+Row = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -59,6 +115,142 @@ class JobRecord:
     job: Job
     state: str              # "starting", "running", "ending"
     main_start: int | None = None
+
+
+@dataclass(frozen=True)
+class _Retry:
+    """An ending to try again: when (time.monotonic()), how many attempts failed, why the
+    job was being ended, and the last failure."""
+
+    when: float
+    attempts: int
+    reason: str
+    cause: str
+
+
+def _row(rec: JobRecord) -> Row:
+    j = rec.job
+    return (j.id, j.user, j.uid, j.gid, j.start_time, j.main_pid, rec.main_start, rec.state)
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """SQLITE_CORRUPT ("database disk image is malformed") or SQLITE_NOTADB ("file is not a
+    database"), extended codes included: the file cannot be trusted, only moved aside."""
+    return isinstance(exc, _Corrupt) or (
+        isinstance(exc, sqlite3.DatabaseError)
+        and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_CORRUPT,
+                                                             sqlite3.SQLITE_NOTADB))
+
+
+class _Corrupt(sqlite3.DatabaseError):
+    """`PRAGMA quick_check` found damage that no statement has tripped over yet."""
+
+
+class _Store:
+    """`<state_dir>/jobs.sqlite`, the registry's copy on disk. Not thread-safe: the
+    registry calls it under its lock. Every method raises sqlite3.Error or OSError."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / "jobs.sqlite"
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    def open(self) -> list[Row]:
+        """Open (or create) the database for writing and return its rows."""
+        self.close()
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(_SCHEMA)
+            # A damaged page is otherwise found only by the statement that reads it,
+            # perhaps in the middle of ending a job; check the whole (small) file now.
+            problems = [r[0] for r in db.execute("PRAGMA quick_check")]
+            if problems != ["ok"]:
+                raise _Corrupt(f"database disk image is malformed ({problems[0]})")
+            rows = db.execute(f"SELECT {_COLUMNS} FROM jobs").fetchall()
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
+        return rows
+
+    def read_only_rows(self) -> list[Row]:
+        """The rows of a database that cannot be opened for writing (a read-only
+        connection never creates or changes a file). Raises when it cannot be read either."""
+        db = sqlite3.connect(f"{self.path.absolute().as_uri()}?mode=ro", uri=True,
+                             check_same_thread=False, isolation_level=None)
+        try:
+            return db.execute(f"SELECT {_COLUMNS} FROM jobs").fetchall()
+        finally:
+            db.close()
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise sqlite3.OperationalError("the database is not open")
+        return self._db
+
+    def put(self, rec: JobRecord) -> None:
+        self._conn().execute(_INSERT, _row(rec))
+
+    def delete(self, job_id: str) -> None:
+        self._conn().execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def replace_all(self, recs: Iterable[JobRecord]) -> None:
+        """Make the table hold exactly `recs`, in one transaction: all or nothing."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM jobs")
+            db.executemany(_INSERT, [_row(r) for r in recs])
+            db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (SQLITE_FULL) may or may not have rolled back already.
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def move_aside(self) -> Path:
+        """Rename the database and its -wal/-shm to `jobs.sqlite.corrupt-<time>[...]`,
+        kept for a post-mortem. The state dir is root's (0700): nobody races the names."""
+        self.close()
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 0
+        while any(Path(f"{aside}{s}").exists() for s in ("", "-wal", "-shm")):
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}.{n}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(f"{self.path}{suffix}", f"{aside}{suffix}")
+        return aside
+
+    def why(self, exc: BaseException) -> str:
+        """The cause of a failure in one phrase. SQLite says only "unable to open database
+        file" or "disk I/O error" where the file system could say more: ask it."""
+        if isinstance(exc, OSError) and exc.strerror:
+            text = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        else:
+            text = str(exc) or type(exc).__name__
+        try:
+            fs = os.statvfs(self.dir)
+        except OSError:
+            return text
+        if fs.f_flag & os.ST_RDONLY:
+            return f"{text} (read-only file system)"
+        if fs.f_bavail == 0 and "full" not in text:
+            return f"{text} (no space left on device)"
+        return text
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
 
 
 class JobRegistry:
@@ -69,11 +261,6 @@ class JobRegistry:
         self.layout = layout
         self.node = node
         self.procfs = procfs
-        Path(state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._db = sqlite3.connect(Path(state_dir) / "jobs.sqlite", check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
         self._lock = threading.RLock()
         self._jobs: dict[str, JobRecord] = {}
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -82,28 +269,131 @@ class JobRegistry:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._closing = False
         self._watcher = threading.Thread(target=self._watch, name="job-watcher", daemon=True)
+        # The database's state: `_behind` is True while it does not hold what memory
+        # holds (a write failed); the keeper then rewrites it whole at `_sync_due`.
+        self._store = _Store(state_dir)
+        self._behind = False
+        self._sync_due = 0.0
+        self._end_retry: dict[str, _Retry] = {}  # endings to try again, by job id
+        self._poke = threading.Event()
+        self._keeper = threading.Thread(target=self._keep, name="job-keeper", daemon=True)
+        self._rebuilding = False
+        self._loaded = self._open_store()
 
     # -- persistence -------------------------------------------------------------------
-    def _save(self, rec: JobRecord) -> None:
-        j = rec.job
+    def _open_store(self) -> list[Row]:
+        """Open the database at start and return its rows; see the module docstring for
+        what a corrupt or unwritable one gives. Never raises for the database's sake."""
+        path = self._store.path
+        try:
+            return self._store.open()
+        except (sqlite3.Error, OSError) as e:
+            if _is_corrupt(e):
+                return self._replace_corrupt(e)
+            cause = self._store.why(e)
+        self._mark_behind()
+        try:
+            rows = self._store.read_only_rows()
+        except (sqlite3.Error, OSError):
+            self._rebuilding = True
+            log.error("cannot open the job registry %s for writing: %s; running from memory, "
+                      "rebuilt from the cgroup tree; new jobs are refused until it can be "
+                      "written (tried again every %g s)", path, cause, SYNC_RETRY_S)
+            return []
+        log.error("cannot open the job registry %s for writing: %s; running from memory "
+                  "with its %d records; new jobs are refused until it can be written (tried "
+                  "again every %g s)", path, cause, len(rows), SYNC_RETRY_S)
+        return rows
+
+    def _replace_corrupt(self, exc: BaseException) -> list[Row]:
+        """At start: move a corrupt database aside and start a fresh one, to be filled
+        from the cgroup tree by recover()."""
+        path = self._store.path
+        self._rebuilding = True
+        try:
+            aside = self._store.move_aside()
+            self._store.open()
+        except (sqlite3.Error, OSError) as e:
+            self._mark_behind()
+            log.error("the job registry %s is corrupt (%s) and cannot be replaced: %s; "
+                      "running from memory, rebuilt from the cgroup tree; new jobs are "
+                      "refused until it can be written (tried again every %g s)",
+                      path, exc, self._store.why(e), SYNC_RETRY_S)
+            return []
+        log.error("the job registry %s is corrupt (%s): moved to %s; rebuilding it from the "
+                  "cgroup tree", path, exc, aside.name)
+        return []
+
+    def _mark_behind(self) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO jobs VALUES (?,?,?,?,?,?,?,?)",
-                (j.id, j.user, j.uid, j.gid, j.start_time, j.main_pid, rec.main_start, rec.state),
-            )
-            self._jobs[j.id] = rec
+            self._behind = True
+            self._sync_due = time.monotonic() + SYNC_RETRY_S
+        self._poke.set()
+
+    def _write(self, what: str, change: Any, *args: Any) -> None:
+        """Copy one change, already made in memory, to the database. A failure is logged
+        once and leaves the rewrite to the keeper; it never stops the caller."""
+        with self._lock:
+            if self._behind:
+                return  # the keeper rewrites everything, this change included
+            try:
+                change(*args)
+            except (sqlite3.Error, OSError) as e:
+                if _is_corrupt(e):
+                    self._store.close()  # the keeper moves it aside and starts afresh
+                self._mark_behind()
+                log.error("cannot record jobs in %s (%s: %s); the registry stays right in "
+                          "memory and is written again every %g s", self._store.path, what,
+                          self._store.why(e), SYNC_RETRY_S)
+
+    def _save(self, rec: JobRecord) -> None:
+        with self._lock:
+            self._jobs[rec.job.id] = rec
+            self._write(f"job {rec.job.id} {rec.state}", self._store.put, rec)
 
     def _delete(self, job_id: str) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             self._jobs.pop(job_id, None)
+            self._write(f"job {job_id} ended", self._store.delete, job_id)
+
+    def _rewrite(self) -> None:
+        """Write the whole registry: the database is behind. Raises if that fails. The
+        rows an old file holds are not read back: memory is the truth while running."""
+        with self._lock:
+            try:
+                if not self._store.is_open:
+                    self._store.open()
+                self._store.replace_all(self._jobs.values())
+            except (sqlite3.Error, OSError) as e:
+                if not _is_corrupt(e):
+                    raise
+                aside = self._store.move_aside()
+                log.error("the job registry %s is corrupt (%s): moved to %s; writing it "
+                          "again from memory", self._store.path, e, aside.name)
+                self._store.open()
+                self._store.replace_all(self._jobs.values())
+            self._behind = False
+            log.warning("jobs recorded in %s again (%d jobs)", self._store.path,
+                        len(self._jobs))
+
+    def sync(self) -> bool:
+        """If the database is behind, try to write it now; True if it is up to date.
+        The keeper calls this every SYNC_RETRY_S. A failure logs nothing: the first
+        one did, and a full disk must not fill the log too."""
+        with self._lock:
+            if not self._behind:
+                return True
+            try:
+                self._rewrite()
+            except (sqlite3.Error, OSError):
+                self._sync_due = time.monotonic() + SYNC_RETRY_S
+                return False
+            return True
 
     # -- start-up ------------------------------------------------------------------------
     def recover(self) -> None:
         """Load the records and reconcile them with the cgroup tree (see module doc)."""
-        rows = self._db.execute(
-            "SELECT id, user, uid, gid, start_time, main_pid, main_start, state FROM jobs"
-        ).fetchall()
+        rows, self._loaded = self._loaded, []
         on_disk = self.layout.existing_jobs()
         for jid, user, uid, gid, start, main_pid, main_start, state in rows:
             rec = JobRecord(Job(jid, user, uid, gid, start, main_pid), state, main_start)
@@ -140,7 +430,13 @@ class JobRegistry:
             procs = self.layout.procs(jid)
             if not procs:
                 log.warning("recover: removing empty cgroups of unknown job %s", jid)
-                self.layout.remove(jid)
+                try:
+                    self.layout.remove(jid)
+                except OSError as e:
+                    # EBUSY: a process in it after all (it moved in since procs()). Not a
+                    # reason to stop the agent from starting: the next start looks again.
+                    log.warning("recover: cannot remove the cgroups of unknown job %s: %s",
+                                jid, e)
                 continue
             uid = self._uid_of(min(procs))
             try:
@@ -148,18 +444,36 @@ class JobRegistry:
                 user, gid = pw.pw_name, pw.pw_gid
             except KeyError:
                 user, gid = str(uid), uid
-            log.warning("recover: cgroups of job %s hold %d processes but no record; "
-                        "re-registering it for %s", jid, len(procs), user)
-            self._save(JobRecord(Job(jid, user, uid, gid, time.time(), None), "running"))
+            if self._rebuilding:
+                log.warning("recover: job %s of %s rebuilt from its cgroups: %d processes",
+                            jid, user, len(procs))
+            else:
+                log.warning("recover: cgroups of job %s hold %d processes but no record; "
+                            "re-registering it for %s", jid, len(procs), user)
+            self._save(JobRecord(Job(jid, user, uid, gid, self._made_at(jid), None),
+                                 "running"))
 
     def start_watcher(self) -> None:
+        """Start the threads: the main-process watcher and the keeper (database rewrites,
+        endings tried again)."""
         self._watcher.start()
+        self._keeper.start()
 
     def _uid_of(self, pid: int) -> int:
         try:
             return callerid.proc_uid(pid, self.procfs)
         except (OSError, ValueError):
             return 0
+
+    def _made_at(self, job_id: str) -> float:
+        """When the job's `main` cgroup was made (kernfs sets a directory's times when it
+        is created, and `main` gets no children later), to keep a rebuilt job's place
+        among the newest; now if no hierarchy tells."""
+        times = []
+        for h in self.layout.hierarchies:
+            with contextlib.suppress(OSError):
+                times.append(os.stat(self.layout.leaf_path(h, job_id)).st_mtime)
+        return min(times, default=time.time())
 
     def _same_process(self, pid: int, start: int | None) -> bool:
         try:
@@ -213,7 +527,7 @@ class JobRegistry:
                 raise JobExists(job_id, self.node)
             rec = JobRecord(Job(job_id, user, pw.pw_uid, pw.pw_gid, time.time(), None),
                             "starting")
-            self._save(rec)
+            self._record_start(rec)
         try:
             self.layout.create_job(job_id)
             if argv:
@@ -222,15 +536,42 @@ class JobRegistry:
                 rec = replace(rec, job=replace(rec.job, main_pid=pid), main_start=start)
             rec = replace(rec, state="running")
             self._save(rec)
-        except BaseException:
-            log.exception("job %s: start failed; cleaning up", job_id)
-            self._finish(job_id, reason="start failed")
+        except BaseException as e:
+            if isinstance(e, AgentError):
+                log.warning("job %s: start failed (%s); cleaning up", job_id, e)
+            else:
+                log.exception("job %s: start failed; cleaning up", job_id)
+            self._finish(job_id, reason="start failed")  # failures: retried by the keeper
             raise
         if rec.job.main_pid:
             self._watch_pid(job_id, rec.job.main_pid)
         log.info("job %s of %s started on %s: main pid %s, cgroups %s", job_id, user, self.node,
                  rec.job.main_pid or "-", ", ".join(self.cgroup_names(job_id)))
         return rec
+
+    def _record_start(self, rec: JobRecord) -> None:
+        """Record a starting job before anything of it exists, or refuse it: recovery
+        after a crash finds its cgroups through this record. Called under the lock."""
+        self._jobs[rec.job.id] = rec
+        try:
+            try:
+                if not self._behind:
+                    self._store.put(rec)
+                    return
+            except sqlite3.DatabaseError as e:
+                if not _is_corrupt(e):
+                    raise
+                self._mark_behind()
+            # Behind: perhaps the state dir works again. Everything is written, or nothing.
+            self._rewrite()
+        except (sqlite3.Error, OSError) as e:
+            del self._jobs[rec.job.id]
+            cause = self._store.why(e)
+            log.error("job %s not started: cannot record it in %s: %s", rec.job.id,
+                      self._store.path, cause)
+            raise RegistryFailure(
+                f"cannot start job {rec.job.id} on {self.node}: the job registry in "
+                f"{self._store.dir} cannot record it: {cause}") from None
 
     def _spawn(self, job: Job, pw: pwd.struct_passwd, argv: list[str], cwd: str,
                extra_env: dict[str, str], output: str) -> tuple[int, int | None]:
@@ -270,17 +611,27 @@ class JobRegistry:
         return rec
 
     def end(self, job_id: str, timeout: float = 10.0) -> tuple[JobRecord, int]:
+        """Kill every process of the job and forget it; (its record, processes killed).
+        When the processes would not die, RegistryFailure says so: the job stays
+        "ending" and the keeper tries again."""
         rec = self.get(job_id)
         if rec is None:
             raise JobNotFound(job_id, self.node)
         killed = self._finish(job_id, reason="ended on request", timeout=timeout)
+        with self._lock:
+            retry = self._end_retry.get(job_id)
+        if retry is not None:
+            raise RegistryFailure(
+                f"job {job_id} on {self.node} is not ended yet: {retry.cause}; the agent "
+                f"tries again in {max(0.0, retry.when - time.monotonic()):.0f} s")
         return rec, killed
 
     def _finish(self, job_id: str, *, reason: str, timeout: float = 10.0) -> int:
         """Kill what is left in the job, remove its cgroups, forget it. Idempotent, and
         one at a time per job: ending a job kills its main process, whose exit the
         watcher reports while the first _finish is still running; the second caller
-        waits for the first instead of racing it over the same cgroups."""
+        waits for the first instead of racing it over the same cgroups. A failure is
+        logged and tried again later (`_end_failed`), never raised."""
         with self._lock:
             running = self._finishing.get(job_id)
             if running is None:
@@ -298,18 +649,79 @@ class JobRegistry:
         with self._lock:
             rec = self._jobs.get(job_id)
             if rec is not None and rec.state != "ending":
-                self._save(replace(rec, state="ending"))
-        killed = 0
-        if job_id in self.layout.existing_jobs():
-            killed = self.layout.kill(job_id, timeout=timeout)
-            self.layout.remove(job_id)
+                # Shown at once ("ending" in `adoptctl jobs`; admission adopts into
+                # running jobs only). Recorded too, so that a crash during the kill
+                # finishes it at the next start; but a record that cannot be written
+                # (full disk) must not stop the kill: _save never raises.
+                rec = replace(rec, state="ending")
+                self._save(rec)
+        try:
+            killed = 0
+            if job_id in self.layout.existing_jobs():
+                killed = self.layout.kill(job_id, timeout=timeout)
+                self.layout.remove(job_id)
+        except Exception as e:  # whatever it was, the job must not stay half-ended
+            self._end_failed(job_id, reason, e)
+            return 0
         if rec and rec.job.main_pid:
             child = self._children.pop(rec.job.main_pid, None)
             if child is not None:
                 child.wait()
-        self._delete(job_id)
+        with self._lock:
+            self._end_retry.pop(job_id, None)
+            self._delete(job_id)  # gone from memory now; from the database when it can
         log.info("job %s ended on %s (%s): %d processes killed", job_id, self.node, reason, killed)
         return killed
+
+    def _end_failed(self, job_id: str, reason: str, exc: Exception) -> None:
+        """Keep the job "ending" and have the keeper try again, with a growing delay."""
+        cause = str(exc) or type(exc).__name__
+        with self._lock:
+            prev = self._end_retry.get(job_id)
+            attempts = prev.attempts + 1 if prev else 1
+            delay = min(END_RETRY_FIRST_S * 2 ** min(attempts - 1, 16), END_RETRY_MAX_S)
+            self._end_retry[job_id] = _Retry(time.monotonic() + delay, attempts, reason, cause)
+        self._poke.set()
+        # A cgroup error is expected here (processes in D state, a busy cgroup): one
+        # line. Anything else is a bug: its traceback too.
+        log.warning("job %s on %s: could not end it (%s, attempt %d): %s; trying again in "
+                    "%g s", job_id, self.node, reason, attempts, cause, delay,
+                    exc_info=not isinstance(exc, OSError))
+
+    # -- the keeper: database rewrites, endings tried again ------------------------------
+    def maintain(self, now: float | None = None) -> None:
+        """One round of the keeper: rewrite the database if it is behind and that is due,
+        and try again the endings that are due. `now` (time.monotonic()) lets a test be
+        "later" without waiting."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            sync_due = self._behind and now >= self._sync_due
+            due = [(j, r.reason) for j, r in self._end_retry.items() if r.when <= now]
+        if sync_due:
+            self.sync()
+        for job_id, reason in due:
+            with self._lock:
+                if job_id not in self._end_retry:
+                    continue  # Race: `job end` finished it meanwhile.
+            self._finish(job_id, reason=reason)
+
+    def _next_due(self) -> float | None:
+        with self._lock:
+            times = [r.when for r in self._end_retry.values()]
+            if self._behind:
+                times.append(self._sync_due)
+        return max(0.0, min(times) - time.monotonic()) if times else None
+
+    def _keep(self) -> None:
+        while not self._closing:
+            self._poke.wait(self._next_due())
+            self._poke.clear()  # due times are read again before the next wait
+            if self._closing:
+                return
+            try:
+                self.maintain()
+            except Exception:  # the keeper must keep going; nothing here is expected
+                log.exception("job keeper: unexpected failure")
 
     # -- main-process watcher ----------------------------------------------------------
     def _watch_pid(self, job_id: str, pid: int) -> None:
@@ -362,10 +774,16 @@ class JobRegistry:
     def close(self) -> None:
         self._closing = True
         os.write(self._wake_w, b"x")
-        if self._watcher.is_alive():
-            self._watcher.join(timeout=2)
+        self._poke.set()
+        for thread in (self._watcher, self._keeper):
+            if thread.is_alive():
+                thread.join(timeout=2)
         with self._lock:
             for fd in self._watch_fds:
                 os.close(fd)
             self._watch_fds.clear()
-            self._db.close()
+            if not self.sync():
+                log.error("stopping with the job registry %s behind memory (%d jobs); the "
+                          "next start reconciles what it holds with the cgroup tree",
+                          self._store.path, len(self._jobs))
+            self._store.close()
