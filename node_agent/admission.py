@@ -86,19 +86,22 @@ ADOPTED_LEAF = "adopted"
 # hierarchy: well under a millisecond, up to ~1 s when the kernel's cgroup lock waits
 # behind a burst's forks) or waits on the source node's agent, up to
 # min(rpc_timeout, 60 % of the module's timeout): 2 s by default.
-# - PER_USER = 4: one user's slow logins hold at most 4 workers, so 8 users would all need
-#   logins stuck on slow sources at once to fill the pool. 4 are enough for one user's
-#   burst: the cgroup writes of all logins take the kernel's one global lock in turn, so
-#   more of them in parallel finish no sooner, and caller-ID calls take a few ms, so 4 in
-#   flight serve hundreds of logins a second, more than sshd lets through on a node (a
-#   200-login burst takes ~23 s, tests/benchmarks/bench_login_burst.py).
-# - WORKERS = 32: the pool the agent had, now shared fairly; threads that mostly wait.
+# - PER_USER = 8: one user's logins stuck on a slow or silent source hold at most 8
+#   workers, an eighth of the pool: 8 users would need that at once to fill it. 8 in
+#   flight keep one user's burst quick: the cgroup writes of all logins take the kernel's
+#   one global lock in turn, so more of them in parallel finish no sooner, and a caller-ID
+#   call takes a few ms, so 8 serve well over a thousand logins a second, more than sshd
+#   lets through on a node (a 200-login burst takes ~23 s,
+#   tests/benchmarks/bench_login_burst.py). Against a source answering slowly (1 s), 8 a
+#   second get their answer; the user's later requests, once 60 % of their timeout has
+#   gone by in the queue, skip the call and follow `action_unknown`, as before.
+# - WORKERS = 64: threads that mostly wait (on the network or the kernel's lock).
 # - WAITING_PER_USER = 256: a user's requests waiting beyond their PER_USER in flight;
 #   each holds two descriptors (the connection and a pidfd), and one user must not use up
 #   the agent's descriptors and so its accepts for everyone. A 200-login burst of one
 #   user fits; past it the login is refused at once, with a log line.
-WORKERS = 32
-PER_USER = 4
+WORKERS = 64
+PER_USER = 8
 WAITING_PER_USER = 256
 
 MSG_NO_JOBS = "Access denied by pam_adopt: you have no active jobs on this node"
@@ -470,6 +473,7 @@ class _Conn:
     buf: bytes = b""
     request: apb.AdmissionRequest = field(default_factory=apb.AdmissionRequest)
     received: float = 0.0
+    refused: bool = False  # not root: read its line, then refuse it
     closed: bool = False
 
     def close(self) -> None:
@@ -669,11 +673,11 @@ class AdmissionServer:
         sock.setblocking(False)
         peer = _peercred(sock)
         if peer.uid != 0:
+            # Refused once its request line is in (or it closes): answering before would
+            # race with its sending, which would then fail without telling it why.
             security.warning("SECURITY: admission request from uid %d pid %d refused: "
                              "only root may ask", peer.uid, peer.pid)
-            self._send(sock, apb.AdmissionReply(decision=DENY, reason="not-root",
-                                                message=MSG_BAD_REQUEST))
-            sock.close()
+            self._watch(_Conn(sock, peer, time.monotonic() + self.io_timeout, refused=True))
             return
         try:
             pidfd = _peer_pidfd(sock, peer.pid)
@@ -688,13 +692,15 @@ class AdmissionServer:
             # (if the login watch has not already), while the request is read.
             self.admission.warmer.kick()
             self.admission.warmer.login_arrived()
-        conn = _Conn(sock, peer, time.monotonic() + self.io_timeout)
+        self._watch(_Conn(sock, peer, time.monotonic() + self.io_timeout))
+
+    def _watch(self, conn: _Conn) -> None:
         try:
-            self._selector.register(sock, selectors.EVENT_READ, None)
+            self._selector.register(conn.sock, selectors.EVENT_READ, None)
         except BaseException:
             conn.close()
             raise
-        self._reading[sock] = conn
+        self._reading[conn.sock] = conn
 
     def _read(self, sock: socket.socket) -> None:
         conn = self._reading[sock]
@@ -716,6 +722,10 @@ class AdmissionServer:
         self._forget(sock)
         line = conn.buf.split(b"\n", 1)[0]
         conn.buf = b""
+        if conn.refused:
+            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="not-root",
+                                                  message=MSG_BAD_REQUEST))
+            return
         if not line.strip():
             # pam_adopt.py connects before it knows whether it will ask (root, another
             # service): a connection closed without a request is normal.

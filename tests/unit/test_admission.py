@@ -657,19 +657,20 @@ class Client(threading.Thread):
 def test_one_users_slow_logins_do_not_hold_up_another_users(registry: JobRegistry,
                                                             tmp_path: Path) -> None:
     # alice's logins all wait on a silent source node; bob's login needs a worker too.
-    # With 8 workers and 12 of alice's requests, a pool without per-user limits would
-    # be full of alice; here she holds PER_USER workers and bob is answered at once.
+    # With PER_USER + 2 workers and more of alice's requests than that, a pool without
+    # per-user limits would be full of alice; here she holds PER_USER workers and bob is
+    # answered at once.
     cid = BlockingCallerId()
     cid.answer = "A"
     registry.start("A", "alice")
     registry.start("B", "alice")
     registry.start("X", "bob")
     path = tmp_path / "admission.sock"
-    srv = AdmissionServer(str(path), Admission(registry, cid), workers=8)
+    srv = AdmissionServer(str(path), Admission(registry, cid), workers=PER_USER + 2)
     srv.start()
     try:
         alice = [Client(path, request("alice", "10.0.0.1 1 10.0.0.2 22", timeout=60))
-                 for _ in range(PER_USER + 8)]
+                 for _ in range(PER_USER + 6)]
         for c in alice:
             c.start()
         for _ in range(PER_USER):
