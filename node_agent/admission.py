@@ -29,9 +29,10 @@ when a worker takes it, before the caller-ID call and right before the adoption:
   request read late (the agent stopped, a full machine) is not served after the module
   gave up;
 * the connection: the module closes it when it gives up;
-* the calling process, through a pidfd taken when the connection is accepted: once
-  that process has exited its pid may name another process, which must never be moved
-  into a job.
+* the calling process, through a pidfd of the connection's peer (SO_PEERPIDFD: the
+  process that connected, whenever it is asked; on kernels before 6.5, pidfd_open of
+  its pid at accept): once that process has exited its pid may name another process,
+  which must never be moved into a job.
 
 Fairness. Decisions run on a pool of workers shared by all users, but one user has at
 most `PER_USER` decisions in flight; that user's other requests wait in a FIFO of their
@@ -54,7 +55,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -97,9 +98,10 @@ ADOPTED_LEAF = "adopted"
 #   gone by in the queue, skip the call and follow `action_unknown`, as before.
 # - WORKERS = 64: threads that mostly wait (on the network or the kernel's lock).
 # - WAITING_PER_USER = 256: a user's requests waiting beyond their PER_USER in flight;
-#   each holds two descriptors (the connection and a pidfd), and one user must not use up
-#   the agent's descriptors and so its accepts for everyone. A 200-login burst of one
-#   user fits; past it the login is refused at once, with a log line.
+#   each holds a descriptor (two on kernels before 6.5: the pidfd is then taken at
+#   accept), and one user must not use up the agent's descriptors, and so its accepts,
+#   for everyone. A 200-login burst of one user fits; past it the login is refused at
+#   once, with a log line.
 WORKERS = 64
 PER_USER = 8
 WAITING_PER_USER = 256
@@ -116,8 +118,8 @@ ALLOW, DENY, IGNORE = (apb.AdmissionReply.ALLOW, apb.AdmissionReply.DENY,
                        apb.AdmissionReply.IGNORE)
 
 # SO_PEERPIDFD (Linux 6.5): a pidfd of the peer the kernel recorded at connect(), so no
-# pid can be recycled in between. 77 in asm-generic/socket.h, which the architectures
-# listed use; Python 3.11 has no constant for it.
+# pid can be recycled in between, however late it is asked. 77 in asm-generic/socket.h,
+# which the architectures listed use; Python 3.11 has no constant for it.
 SO_PEERPIDFD: int | None = getattr(socket, "SO_PEERPIDFD", None)
 if SO_PEERPIDFD is None and os.uname().machine in (
         "x86_64", "aarch64", "i686", "i386", "armv7l", "armv8l", "riscv64", "ppc64le",
@@ -128,7 +130,7 @@ if SO_PEERPIDFD is None and os.uname().machine in (
 @dataclass(frozen=True)
 class Peer:
     """The caller as the kernel saw it (SO_PEERCRED), and a pidfd of it when there is one
-    (taken at accept; it stays the same process whatever happens to the pid)."""
+    (it stays the same process whatever happens to the pid)."""
 
     pid: int
     uid: int
@@ -424,28 +426,52 @@ def _peercred(conn: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
-def _peer_pidfd(conn: socket.socket, pid: int) -> int | None:
-    """A pidfd of the process that connected. Raises ProcessLookupError when it has
-    already exited. None when the kernel has no pidfds (before 5.3): then no check."""
-    if SO_PEERPIDFD is not None:
+def peer_pidfd_works() -> bool:
+    """Whether this kernel gives a pidfd of a Unix socket's peer (SO_PEERPIDFD, 6.5)."""
+    if SO_PEERPIDFD is None:
+        return False
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.close(a.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+        return True
+    except OSError:
+        return False
+    finally:
+        a.close()
+        b.close()
+
+
+def _peer_pidfd(conn: socket.socket, pid: int, from_socket: bool) -> int:
+    """A pidfd of the process that connected: from the socket (SO_PEERPIDFD), or else of
+    its pid. Raises ProcessLookupError when it has already exited."""
+    if from_socket:
+        assert SO_PEERPIDFD is not None
         try:
             fd: int = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
             return fd
         except OSError as e:
             if e.errno in (errno.ESRCH, errno.EINVAL):  # 6.5-6.8: the peer is gone
                 raise ProcessLookupError(e.errno, f"pid {pid} has exited") from None
-            if e.errno != errno.ENOPROTOOPT:
-                raise
-    # Before 6.5: the pid may have been reused between connect() and here, which is
-    # microseconds while the agent keeps up; the peer is then root's own sshd process.
+            raise
+    # By pid (before 6.5), taken at accept: the pid may have been reused between
+    # connect() and here, which is microseconds while the agent keeps up. (An agent
+    # that was stopped meanwhile reads a request its module gave up on: that one is
+    # caught by its deadline and by its closed connection.)
     try:
         return os.pidfd_open(pid)
     except OSError as e:
         if e.errno == errno.ESRCH:
             raise ProcessLookupError(e.errno, f"pid {pid} has exited") from None
-        if e.errno == errno.ENOSYS:
-            return None
         raise
+
+
+def pidfds_work() -> bool:
+    """Whether this kernel has pidfd_open (5.3)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def _hung_up(conn: socket.socket) -> bool:
@@ -465,7 +491,7 @@ def _reply_line(reply: apb.AdmissionReply) -> bytes:
 @dataclass
 class _Conn:
     """One connection from the module: while its request line comes, then while it
-    waits for a worker and is decided. Owns the socket and the pidfd."""
+    waits for a worker and is decided. Owns the socket and the peer's pidfd."""
 
     sock: socket.socket
     peer: Peer
@@ -483,6 +509,7 @@ class _Conn:
         self.sock.close()
         if self.peer.pidfd is not None:
             os.close(self.peer.pidfd)
+            self.peer = replace(self.peer, pidfd=None)
 
 
 class FairPool:
@@ -587,8 +614,8 @@ class FairPool:
 class AdmissionServer:
     """The root-only Unix socket: one request line in, one reply line out, per connection.
 
-    One thread accepts connections (taking the caller's credentials and a pidfd of it)
-    and reads their request lines, never blocking on a slow client; a complete request
+    One thread accepts connections (taking the caller's credentials) and reads their
+    request lines, never blocking on a slow client; a complete request
     goes, with the time it arrived, to the user's queue of a FairPool. A connection that
     sends nothing for `io_timeout` seconds is dropped. Answers are written without
     blocking: a reply is one short line into a fresh connection's empty buffer.
@@ -617,6 +644,18 @@ class AdmissionServer:
         self._selector.register(self._sock, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._reading: dict[socket.socket, _Conn] = {}
+        # With SO_PEERPIDFD the pidfd is taken when the decision starts (one descriptor
+        # less per waiting request); without, at accept, to keep pid reuse out.
+        self._pidfd_from_socket = peer_pidfd_works()
+        self._pidfd_at_accept = not self._pidfd_from_socket and pidfds_work()
+        if not self._pidfd_from_socket:
+            if self._pidfd_at_accept:
+                log.info("admission: the kernel gives no pidfd of a socket's peer "
+                         "(SO_PEERPIDFD, Linux 6.5): the caller's is taken by pid at accept")
+            else:
+                log.warning("admission: the kernel has no pidfds (Linux 5.3): a login whose "
+                            "process exits is caught only by its deadline and its closed "
+                            "connection")
         self._pool = FairPool(self._answer, workers=workers, per_key=per_user,
                               waiting_per_key=waiting_per_user)
         self._thread = threading.Thread(target=self._loop, name="admission-io", daemon=True)
@@ -679,14 +718,15 @@ class AdmissionServer:
                              "only root may ask", peer.uid, peer.pid)
             self._watch(_Conn(sock, peer, time.monotonic() + self.io_timeout, refused=True))
             return
-        try:
-            pidfd = _peer_pidfd(sock, peer.pid)
-        except ProcessLookupError:
-            log.warning("admission: pid %d exited before its connection was accepted: "
-                        "dropped, nothing done", peer.pid)
-            sock.close()
-            return
-        peer = Peer(peer.pid, peer.uid, peer.gid, pidfd)
+        if self._pidfd_at_accept:
+            try:
+                pidfd = _peer_pidfd(sock, peer.pid, from_socket=False)
+            except ProcessLookupError:
+                log.warning("admission: pid %d exited before its connection was accepted: "
+                            "dropped, nothing done", peer.pid)
+                sock.close()
+                return
+            peer = Peer(peer.pid, peer.uid, peer.gid, pidfd)
         if self.admission.warmer is not None:
             # Most requests end in an adoption: start the kernel's lock switch now
             # (if the login watch has not already), while the request is read.
@@ -786,6 +826,20 @@ class AdmissionServer:
 
     # -- the workers ---------------------------------------------------------------------
     def _answer(self, conn: _Conn) -> None:
+        if self._pidfd_from_socket:
+            try:
+                pidfd = _peer_pidfd(conn.sock, conn.peer.pid, from_socket=True)
+            except ProcessLookupError:
+                self.admission.log_dropped(conn.request, conn.peer, conn.received, Dropped(
+                    "caller-exited", f"the asking process {conn.peer.pid} has exited, "
+                    "before deciding"))
+                conn.close()
+                return
+            except OSError as e:
+                log.error("admission: no pidfd of pid %d (%s): deciding without checking "
+                          "it is alive", conn.peer.pid, e)
+                pidfd = None
+            conn.peer = replace(conn.peer, pidfd=pidfd)
         try:
             reply = self.admission.decide(conn.request, conn.peer, conn.received,
                                           hung_up=lambda: _hung_up(conn.sock))

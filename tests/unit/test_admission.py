@@ -26,6 +26,7 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
+import node_agent.admission as admission_mod
 from callerid import CgroupLayout, Hierarchy
 from node_agent.admission import (
     ADOPTED_LEAF,
@@ -349,8 +350,6 @@ def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
 def test_a_connection_that_breaks_the_server_is_dropped_alone(
         server: tuple[AdmissionServer, Path], registry: JobRegistry,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import node_agent.admission as admission_mod
-
     real = admission_mod._peercred
     calls = []
 
@@ -606,14 +605,26 @@ print(repr(s.recv(4096)), flush=True)
 """
 
 
-def test_a_request_whose_caller_exited_is_not_adopted(server: tuple[AdmissionServer, Path],
-                                                      registry: JobRegistry,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("from_socket", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
+def test_a_request_whose_caller_exited_is_not_adopted(registry: JobRegistry, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      from_socket: bool) -> None:
     # The connection stays open (a child holds it), but the process that asked is gone:
-    # its pid, free now, must not be moved into the job.
+    # its pid, free now, must not be moved into the job. Kernels before 6.5 have no
+    # SO_PEERPIDFD: then the pidfd is taken at accept.
+    if from_socket and not admission_mod.peer_pidfd_works():
+        pytest.skip("this kernel has no SO_PEERPIDFD")
+    monkeypatch.setattr(admission_mod, "peer_pidfd_works", lambda: from_socket)
     registry.start("42", "alice")
-    p = subprocess.run([sys.executable, "-c", DEAD_ASKER, str(server[1])],
-                       input=line_of(request()), capture_output=True, timeout=30)
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, FakeCallerId()))
+    srv.start()
+    try:
+        p = subprocess.run([sys.executable, "-c", DEAD_ASKER, str(path)],
+                           input=line_of(request()), capture_output=True, timeout=30)
+    finally:
+        srv.close()
     asker, answer = p.stdout.decode().split("\n")[:2]
     assert answer == "b''"  # closed without an answer
     assert adopted_pids(registry, "42") == [set(), set()]
