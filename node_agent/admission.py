@@ -8,7 +8,8 @@ everything it starts share the job's limits, accounting and end.
 
 The decision, in order (the module has already ignored root and other services):
 
-1. The user's jobs on this node: none -> `action_no_jobs` (deny, or ignore).
+1. The user's running jobs on this node (a job that is ending attracts nothing):
+   none -> `action_no_jobs` (deny, or ignore).
 2. Exactly one -> adopt into it; no network call.
 3. Several -> ask the agent on the source node (the client's address in SSH_CONNECTION)
    which job owns the connection, with a deadline inside the module's timeout. If that
@@ -17,20 +18,44 @@ The decision, in order (the module has already ignored root and other services):
    the most recently started of the user's jobs, `allow` admits without adoption,
    `deny` refuses.
 4. Adoption failing -> `action_adopt_failure` (deny, or allow without adoption).
+
+Only while the module still waits. A request is acted on only while the module that
+sent it waits for the answer; otherwise it is dropped, logged on one line, and nothing is
+done for it (no remote call, no adoption, no answer). Checked when the request is read,
+when a worker takes it, before the caller-ID call and right before the adoption:
+
+* its deadline (the module's own, on the machine's CLOCK_MONOTONIC, sent in the request;
+  for older modules that send none, `timeout` counted from when the agent read it), so a
+  request read late (the agent stopped, a full machine) is not served after the module
+  gave up;
+* the connection: the module closes it when it gives up;
+* the calling process, through a pidfd of the connection's peer (SO_PEERPIDFD: the
+  process that connected, whenever it is asked; on kernels before 6.5, pidfd_open of
+  its pid at accept): once that process has exited its pid may name another process,
+  which must never be moved into a job.
+
+Fairness. Decisions run on a pool of workers shared by all users, but one user has at
+most `PER_USER` decisions in flight; that user's other requests wait in a FIFO of their
+own, and a free worker serves the users in turn. So one user's logins that wait on a
+slow or silent source node (each up to 60 % of the module's timeout) hold at most
+`PER_USER` workers, and another user's login gets a worker at once.
 """
 
 from __future__ import annotations
 
+import collections
+import errno
 import logging
+import math
 import os
+import select
 import selectors
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -54,31 +79,77 @@ CHOICES = {"action_no_jobs": ("deny", "ignore"),
            "action_unknown": ("newest", "allow", "deny"),
            "action_adopt_failure": ("deny", "allow")}
 DEFAULT_TIMEOUT = 5.0  # pam_adopt's default timeout=, for a request that names none
+MAX_TIMEOUT = 60.0  # pam_adopt accepts timeout= in (0, 60]
 CALL_SHARE = 0.6  # of the module's timeout, for the caller-ID call
 MIN_CALL = 0.05  # seconds: less than that left, and the call is not even tried
 ADOPTED_LEAF = "adopted"
+
+# The admission pool. A decision is either quick (the registry, then one cgroup write per
+# hierarchy: well under a millisecond, up to ~1 s when the kernel's cgroup lock waits
+# behind a burst's forks) or waits on the source node's agent, up to
+# min(rpc_timeout, 60 % of the module's timeout): 2 s by default.
+# - PER_USER = 8: one user's logins stuck on a slow or silent source hold at most 8
+#   workers, an eighth of the pool: 8 users would need that at once to fill it. 8 in
+#   flight keep one user's burst quick: the cgroup writes of all logins take the kernel's
+#   one global lock in turn, so more of them in parallel finish no sooner, and a caller-ID
+#   call takes a few ms, so 8 serve well over a thousand logins a second, more than sshd
+#   lets through on a node (a 200-login burst takes ~23 s,
+#   tests/benchmarks/bench_login_burst.py). Against a source answering slowly (1 s), 8 a
+#   second get their answer; the user's later requests, once 60 % of their timeout has
+#   gone by in the queue, skip the call and follow `action_unknown`, as before.
+# - WORKERS = 64: threads that mostly wait (on the network or the kernel's lock).
+# - WAITING_PER_USER = 256: a user's requests waiting beyond their PER_USER in flight;
+#   each holds a descriptor (two on kernels before 6.5: the pidfd is then taken at
+#   accept), and one user must not use up the agent's descriptors, and so its accepts,
+#   for everyone. A 200-login burst of one user fits; past it the login is refused at
+#   once, with a log line.
+WORKERS = 64
+PER_USER = 8
+WAITING_PER_USER = 256
 
 MSG_NO_JOBS = "Access denied by pam_adopt: you have no active jobs on this node"
 MSG_UNKNOWN = ("Access denied by pam_adopt: this connection does not come from one of "
                "your jobs on this node")
 MSG_ADOPT_FAILED = "Access denied by pam_adopt: your session could not be added to your job"
 MSG_BAD_REQUEST = "Access denied by pam_adopt: internal error"
+MSG_BUSY = ("Access denied by pam_adopt: too many of your logins are waiting on this node; "
+            "try again later")
 
 ALLOW, DENY, IGNORE = (apb.AdmissionReply.ALLOW, apb.AdmissionReply.DENY,
                        apb.AdmissionReply.IGNORE)
 
+# SO_PEERPIDFD (Linux 6.5): a pidfd of the peer the kernel recorded at connect(), so no
+# pid can be recycled in between, however late it is asked. 77 in asm-generic/socket.h,
+# which the architectures listed use; Python 3.11 has no constant for it.
+SO_PEERPIDFD: int | None = getattr(socket, "SO_PEERPIDFD", None)
+if SO_PEERPIDFD is None and os.uname().machine in (
+        "x86_64", "aarch64", "i686", "i386", "armv7l", "armv8l", "riscv64", "ppc64le",
+        "ppc64", "s390x", "loongarch64"):
+    SO_PEERPIDFD = 77
+
 
 @dataclass(frozen=True)
 class Peer:
-    """The caller as the kernel saw it (SO_PEERCRED)."""
+    """The caller as the kernel saw it (SO_PEERCRED), and a pidfd of it when there is one
+    (it stays the same process whatever happens to the pid)."""
 
     pid: int
     uid: int
     gid: int
+    pidfd: int | None = None
 
 
 # CallerIdFn(source_ip, connection, deadline_seconds) -> job id or None (raises grpc.RpcError)
 CallerIdFn = Callable[[str, pb.Connection, float], "str | None"]
+
+
+class Dropped(Exception):
+    """A request the module no longer waits for: nothing was done for it, and it gets no
+    answer. `tag` names the reason for metrics: expired, hung-up, caller-exited."""
+
+    def __init__(self, tag: str, why: str) -> None:
+        super().__init__(why)
+        self.tag = tag
 
 
 def options_of(request: apb.AdmissionRequest) -> dict[str, str]:
@@ -108,6 +179,83 @@ def parse_ssh_connection(text: str) -> pb.Connection | None:
                          dst_port=dst.port)
 
 
+def _time_ns(pid: int | str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/time")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+_OWN_TIME_NS = _time_ns("self")
+
+
+def same_clock(pid: int) -> bool:
+    """Whether `pid` reads the agent's CLOCK_MONOTONIC. All processes of a machine do,
+    except in another time namespace (Linux 5.6), which offsets that clock. A process
+    already gone, or a kernel without time namespaces: the same clock (a gone caller is
+    caught by its pidfd)."""
+    theirs = _time_ns(pid)
+    return theirs is None or _OWN_TIME_NS is None or theirs == _OWN_TIME_NS
+
+
+def module_timeout(request: apb.AdmissionRequest) -> float:
+    """The module's timeout= (pam_adopt only sends values in (0, 60])."""
+    t = request.options.timeout
+    return t if math.isfinite(t) and 0 < t <= MAX_TIMEOUT else DEFAULT_TIMEOUT
+
+
+def deadline_of(request: apb.AdmissionRequest, peer: Peer, received: float) -> float:
+    """When the module stops waiting, on the agent's time.monotonic().
+
+    The module sends its own deadline (its start of the exchange plus its timeout); it
+    cannot be later than `received` plus the timeout, since the module started before
+    the agent read the request, so that bounds it. An older module sends none, and a
+    module in another time namespace sends one on another clock: for those the timeout
+    counts from `received`, the best the agent knows.
+    """
+    latest = received + module_timeout(request)
+    sent = request.deadline
+    if not sent or not math.isfinite(sent) or not same_clock(peer.pid):
+        return latest
+    return min(sent, latest)
+
+
+def pidfd_exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited (a zombie included)."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return bool(p.poll(0))
+
+
+@dataclass
+class _Ask:
+    """One request being decided, and how to tell whether its module still waits."""
+
+    request: apb.AdmissionRequest
+    peer: Peer
+    received: float
+    deadline: float
+    hung_up: Callable[[], bool]
+
+    @property
+    def timeout(self) -> float:
+        return module_timeout(self.request)
+
+    def check(self, before: str) -> None:
+        """Raise Dropped unless the module still waits for this answer."""
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise Dropped("expired", f"the module's deadline passed "
+                          f"{(now - self.deadline) * 1000:.0f} ms ago, {before}")
+        if self.hung_up():
+            raise Dropped("hung-up", f"the module closed the connection (it gave up), "
+                          f"{before}")
+        if self.peer.pidfd is not None and pidfd_exited(self.peer.pidfd):
+            raise Dropped("caller-exited", f"the asking process {self.peer.pid} has exited, "
+                          f"{before}")
+
+
 class Admission:
     """Decides one login (see the module docstring); thread-safe."""
 
@@ -119,13 +267,23 @@ class Admission:
         self.warmer = warmer
 
     def decide(self, request: apb.AdmissionRequest, peer: Peer,
-               received: float | None = None) -> apb.AdmissionReply:
+               received: float | None = None,
+               hung_up: Callable[[], bool] | None = None) -> apb.AdmissionReply:
         """`received`: time.monotonic() when the request came in (default: now). The
-        module's clock has been running since then, waiting for a worker included."""
+        module's clock has been running since before then, waiting for a worker included.
+        `hung_up()`: whether the module has closed the connection.
+
+        Raises Dropped (logged here) when the module no longer waits: nothing was done."""
         t0 = time.monotonic()
         if received is None or received > t0:
             received = t0
-        reply = self._decide(request, peer, received)
+        ask = _Ask(request, peer, received, deadline_of(request, peer, received),
+                   hung_up or (lambda: False))
+        try:
+            reply = self._decide(ask)
+        except Dropped as e:
+            self.log_dropped(request, peer, received, e)
+            raise
         elapsed = time.monotonic() - received
         metrics.ADMISSIONS.labels(apb.AdmissionReply.Decision.Name(reply.decision),
                                   reply.reason).observe(elapsed)
@@ -137,28 +295,55 @@ class Admission:
                  f": {reply.detail}" if reply.detail else "")
         return reply
 
-    def _decide(self, request: apb.AdmissionRequest, peer: Peer,
-                received: float) -> apb.AdmissionReply:
+    def check_arrival(self, request: apb.AdmissionRequest, peer: Peer,
+                      received: float) -> None:
+        """Raise Dropped (logged) when the request was already stale when it was read:
+        an agent that was stopped finds the modules' requests in its socket's queue."""
+        ask = _Ask(request, peer, received, deadline_of(request, peer, received),
+                   lambda: False)
+        try:
+            ask.check("when the agent read it")
+        except Dropped as e:
+            self.log_dropped(request, peer, received, e)
+            raise
+
+    @staticmethod
+    def log_dropped(request: apb.AdmissionRequest, peer: Peer, received: float,
+                    e: Dropped) -> None:
+        elapsed = time.monotonic() - received
+        metrics.ADMISSIONS.labels("DROPPED", e.tag).observe(elapsed)
+        log.warning("admission: %s from %s (%s) pid %d: dropped, nothing done: %s "
+                    "(%.1f ms after it was read)", request.user, request.rhost or "?",
+                    request.ssh_connection or "no SSH_CONNECTION", peer.pid, e,
+                    elapsed * 1000)
+
+    def _decide(self, ask: _Ask) -> apb.AdmissionReply:
+        request = ask.request
+        ask.check("before deciding")
         opts = options_of(request)
-        jobs = self.registry.list_jobs(request.user)
+        # An ending job must attract no login: its processes are being killed, and one
+        # adopted now would escape that or keep the job from going away.
+        jobs = [r for r in self.registry.list_jobs(request.user) if r.state == "running"]
         if not jobs:
             if opts["action_no_jobs"] == "ignore":
                 return apb.AdmissionReply(decision=IGNORE, reason="no-jobs")
             return apb.AdmissionReply(decision=DENY, reason="no-jobs", message=MSG_NO_JOBS)
         if len(jobs) == 1:
-            return self._adopt(jobs[0], peer, opts, "one-job")
+            return self._adopt(jobs[0], ask, opts, "one-job")
         conn = parse_ssh_connection(request.ssh_connection)
         detail = ""
-        # The call gets at most 60 % of the module's timeout, counted from the request's
-        # arrival: the rest is for the adoption, the reply, and a busy machine.
-        waited = time.monotonic() - received
-        budget = (request.options.timeout or DEFAULT_TIMEOUT) * CALL_SHARE - waited
+        # The call ends at 60 % of the module's timeout, counted on the module's own
+        # clock: the rest is for the adoption, the reply, and a busy machine.
+        now = time.monotonic()
+        waited = now - (ask.deadline - ask.timeout)
+        budget = ask.deadline - (1 - CALL_SHARE) * ask.timeout - now
         if conn is None:
             detail = f"no usable SSH_CONNECTION ({request.ssh_connection!r})"
         elif budget < MIN_CALL:
             detail = (f"no time left to ask {conn.src_ip} for the caller's job (the request "
                       f"waited {waited * 1000:.0f} ms for the agent)")
         else:
+            ask.check(f"before asking {conn.src_ip}")
             deadline = min(self.rpc_timeout, budget)
             if self.warmer is not None:
                 self.warmer.kick()  # overlap the kernel's migration toll with the call
@@ -178,34 +363,58 @@ class Admission:
                 mine = {r.job.id: r for r in jobs}
                 if job_id in mine:
                     took = (time.perf_counter() - t_call) * 1000
-                    return self._adopt(mine[job_id], peer, opts, "caller-id",
+                    return self._adopt(mine[job_id], ask, opts, "caller-id",
                                        f"caller ID from {conn.src_ip}: {took:.1f} ms")
                 detail = (f"the source node says job {job_id}, not one of "
-                          f"{request.user}'s jobs here" if job_id
+                          f"{request.user}'s running jobs here" if job_id
                           else "the source node knows no job for this connection")
         how = opts["action_unknown"]
         if how == "newest":
             newest = max(jobs, key=lambda r: (r.job.start_time, r.job.id))
-            return self._adopt(newest, peer, opts, "unknown-newest", detail)
+            return self._adopt(newest, ask, opts, "unknown-newest", detail)
         if how == "allow":
             return apb.AdmissionReply(decision=ALLOW, reason="unknown-allow", detail=detail)
         return apb.AdmissionReply(decision=DENY, reason="unknown-deny", message=MSG_UNKNOWN,
                                   detail=detail)
 
-    def _adopt(self, rec: JobRecord, peer: Peer, opts: dict[str, str], reason: str,
+    def _adopt(self, rec: JobRecord, ask: _Ask, opts: dict[str, str], reason: str,
                detail: str = "") -> apb.AdmissionReply:
         job = rec.job
+        peer = ask.peer
+        ask.check(f"before adopting into job {job.id}")
+        # Race: the job may have started ending since the list was read.
+        now = self.registry.get(job.id)
+        failure = "" if now is not None and now.state == "running" else (
+            f"job {job.id} is {now.state if now else 'gone'}")
         t0 = time.perf_counter()
-        try:
-            self.registry.layout.attach(job.id, peer.pid, leaf=ADOPTED_LEAF)
-        except (callerid.CgroupError, OSError, ValueError) as e:
-            log.error("admission: adopting pid %d into job %s failed: %s", peer.pid, job.id, e)
-            why = f"adoption into job {job.id} failed: {e}"
+        if not failure:
+            # The process moved is the one that asked: `check` just saw it alive through
+            # its pidfd, so until it exits its pid names nothing else. What remains is
+            # the time from that check to the kernel's lookup of the pid in each
+            # cgroup.procs write (microseconds; up to an RCU grace period, 5-15 ms, while
+            # the kernel switches its cgroup lock, during which forks go on). For another
+            # process to be moved, the caller (a process waiting for this answer) would
+            # have to exit, be reaped, and the kernel hand out its pid again, which it
+            # does only after going round all of pid_max (at least 32768) in that time.
+            # The check after the move below proves it for the common case.
+            try:
+                self.registry.layout.attach(job.id, peer.pid, leaf=ADOPTED_LEAF)
+            except (callerid.CgroupError, OSError, ValueError) as e:
+                failure = str(e)
+        if failure:
+            log.error("admission: adopting pid %d into job %s failed: %s", peer.pid, job.id,
+                      failure)
+            why = f"adoption into job {job.id} failed: {failure}"
             if opts["action_adopt_failure"] == "allow":
                 return apb.AdmissionReply(decision=ALLOW, reason="adopt-failed-allow",
                                           detail=why)
             return apb.AdmissionReply(decision=DENY, reason="adopt-failed",
                                       message=MSG_ADOPT_FAILED, detail=why)
+        if peer.pidfd is not None and pidfd_exited(peer.pidfd):
+            # Alive before and after the writes means every write found the caller.
+            # Here it exited meanwhile: harmless unless its pid was also reused at once.
+            log.warning("admission: pid %d exited while it was being adopted into job %s",
+                        peer.pid, job.id)
         # The first cgroup migration after a quiet spell waits for an RCU grace period
         # (cgroup_threadgroup_rwsem): several ms that show here, not in the lookup.
         took = f"adopt {(time.perf_counter() - t0) * 1000:.1f} ms"
@@ -221,21 +430,203 @@ def _peercred(conn: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
+def peer_pidfd_works() -> bool:
+    """Whether this kernel gives a pidfd of a Unix socket's peer (SO_PEERPIDFD, 6.5)."""
+    if SO_PEERPIDFD is None:
+        return False
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.close(a.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD))
+        return True
+    except OSError:
+        return False
+    finally:
+        a.close()
+        b.close()
+
+
+def _peer_pidfd(conn: socket.socket, pid: int, from_socket: bool) -> int:
+    """A pidfd of the process that connected: from the socket (SO_PEERPIDFD), or else of
+    its pid. Raises ProcessLookupError when it has already exited."""
+    if from_socket:
+        assert SO_PEERPIDFD is not None
+        try:
+            fd: int = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+            return fd
+        except OSError as e:
+            if e.errno in (errno.ESRCH, errno.EINVAL):  # 6.5-6.8: the peer is gone
+                raise ProcessLookupError(e.errno, f"pid {pid} has exited") from None
+            raise
+    # By pid (before 6.5), taken at accept: the pid may have been reused between
+    # connect() and here, which is microseconds while the agent keeps up. (An agent
+    # that was stopped meanwhile reads a request its module gave up on: that one is
+    # caught by its deadline and by its closed connection.)
+    try:
+        return os.pidfd_open(pid)
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            raise ProcessLookupError(e.errno, f"pid {pid} has exited") from None
+        raise
+
+
+def pidfds_work() -> bool:
+    """Whether this kernel has pidfd_open (5.3)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _hung_up(conn: socket.socket) -> bool:
+    """The module closed its end (it gave up). A half-close (shutdown of its writing
+    side) is not giving up: only POLLHUP, both directions gone, or an error."""
+    p = select.poll()
+    p.register(conn, select.POLLHUP)
+    return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+               for _, ev in p.poll(0))
+
+
 def _reply_line(reply: apb.AdmissionReply) -> bytes:
     return (json_format.MessageToJson(reply, preserving_proto_field_name=True, indent=None)
             + "\n").encode()
 
 
+@dataclass
+class _Conn:
+    """One connection from the module: while its request line comes, then while it
+    waits for a worker and is decided. Owns the socket and the peer's pidfd."""
+
+    sock: socket.socket
+    peer: Peer
+    expires: float  # the request line must be complete by then
+    buf: bytes = b""
+    request: apb.AdmissionRequest = field(default_factory=apb.AdmissionRequest)
+    received: float = 0.0
+    refused: bool = False  # not root: read its line, then refuse it
+    closed: bool = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.sock.close()
+        if self.peer.pidfd is not None:
+            os.close(self.peer.pidfd)
+            self.peer = replace(self.peer, pidfd=None)
+
+
+class FairPool:
+    """`workers` threads shared by keys (users): at most `per_key` items of one key run at
+    once, its other items wait in that key's FIFO (at most `waiting_per_key` of them),
+    and a free worker takes the oldest item of the next key in turn. A key whose items
+    all run slowly thus holds `per_key` workers, never the pool, and a key with nothing
+    running is served by the next free worker whatever the other keys have queued."""
+
+    def __init__(self, handle: Callable[[_Conn], None], *, workers: int, per_key: int,
+                 waiting_per_key: int, name: str = "admission") -> None:
+        if workers < 1 or per_key < 1:
+            raise ValueError("a pool needs at least one worker and one item per key")
+        self._handle = handle
+        self.workers = workers
+        self.per_key = per_key
+        self.waiting_per_key = waiting_per_key
+        self._cond = threading.Condition()
+        self._waiting: dict[str, collections.deque[_Conn]] = {}
+        self._running: collections.Counter[str] = collections.Counter()
+        # Keys with an item waiting and fewer than per_key running, in turn order.
+        self._turns: dict[str, None] = {}
+        self._closing = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(workers)]
+
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def submit(self, key: str, item: _Conn) -> bool:
+        """Queue `item`; False (nothing queued) when `key` already has its maximum
+        waiting."""
+        with self._cond:
+            queue = self._waiting.setdefault(key, collections.deque())
+            if len(queue) >= self.waiting_per_key:
+                return False
+            queue.append(item)
+            if self._running[key] < self.per_key:
+                self._turns.setdefault(key, None)
+                self._cond.notify()
+        return True
+
+    def load(self, key: str) -> tuple[int, int]:
+        """(running, waiting) items of `key`."""
+        with self._cond:
+            return self._running[key], len(self._waiting.get(key, ()))
+
+    def _take(self) -> tuple[str, _Conn] | None:
+        with self._cond:
+            while not self._turns and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return None
+            key = next(iter(self._turns))
+            del self._turns[key]
+            queue = self._waiting[key]
+            item = queue.popleft()
+            self._running[key] += 1
+            if not queue:
+                del self._waiting[key]
+            elif self._running[key] < self.per_key:
+                self._turns[key] = None  # at the back: every other key goes first
+            if self._turns:
+                self._cond.notify()  # more to take: an idle worker may be asleep
+            return key, item
+
+    def _done(self, key: str) -> None:
+        with self._cond:
+            self._running[key] -= 1
+            if not self._running[key]:
+                del self._running[key]
+            if key in self._waiting and key not in self._turns:
+                self._turns[key] = None
+                self._cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            key, item = taken
+            try:
+                self._handle(item)
+            except Exception:  # the handler answers its own errors; this is a last guard
+                log.exception("admission: worker failed")
+                item.close()
+            finally:
+                self._done(key)
+
+    def close(self) -> list[_Conn]:
+        """Stop the workers (after their current item); the items never taken."""
+        with self._cond:
+            self._closing = True
+            left = [item for queue in self._waiting.values() for item in queue]
+            self._waiting.clear()
+            self._turns.clear()
+            self._cond.notify_all()
+        return left
+
+
 class AdmissionServer:
     """The root-only Unix socket: one request line in, one reply line out, per connection.
 
-    One thread accepts connections and reads their request lines (never blocking on a
-    slow client); a complete request goes to a worker pool with the time it arrived, so
-    that the decision knows how much of the module's timeout is left. A connection that
-    sends nothing for `io_timeout` seconds is dropped.
+    One thread accepts connections (taking the caller's credentials) and reads their
+    request lines, never blocking on a slow client; a complete request
+    goes, with the time it arrived, to the user's queue of a FairPool. A connection that
+    sends nothing for `io_timeout` seconds is dropped. Answers are written without
+    blocking: a reply is one short line into a fresh connection's empty buffer.
     """
 
-    def __init__(self, path: str, admission: Admission, *, workers: int = 32,
+    def __init__(self, path: str, admission: Admission, *, workers: int = WORKERS,
+                 per_user: int = PER_USER, waiting_per_user: int = WAITING_PER_USER,
                  io_timeout: float = 5.0) -> None:
         self.path = path
         self.admission = admission
@@ -256,13 +647,26 @@ class AdmissionServer:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._sock, selectors.EVENT_READ, None)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._reading: dict[socket.socket, _Reading] = {}
-        self._pool = futures.ThreadPoolExecutor(max_workers=workers,
-                                                thread_name_prefix="admission")
+        self._reading: dict[socket.socket, _Conn] = {}
+        # With SO_PEERPIDFD the pidfd is taken when the decision starts (one descriptor
+        # less per waiting request); without, at accept, to keep pid reuse out.
+        self._pidfd_from_socket = peer_pidfd_works()
+        self._pidfd_at_accept = not self._pidfd_from_socket and pidfds_work()
+        if not self._pidfd_from_socket:
+            if self._pidfd_at_accept:
+                log.info("admission: the kernel gives no pidfd of a socket's peer "
+                         "(SO_PEERPIDFD, Linux 6.5): the caller's is taken by pid at accept")
+            else:
+                log.warning("admission: the kernel has no pidfds (Linux 5.3): a login whose "
+                            "process exits is caught only by its deadline and its closed "
+                            "connection")
+        self._pool = FairPool(self._answer, workers=workers, per_key=per_user,
+                              waiting_per_key=waiting_per_user)
         self._thread = threading.Thread(target=self._loop, name="admission-io", daemon=True)
         self._closing = False
 
     def start(self) -> None:
+        self._pool.start()
         self._thread.start()
 
     # -- the I/O thread ------------------------------------------------------------------
@@ -294,7 +698,7 @@ class AdmissionServer:
     def _accept(self) -> None:
         while True:
             try:
-                conn, _ = self._sock.accept()
+                sock, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and the like: wait a little, not in a busy loop
@@ -303,56 +707,112 @@ class AdmissionServer:
                     time.sleep(0.1)
                 return
             try:
-                self._admit(conn)
+                self._admit(sock)
             except Exception as e:  # OSError from SO_PEERCRED, or a bug: drop this one only
                 log.warning("admission: connection dropped: %s", e)
-                conn.close()
+                sock.close()
 
-    def _admit(self, conn: socket.socket) -> None:
-        conn.setblocking(False)
-        peer = _peercred(conn)
+    def _admit(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        peer = _peercred(sock)
         if peer.uid != 0:
-            self._pool.submit(self._refuse, conn, peer)
+            # Refused once its request line is in (or it closes): answering before would
+            # race with its sending, which would then fail without telling it why.
+            security.warning("SECURITY: admission request from uid %d pid %d refused: "
+                             "only root may ask", peer.uid, peer.pid)
+            self._watch(_Conn(sock, peer, time.monotonic() + self.io_timeout, refused=True))
             return
+        if self._pidfd_at_accept:
+            try:
+                pidfd = _peer_pidfd(sock, peer.pid, from_socket=False)
+            except ProcessLookupError:
+                log.warning("admission: pid %d exited before its connection was accepted: "
+                            "dropped, nothing done", peer.pid)
+                sock.close()
+                return
+            peer = Peer(peer.pid, peer.uid, peer.gid, pidfd)
         if self.admission.warmer is not None:
             # Most requests end in an adoption: start the kernel's lock switch now
             # (if the login watch has not already), while the request is read.
             self.admission.warmer.kick()
             self.admission.warmer.login_arrived()
-        self._selector.register(conn, selectors.EVENT_READ, None)
-        self._reading[conn] = _Reading(peer, time.monotonic() + self.io_timeout)
+        self._watch(_Conn(sock, peer, time.monotonic() + self.io_timeout))
 
-    def _read(self, conn: socket.socket) -> None:
-        reading = self._reading[conn]
+    def _watch(self, conn: _Conn) -> None:
         try:
-            chunk = conn.recv(4096)
+            self._selector.register(conn.sock, selectors.EVENT_READ, None)
+        except BaseException:
+            conn.close()
+            raise
+        self._reading[conn.sock] = conn
+
+    def _read(self, sock: socket.socket) -> None:
+        conn = self._reading[sock]
+        try:
+            chunk = sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             log.warning("admission: connection dropped: %s", e)
-            self._forget(conn).close()
+            self._forget(sock).close()
             return
-        reading.buf += chunk
+        conn.buf += chunk
         if chunk and b"\n" not in chunk:
-            if len(reading.buf) > MAX_REQUEST:
+            if len(conn.buf) > MAX_REQUEST:
                 log.error("admission: request from pid %d longer than %d bytes: dropped",
-                          reading.peer.pid, MAX_REQUEST)
-                self._forget(conn).close()
+                          conn.peer.pid, MAX_REQUEST)
+                self._forget(sock).close()
             return
-        self._forget(conn)
-        line = reading.buf.split(b"\n", 1)[0]
+        self._forget(sock)
+        line = conn.buf.split(b"\n", 1)[0]
+        conn.buf = b""
+        if conn.refused:
+            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="not-root",
+                                                  message=MSG_BAD_REQUEST))
+            return
         if not line.strip():
             # pam_adopt.py connects before it knows whether it will ask (root, another
             # service): a connection closed without a request is normal.
-            log.debug("admission: pid %d closed without a request", reading.peer.pid)
+            log.debug("admission: pid %d closed without a request", conn.peer.pid)
             conn.close()
             return
-        self._pool.submit(self._answer, conn, reading.peer, line, time.monotonic())
+        conn.received = time.monotonic()
+        self._queue(conn, line)
 
-    def _forget(self, conn: socket.socket) -> socket.socket:
-        self._selector.unregister(conn)
-        del self._reading[conn]
-        return conn
+    def _queue(self, conn: _Conn, line: bytes) -> None:
+        peer = conn.peer
+        try:
+            json_format.Parse(line, conn.request)
+        except Exception as e:  # ParseError, or TypeError for a non-object ("[]")
+            log.error("admission: malformed request from pid %d: %s", peer.pid, e)
+            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="bad-request",
+                                                  message=MSG_BAD_REQUEST, detail=str(e)))
+            return
+        request = conn.request
+        if not request.user:
+            log.error("admission: request from pid %d names no user", peer.pid)
+            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="bad-request",
+                                                  message=MSG_BAD_REQUEST, detail="no user"))
+            return
+        try:
+            self.admission.check_arrival(request, peer, conn.received)
+        except Dropped:
+            conn.close()
+            return
+        if not self._pool.submit(request.user, conn):
+            running, waiting = self._pool.load(request.user)
+            log.warning("admission: %s from %s (%s) pid %d: refused: %d of %s's logins are "
+                        "being decided and %d wait", request.user, request.rhost or "?",
+                        request.ssh_connection or "no SSH_CONNECTION", peer.pid, running,
+                        request.user, waiting)
+            metrics.ADMISSIONS.labels("DENY", "busy").observe(0.0)
+            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="busy",
+                                                  message=MSG_BUSY,
+                                                  detail=f"{waiting} logins waiting"))
+
+    def _forget(self, sock: socket.socket) -> _Conn:
+        self._selector.unregister(sock)
+        return self._reading.pop(sock)
 
     def _next_expiry(self) -> float | None:
         if not self._reading:
@@ -362,50 +822,56 @@ class AdmissionServer:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for conn, reading in list(self._reading.items()):
-            if reading.expires <= now:
+        for sock, conn in list(self._reading.items()):
+            if conn.expires <= now:
                 log.warning("admission: pid %d sent no request within %g s: dropped",
-                            reading.peer.pid, self.io_timeout)
-                self._forget(conn).close()
+                            conn.peer.pid, self.io_timeout)
+                self._forget(sock).close()
 
     # -- the workers ---------------------------------------------------------------------
-    def _refuse(self, conn: socket.socket, peer: Peer) -> None:
-        security.warning("SECURITY: admission request from uid %d pid %d refused: "
-                         "only root may ask", peer.uid, peer.pid)
-        self._send(conn, apb.AdmissionReply(decision=DENY, reason="not-root",
-                                            message=MSG_BAD_REQUEST))
-
-    def _answer(self, conn: socket.socket, peer: Peer, line: bytes, received: float) -> None:
-        try:
-            request = apb.AdmissionRequest()
+    def _answer(self, conn: _Conn) -> None:
+        if self._pidfd_from_socket:
             try:
-                json_format.Parse(line, request)
-            except Exception as e:  # ParseError, or TypeError for a non-object ("[]")
-                log.error("admission: malformed request from pid %d: %s", peer.pid, e)
-                reply = apb.AdmissionReply(decision=DENY, reason="bad-request",
-                                           message=MSG_BAD_REQUEST, detail=str(e))
-            else:
-                if not request.user:
-                    log.error("admission: request from pid %d names no user", peer.pid)
-                    reply = apb.AdmissionReply(decision=DENY, reason="bad-request",
-                                               message=MSG_BAD_REQUEST, detail="no user")
-                else:
-                    reply = self.admission.decide(request, peer, received)
+                pidfd = _peer_pidfd(conn.sock, conn.peer.pid, from_socket=True)
+            except ProcessLookupError:
+                self.admission.log_dropped(conn.request, conn.peer, conn.received, Dropped(
+                    "caller-exited", f"the asking process {conn.peer.pid} has exited, "
+                    "before deciding"))
+                conn.close()
+                return
+            except OSError as e:
+                log.error("admission: no pidfd of pid %d (%s): deciding without checking "
+                          "it is alive", conn.peer.pid, e)
+                pidfd = None
+            conn.peer = replace(conn.peer, pidfd=pidfd)
+        try:
+            reply = self.admission.decide(conn.request, conn.peer, conn.received,
+                                          hung_up=lambda: _hung_up(conn.sock))
+        except Dropped:  # logged by decide; the module no longer waits for anything
+            conn.close()
+            return
         except Exception as e:
             # A bug must not look like a silent agent to the module: say so, and deny.
-            log.exception("admission: request from pid %d failed", peer.pid)
+            log.exception("admission: request from pid %d failed", conn.peer.pid)
             reply = apb.AdmissionReply(decision=DENY, reason="internal-error",
                                        message=MSG_BAD_REQUEST, detail=str(e))
-        self._send(conn, reply)
+        self._finish(conn, reply)
 
-    def _send(self, conn: socket.socket, reply: apb.AdmissionReply) -> None:
-        with conn:
-            try:
-                conn.setblocking(True)
-                conn.settimeout(self.io_timeout)
-                conn.sendall(_reply_line(reply))
-            except OSError as e:
-                log.warning("admission: connection dropped: %s", e)
+    def _finish(self, conn: _Conn, reply: apb.AdmissionReply) -> None:
+        self._send(conn.sock, reply)
+        conn.close()
+
+    @staticmethod
+    def _send(sock: socket.socket, reply: apb.AdmissionReply) -> None:
+        data = _reply_line(reply)
+        try:
+            sent = sock.send(data)  # non-blocking: a worker never waits for a client
+        except OSError as e:  # the module gave up meanwhile (EPIPE), or a full buffer
+            log.warning("admission: connection dropped before the answer (%s): %s",
+                        apb.AdmissionReply.Decision.Name(reply.decision), e)
+            return
+        if sent < len(data):
+            log.warning("admission: connection dropped: the answer did not fit its buffer")
 
     def close(self) -> None:
         self._closing = True
@@ -416,23 +882,15 @@ class AdmissionServer:
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._selector.close()
-        for conn in self._reading:
+        for conn in self._reading.values():
             conn.close()
         self._reading.clear()
+        for conn in self._pool.close():
+            conn.close()
         self._sock.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-
-
-@dataclass
-class _Reading:
-    """A connection whose request line is still coming."""
-
-    peer: Peer
-    expires: float
-    buf: bytes = b""

@@ -9,10 +9,13 @@ there why). The account-phase PAM module of callerid-adopt:
 It imports nothing but the standard library and never gRPC (DESIGN.md decision 1: the
 interpreter starts for every login, `import grpc` alone would cost ~100 ms, and gRPC is
 not fork-safe while sshd forks after PAM). It sends one request to the local node agent
-over a root-only Unix socket and applies the reply. The agent does the work: it finds
-the user's jobs on this node, asks the source node's agent which job owns the ssh
-connection when there are several, and moves this process (sshd's privileged process
-for the login, which the agent identifies with SO_PEERCRED) into that job's cgroups.
+over a root-only Unix socket and applies the reply. The request carries the moment this
+module stops waiting (its deadline, on the machine's CLOCK_MONOTONIC), and the module
+closes the connection when it gives up: the agent acts on nothing after either. The
+agent does the work: it finds the user's jobs on this node, asks the source node's agent
+which job owns the ssh connection when there are several, and moves this process (sshd's
+privileged process for the login, which the agent identifies with SO_PEERCRED) into that
+job's cgroups.
 
 Decision order (pam_slurm_adopt's, with failure defaults that deny):
 
@@ -342,16 +345,21 @@ def take_early(path: str):
     return None
 
 
-def ask_agent(path: str, request: dict, timeout: float) -> dict:
-    """One request line, one reply line, all within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+def ask_agent(path: str, request: dict, timeout: float, deadline: float | None = None) -> dict:
+    """One request line, one reply line, all within `timeout` seconds (by `deadline`, on
+    time.monotonic(), when given: the one the request carries)."""
+    if deadline is None:
+        deadline = time.monotonic() + timeout
     s = take_early(path)
     connected = s is not None
     if s is None:
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        s.settimeout(timeout)
         try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError()
+            s.settimeout(left)
             if not connected:
                 s.connect(path)
             s.sendall((json_dumps(request) + "\n").encode())
@@ -371,7 +379,10 @@ def ask_agent(path: str, request: dict, timeout: float) -> dict:
         except OSError as e:
             raise AgentError(f"cannot reach the agent at {path}: {e.strerror or e}") from None
     finally:
+        # Closing is how the agent learns that we gave up: it then adopts nothing.
         s.close()
+    if not buf:
+        raise AgentError(f"the agent at {path} closed the connection without an answer")
     try:
         reply = json_loads(buf.split(b"\n", 1)[0].decode("utf-8", "replace"))
     except ValueError:
@@ -382,8 +393,13 @@ def ask_agent(path: str, request: dict, timeout: float) -> dict:
 
 
 def build_request(user: str, service: str, rhost: str, ssh_connection: str,
-                  opts: Options) -> dict:
-    """The JSON mapping of callerid_adopt.v1.AdmissionRequest (proto field names)."""
+                  opts: Options, deadline: float) -> dict:
+    """The JSON mapping of callerid_adopt.v1.AdmissionRequest (proto field names).
+
+    `deadline`: time.monotonic() when this module stops waiting. CLOCK_MONOTONIC is one
+    clock for every process of the machine, so the agent can tell a request it reads
+    late (stopped, or busy) from a fresh one, and drop it instead of adopting a process
+    that has given up, or a new process that got its pid."""
     return {
         "user": user,
         "service": service,
@@ -395,6 +411,7 @@ def build_request(user: str, service: str, rhost: str, ssh_connection: str,
             "action_adopt_failure": opts.action_adopt_failure,
             "timeout": opts.timeout,
         },
+        "deadline": deadline,
     }
 
 
@@ -453,10 +470,12 @@ def acct_mgmt(pamh, flags: int, argv: list[str]) -> int:
         ssh_connection = pamh.env.get("SSH_CONNECTION") or os.environ.get("SSH_CONNECTION", "")
     except Exception:
         ssh_connection = ""
-    request = build_request(user, service, pamh.rhost or "", ssh_connection or "", opts)
     t_ask = time.monotonic()
+    deadline = t_ask + opts.timeout
+    request = build_request(user, service, pamh.rhost or "", ssh_connection or "", opts,
+                            deadline)
     try:
-        reply = ask_agent(opts.socket, request, opts.timeout)
+        reply = ask_agent(opts.socket, request, opts.timeout, deadline)
     except AgentError as e:
         # 4. the agent could not be asked.
         took = (time.monotonic() - t_ask) * 1000

@@ -1,38 +1,49 @@
 """The agent's admission decisions (node_agent.admission) and its root-only socket.
 
 A real JobRegistry on a fake cgroup tree; a fake caller-ID function instead of the
-source node's agent; real Unix sockets.
+source node's agent; real Unix sockets. Stale requests (deadline passed, connection
+closed, caller exited) and the per-user fairness of the worker pool are checked by the
+order of events, not by timing.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import pytest
 from google.protobuf import json_format
 
+import node_agent.admission as admission_mod
 from callerid import CgroupLayout, Hierarchy
 from node_agent.admission import (
     ADOPTED_LEAF,
+    MSG_BUSY,
     MSG_NO_JOBS,
     MSG_UNKNOWN,
+    PER_USER,
     Admission,
     AdmissionServer,
+    Dropped,
+    FairPool,
     Peer,
     parse_ssh_connection,
 )
 from node_agent.proto.v1 import admission_pb2 as apb
 from node_agent.proto.v1 import agent_pb2 as pb
-from node_agent.registry import JobRegistry
+from node_agent.registry import JobRecord, JobRegistry
 
 PEER = Peer(pid=4321, uid=0, gid=0)
 SSH = "10.0.0.1 40000 10.0.0.2 22"
@@ -319,7 +330,8 @@ def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
                                                           tmp_path: Path) -> None:
     class Broken(Admission):
         def decide(self, request: apb.AdmissionRequest, peer: Peer,
-                   received: float | None = None) -> apb.AdmissionReply:
+                   received: float | None = None,
+                   hung_up: Callable[[], bool] | None = None) -> apb.AdmissionReply:
             raise RuntimeError("registry on fire")
 
     path = tmp_path / "admission.sock"
@@ -330,7 +342,7 @@ def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
                                          indent=None)
         reply = ask(path, line.encode() + b"\n")
         assert (reply["decision"], reply["reason"]) == ("DENY", "internal-error")
-        assert "registry on fire" in reply["detail"]
+        assert "registry on fire" in str(reply["detail"])
     finally:
         srv.close()
 
@@ -338,8 +350,6 @@ def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
 def test_a_connection_that_breaks_the_server_is_dropped_alone(
         server: tuple[AdmissionServer, Path], registry: JobRegistry,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    import node_agent.admission as admission_mod
-
     real = admission_mod._peercred
     calls = []
 
@@ -392,3 +402,414 @@ def _ask_as_nobody(path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code, str(path)], user=65534,
                          capture_output=True, text=True, timeout=20, check=True).stdout
     assert json.loads(out)["reason"] == "not-root"
+
+
+# -- only while the module still waits -------------------------------------------------------
+
+def line_of(req: apb.AdmissionRequest) -> bytes:
+    return json_format.MessageToJson(req, preserving_proto_field_name=True,
+                                     indent=None).encode() + b"\n"
+
+
+def test_an_expired_request_is_dropped_before_adoption(registry: JobRegistry,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    registry.start("42", "alice")
+    cid = FakeCallerId()
+    adm = Admission(registry, cid)
+    req = request(timeout=2.0)
+    req.deadline = time.monotonic() - 0.5  # the module gave up half a second ago
+    with pytest.raises(Dropped) as e:
+        adm.decide(req, PEER)
+    assert e.value.tag == "expired"
+    assert adopted_pids(registry, "42") == [set(), set()]
+    assert "dropped, nothing done: the module's deadline passed" in caplog.text
+    # Several jobs: not even the caller-ID call is made.
+    registry.start("43", "alice")
+    with pytest.raises(Dropped):
+        adm.decide(req, PEER)
+    assert cid.calls == []
+
+
+def test_the_deadline_is_the_modules_own_clock(registry: JobRegistry) -> None:
+    cid = two_jobs_of_alice(registry)
+    cid.answer = "A"
+    adm = Admission(registry, cid, rpc_timeout=5.0)
+    # The module started 0.5 s before the agent read its request (a busy machine): the
+    # call gets what is left of its 60 % on the module's clock, not on the agent's.
+    req = request(timeout=2.0)
+    req.deadline = time.monotonic() + 2.0 - 0.5
+    assert adm.decide(req, PEER).job_id == "A"
+    assert 0.6 < cid.calls[0][2] <= 2.0 * 0.6 - 0.5 + 1e-9
+    # A deadline later than the module's timeout allows (not our clock) is bounded by it.
+    req.deadline = time.monotonic() + 1000
+    assert adm.decide(req, PEER).job_id == "A"
+    assert cid.calls[1][2] <= 2.0 * 0.6 + 1e-9
+
+
+def test_a_dead_caller_is_never_adopted(registry: JobRegistry,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    registry.start("42", "alice")
+    child = subprocess.Popen(["/bin/true"])
+    pidfd = os.pidfd_open(child.pid)
+    try:
+        child.wait()  # exited and reaped: its pid is free for anyone
+        with pytest.raises(Dropped) as e:
+            Admission(registry, FakeCallerId()).decide(
+                request(), Peer(child.pid, 0, 0, pidfd))
+    finally:
+        os.close(pidfd)
+    assert e.value.tag == "caller-exited"
+    assert adopted_pids(registry, "42") == [set(), set()]
+    assert f"the asking process {child.pid} has exited" in caplog.text
+
+
+def test_a_live_caller_is_adopted_through_its_pidfd(registry: JobRegistry) -> None:
+    registry.start("42", "alice")
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        r = Admission(registry, FakeCallerId()).decide(request(),
+                                                       Peer(os.getpid(), 0, 0, pidfd))
+    finally:
+        os.close(pidfd)
+    assert r.job_id == "42" and adopted_pids(registry, "42")[0] == {str(os.getpid())}
+
+
+def ending(registry: JobRegistry, monkeypatch: pytest.MonkeyPatch, *ids: str) -> None:
+    """The registry reports jobs `ids` as ending (their end has begun)."""
+    real_list, real_get = registry.list_jobs, registry.get
+
+    def mark(rec: JobRecord) -> JobRecord:
+        return dataclasses.replace(rec, state="ending") if rec.job.id in ids else rec
+
+    monkeypatch.setattr(registry, "list_jobs",
+                        lambda user=None: [mark(r) for r in real_list(user)])
+    monkeypatch.setattr(registry, "get",
+                        lambda job_id: (lambda r: mark(r) if r else None)(real_get(job_id)))
+
+
+def test_an_ending_job_attracts_no_login(registry: JobRegistry,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    cid = two_jobs_of_alice(registry)
+    cid.answer = "B"
+    ending(registry, monkeypatch, "B")  # B, the newest, is ending
+    adm = Admission(registry, cid)
+    r = adm.decide(request(), PEER)
+    # Only A is a candidate: one job, no call, and never B (caller ID or newest).
+    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "one-job", "A")
+    assert cid.calls == [] and adopted_pids(registry, "B") == [set(), set()]
+    ending(registry, monkeypatch, "A", "B")
+    r = adm.decide(request(), Peer(99, 0, 0))
+    assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "no-jobs")
+
+
+def test_a_job_that_starts_ending_during_the_decision_is_not_joined(
+        registry: JobRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    cid = two_jobs_of_alice(registry)
+    cid.answer = "A"
+    adm = Admission(registry, cid)
+    real_call = cid.__call__
+
+    def call_then_end(host: str, conn: pb.Connection, deadline: float) -> str | None:
+        answer = real_call(host, conn, deadline)
+        ending(registry, monkeypatch, "A")  # `adoptctl job end A` while we asked
+        return answer
+
+    adm.caller_id = call_then_end
+    r = adm.decide(request(), PEER)
+    assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "adopt-failed")
+    assert "job A is ending" in r.detail
+    assert adopted_pids(registry, "A") == [set(), set()]
+
+
+def test_socket_drops_an_expired_request_without_answer(server: tuple[AdmissionServer, Path],
+                                                        registry: JobRegistry,
+                                                        caplog: pytest.LogCaptureFixture,
+                                                        ) -> None:
+    registry.start("42", "alice")
+    req = request(timeout=1.0)
+    req.deadline = time.monotonic() - 1.8  # as after a SIGSTOP of the agent
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(server[1]))
+        s.sendall(line_of(req))
+        assert closed_without_answer(s)
+    assert adopted_pids(registry, "42") == [set(), set()]
+    assert "when the agent read it" in caplog.text
+    # An old module's request (no deadline) is answered as before.
+    assert ask(server[1], line_of(request()))["job_id"] == "42"
+
+
+class BlockingCallerId(FakeCallerId):
+    """Holds every call until released (a slow or silent source agent); counts how many
+    calls were in flight at once, per user (the user is the connection's source port)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.in_flight: collections.Counter[int] = collections.Counter()
+        self.most: collections.Counter[int] = collections.Counter()
+        self.started = threading.Semaphore(0)
+
+    def __call__(self, host: str, conn: pb.Connection, deadline: float) -> str | None:
+        with self.lock:
+            self.in_flight[conn.src_port] += 1
+            self.most[conn.src_port] = max(self.most[conn.src_port],
+                                           self.in_flight[conn.src_port])
+        self.started.release()
+        try:
+            assert self.release.wait(30)
+            return super().__call__(host, conn, deadline)
+        finally:
+            with self.lock:
+                self.in_flight[conn.src_port] -= 1
+
+
+def test_connection_closed_by_the_module_is_not_adopted(registry: JobRegistry, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture,
+                                                        ) -> None:
+    cid = BlockingCallerId()
+    registry.start("A", "alice")
+    registry.start("B", "alice")
+    cid.answer = "A"
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, cid))
+    srv.start()
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(path))
+        s.sendall(line_of(request()))
+        assert cid.started.acquire(timeout=10)  # the agent is asking the source node
+        s.close()  # the module gives up (its timeout)
+        cid.release.set()
+        wait_until(lambda: "closed the connection" in caplog.text)
+    finally:
+        srv.close()
+    assert "before adopting into job A" in caplog.text
+    assert adopted_pids(registry, "A") == [set(), set()]
+
+
+DEAD_ASKER = """
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+asker = os.getpid()
+if os.fork():
+    os._exit(0)  # the process that asked (SO_PEERCRED) exits; its child keeps the socket
+while os.getppid() == asker:
+    time.sleep(0.001)
+print(asker, flush=True)
+s.sendall(sys.stdin.buffer.read())
+s.settimeout(20)
+print(repr(s.recv(4096)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("from_socket", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
+def test_a_request_whose_caller_exited_is_not_adopted(registry: JobRegistry, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      from_socket: bool) -> None:
+    # The connection stays open (a child holds it), but the process that asked is gone:
+    # its pid, free now, must not be moved into the job. Kernels before 6.5 have no
+    # SO_PEERPIDFD: then the pidfd is taken at accept.
+    if from_socket and not admission_mod.peer_pidfd_works():
+        pytest.skip("this kernel has no SO_PEERPIDFD")
+    monkeypatch.setattr(admission_mod, "peer_pidfd_works", lambda: from_socket)
+    registry.start("42", "alice")
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, FakeCallerId()))
+    srv.start()
+    try:
+        p = subprocess.run([sys.executable, "-c", DEAD_ASKER, str(path)],
+                           input=line_of(request()), capture_output=True, timeout=30)
+    finally:
+        srv.close()
+    asker, answer = p.stdout.decode().split("\n")[:2]
+    assert answer == "b''"  # closed without an answer
+    assert adopted_pids(registry, "42") == [set(), set()]
+    assert f"pid {asker}" in caplog.text and "exited" in caplog.text
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 20) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached"
+        time.sleep(0.01)
+
+
+# -- fairness --------------------------------------------------------------------------------
+
+class Client(threading.Thread):
+    """One module's request through the socket; .reply once answered (None: closed)."""
+
+    def __init__(self, path: Path, req: apb.AdmissionRequest) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.line = line_of(req)
+        self.reply: dict[str, object] | None = None
+        self.answered = threading.Event()
+
+    def run(self) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(60)
+            s.connect(str(self.path))
+            s.sendall(self.line)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        self.reply = json.loads(data) if data else None
+        self.answered.set()
+
+
+def test_one_users_slow_logins_do_not_hold_up_another_users(registry: JobRegistry,
+                                                            tmp_path: Path) -> None:
+    # alice's logins all wait on a silent source node; bob's login needs a worker too.
+    # With PER_USER + 2 workers and more of alice's requests than that, a pool without
+    # per-user limits would be full of alice; here she holds PER_USER workers and bob is
+    # answered at once.
+    cid = BlockingCallerId()
+    cid.answer = "A"
+    registry.start("A", "alice")
+    registry.start("B", "alice")
+    registry.start("X", "bob")
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, cid), workers=PER_USER + 2)
+    srv.start()
+    try:
+        alice = [Client(path, request("alice", "10.0.0.1 1 10.0.0.2 22", timeout=60))
+                 for _ in range(PER_USER + 6)]
+        for c in alice:
+            c.start()
+        for _ in range(PER_USER):
+            assert cid.started.acquire(timeout=10)
+        bob = Client(path, request("bob", "10.0.0.1 2 10.0.0.2 22", timeout=60))
+        bob.start()
+        assert bob.answered.wait(20), "bob waited behind alice's logins"
+        assert bob.reply is not None and bob.reply["job_id"] == "X"
+        # bob was answered while every one of alice's calls was still held.
+        assert not any(c.answered.is_set() for c in alice)
+        assert cid.in_flight[1] == PER_USER and len(cid.calls) == 0
+        cid.release.set()
+        for c in alice:
+            assert c.answered.wait(30)
+    finally:
+        cid.release.set()
+        srv.close()
+    # Each of alice's requests waited its turn and was adopted into the right job.
+    assert [c.reply and (c.reply["reason"], c.reply["job_id"]) for c in alice] == \
+        [("caller-id", "A")] * len(alice)
+    assert cid.most[1] == PER_USER
+
+
+def test_fair_pool_takes_users_in_turn() -> None:
+    # A worker that frees up serves the next user in turn, not the oldest request: bob
+    # and carol, arriving after alice's 6, each go before alice's 3rd.
+    order: list[str] = []
+    gate = threading.Event()
+    done = threading.Semaphore(0)
+
+    def handle(item: object) -> None:
+        gate.wait(20)
+        order.append(item.request.user)  # type: ignore[attr-defined]
+        done.release()
+
+    pool = FairPool(handle, workers=1, per_key=1, waiting_per_key=10)
+
+    def item(user: str) -> object:
+        conn = mock.Mock()
+        conn.request = request(user)
+        return conn
+
+    for _ in range(6):
+        assert pool.submit("alice", item("alice"))  # type: ignore[arg-type]
+    assert pool.submit("bob", item("bob"))  # type: ignore[arg-type]
+    assert pool.submit("carol", item("carol"))  # type: ignore[arg-type]
+    pool.start()
+    gate.set()
+    for _ in range(8):
+        assert done.acquire(timeout=20)
+    pool.close()
+    assert order == ["alice", "bob", "carol", "alice", "alice", "alice", "alice", "alice"]
+
+
+def test_a_request_that_waited_past_its_deadline_is_dropped(
+        registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cid = BlockingCallerId()
+    cid.answer = "A"
+    registry.start("A", "alice")
+    registry.start("B", "alice")
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, cid), per_user=1)
+    srv.start()
+    try:
+        first = Client(path, request(timeout=60))
+        first.start()
+        assert cid.started.acquire(timeout=10)
+        late = request(timeout=60)
+        late.deadline = time.monotonic() + 0.2  # its module gives up in 0.2 s
+        second = Client(path, late)
+        second.start()
+        wait_until(lambda: time.monotonic() > late.deadline + 0.05)
+        cid.release.set()
+        assert first.answered.wait(20) and second.answered.wait(20)
+    finally:
+        cid.release.set()
+        srv.close()
+    assert first.reply is not None and first.reply["job_id"] == "A"
+    assert second.reply is None  # dropped, not answered (nobody waits for it)
+    assert len(cid.calls) == 1
+    assert "deadline passed" in caplog.text and "before deciding" in caplog.text
+
+
+def test_past_its_waiting_limit_a_users_login_is_refused_and_logged(
+        registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cid = BlockingCallerId()
+    registry.start("A", "alice")
+    registry.start("B", "alice")
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, cid), per_user=1, waiting_per_user=2)
+    srv.start()
+    try:
+        held = [Client(path, request(timeout=60)) for _ in range(3)]
+        held[0].start()
+        assert cid.started.acquire(timeout=10)
+        for c in held[1:]:
+            c.start()
+        wait_until(lambda: srv._pool.load("alice") == (1, 2))
+        one_more = Client(path, request(timeout=60))
+        one_more.start()
+        assert one_more.answered.wait(20)
+        assert one_more.reply is not None
+        assert (one_more.reply["decision"], one_more.reply["reason"]) == ("DENY", "busy")
+        assert one_more.reply["message"] == MSG_BUSY
+        assert "refused: 1 of alice's logins are being decided and 2 wait" in caplog.text
+    finally:
+        cid.release.set()
+        srv.close()
+
+
+def test_a_burst_of_one_users_logins_is_all_adopted(registry: JobRegistry,
+                                                    tmp_path: Path) -> None:
+    # 200 logins of one user at once (tests/benchmarks/bench_login_burst.py's size) are
+    # not refused: each waits its turn and lands in its job.
+    registry.start("A", "alice")
+    registry.start("B", "alice")
+    cid = FakeCallerId()
+    cid.answer = "B"
+    path = tmp_path / "admission.sock"
+    srv = AdmissionServer(str(path), Admission(registry, cid))
+    srv.start()
+    try:
+        clients = [Client(path, request(timeout=60)) for _ in range(200)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            assert c.answered.wait(60)
+    finally:
+        srv.close()
+    assert [c.reply and (c.reply["reason"], c.reply["job_id"]) for c in clients] == \
+        [("caller-id", "B")] * 200

@@ -76,6 +76,7 @@ class FakeAgent:
         self.sock.bind(str(path))
         self.sock.listen(8)
         self.reply = reply
+        self.close_silent = False
         self.held: list[socket.socket] = []
         threading.Thread(target=self.loop, daemon=True).start()
 
@@ -93,6 +94,9 @@ class FakeAgent:
                 data += chunk
             req = json.loads(data)
             self.requests.append(req)
+            if self.close_silent:
+                conn.close()  # drop it: no answer at all
+                continue
             if self.reply is None:
                 self.held.append(conn)  # silent: never answer
                 continue
@@ -187,11 +191,54 @@ def test_unknown_and_malformed_options_are_ignored() -> None:
 
 
 def test_request_is_a_valid_admission_request() -> None:
+    deadline = time.monotonic() + 5
     req = pam_adopt.build_request("alice", "sshd", "10.0.0.1", "10.0.0.1 1 10.0.0.2 22",
-                                  pam_adopt.Options.parse(["action_unknown=deny"]))
+                                  pam_adopt.Options.parse(["action_unknown=deny"]), deadline)
     msg = apb.AdmissionRequest()
-    json_format.Parse(json.dumps(req), msg)  # unknown fields would raise
+    json_format.Parse(pam_adopt.json_dumps(req), msg)  # unknown fields would raise
     assert msg.options.action_unknown == "deny" and msg.ssh_connection.startswith("10.0.0.1 ")
+    assert msg.deadline == deadline  # the module's own codec keeps every digit
+
+
+def test_options_and_defaults_match_the_agents() -> None:
+    # One contract: the agent interprets what the module sends, with the same defaults.
+    from node_agent import admission
+
+    for key, default in admission.DEFAULTS.items():
+        assert pam_adopt.CHOICES[key][0] == default, key
+        assert set(pam_adopt.CHOICES[key][1]) == set(admission.CHOICES[key]), key
+    o = pam_adopt.Options.parse([])
+    assert o.timeout == admission.DEFAULT_TIMEOUT
+    assert o.socket == pam_adopt.DEFAULT_SOCKET == loader.DEFAULT_SOCKET
+    assert pam_adopt.Options.parse([f"timeout={admission.MAX_TIMEOUT:g}"]).problems == []
+    assert pam_adopt.Options.parse([f"timeout={admission.MAX_TIMEOUT + 1:g}"]).problems
+
+
+def test_module_sends_its_deadline(agent: Callable[..., FakeAgent], agent_path: Path) -> None:
+    a = agent(lambda r: {"decision": "ALLOW", "reason": "one-job", "job_id": "1"})
+    before = time.monotonic()
+    assert call(FakePamh(), f"socket={agent_path}", "timeout=3") == FakePamh.PAM_SUCCESS
+    after = time.monotonic()
+    req = a.requests[0]
+    # Its deadline on this machine's CLOCK_MONOTONIC (the agent's clock too): the start
+    # of its exchange plus its timeout.
+    assert before + 3 <= req["deadline"] <= after + 3
+    json_format.Parse(json.dumps(req), apb.AdmissionRequest())
+
+
+def test_agent_closing_without_an_answer_is_a_generic_failure(
+        agent: Callable[..., FakeAgent], agent_path: Path, monkeypatch: pytest.MonkeyPatch,
+        ) -> None:
+    # The agent drops a request it will not act on (e.g. read after the deadline).
+    lines: list[str] = []
+    monkeypatch.setattr(pam_adopt.Log, "_send", lambda self, sev, msg: lines.append(msg))
+    a = agent(lambda r: {})
+    a.reply = None
+    a.close_silent = True
+    pamh = FakePamh()
+    assert call(pamh, f"socket={agent_path}") == FakePamh.PAM_PERM_DENIED
+    assert pamh.told == [pam_adopt.MSG_GENERIC]
+    assert any("closed the connection without an answer" in ln for ln in lines), lines
 
 
 # -- the decision order ---------------------------------------------------------------------

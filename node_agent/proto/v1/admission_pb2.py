@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#node_agent/proto/v1/admission.proto\x12\x11\x63\x61llerid_adopt.v1\"q\n\x10\x41\x64missionOptions\x12\x16\n\x0e\x61\x63tion_no_jobs\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tion_unknown\x18\x02 \x01(\t\x12\x1c\n\x14\x61\x63tion_adopt_failure\x18\x03 \x01(\t\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"\x8e\x01\n\x10\x41\x64missionRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05rhost\x18\x03 \x01(\t\x12\x16\n\x0essh_connection\x18\x04 \x01(\t\x12\x34\n\x07options\x18\x05 \x01(\x0b\x32#.callerid_adopt.v1.AdmissionOptions\"\xbb\x02\n\x0e\x41\x64missionReply\x12<\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32*.callerid_adopt.v1.AdmissionReply.Decision\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x37\n\x03\x65nv\x18\x03 \x03(\x0b\x32*.callerid_adopt.v1.AdmissionReply.EnvEntry\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x08\n\x04\x44\x45NY\x10\x02\x12\n\n\x06IGNORE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#node_agent/proto/v1/admission.proto\x12\x11\x63\x61llerid_adopt.v1\"q\n\x10\x41\x64missionOptions\x12\x16\n\x0e\x61\x63tion_no_jobs\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x63tion_unknown\x18\x02 \x01(\t\x12\x1c\n\x14\x61\x63tion_adopt_failure\x18\x03 \x01(\t\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"\xa0\x01\n\x10\x41\x64missionRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x0f\n\x07service\x18\x02 \x01(\t\x12\r\n\x05rhost\x18\x03 \x01(\t\x12\x16\n\x0essh_connection\x18\x04 \x01(\t\x12\x34\n\x07options\x18\x05 \x01(\x0b\x32#.callerid_adopt.v1.AdmissionOptions\x12\x10\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x01\"\xbb\x02\n\x0e\x41\x64missionReply\x12<\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32*.callerid_adopt.v1.AdmissionReply.Decision\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x37\n\x03\x65nv\x18\x03 \x03(\x0b\x32*.callerid_adopt.v1.AdmissionReply.EnvEntry\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x08\x44\x65\x63ision\x12\x18\n\x14\x44\x45\x43ISION_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x08\n\x04\x44\x45NY\x10\x02\x12\n\n\x06IGNORE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMISSIONOPTIONS']._serialized_start=58
   _globals['_ADMISSIONOPTIONS']._serialized_end=171
   _globals['_ADMISSIONREQUEST']._serialized_start=174
-  _globals['_ADMISSIONREQUEST']._serialized_end=316
-  _globals['_ADMISSIONREPLY']._serialized_start=319
-  _globals['_ADMISSIONREPLY']._serialized_end=634
-  _globals['_ADMISSIONREPLY_ENVENTRY']._serialized_start=521
-  _globals['_ADMISSIONREPLY_ENVENTRY']._serialized_end=563
-  _globals['_ADMISSIONREPLY_DECISION']._serialized_start=565
-  _globals['_ADMISSIONREPLY_DECISION']._serialized_end=634
+  _globals['_ADMISSIONREQUEST']._serialized_end=334
+  _globals['_ADMISSIONREPLY']._serialized_start=337
+  _globals['_ADMISSIONREPLY']._serialized_end=652
+  _globals['_ADMISSIONREPLY_ENVENTRY']._serialized_start=539
+  _globals['_ADMISSIONREPLY_ENVENTRY']._serialized_end=581
+  _globals['_ADMISSIONREPLY_DECISION']._serialized_start=583
+  _globals['_ADMISSIONREPLY_DECISION']._serialized_end=652
 # @@protoc_insertion_point(module_scope)

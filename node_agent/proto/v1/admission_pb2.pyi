@@ -11,6 +11,11 @@ of an AdmissionReply. The agent learns the caller's pid and uid from SO_PEERCRED
 kernel's word, not the request's): only root may ask, and the pid that gets adopted is
 the calling process (sshd's privileged process for the login).
 
+The agent acts on a request only while the module still waits for the answer: not
+after `deadline`, not once the module has closed the connection, and not when the
+calling process has exited (checked through a pidfd of the peer taken at accept, so a
+recycled pid is never moved into a job).
+
 These messages are the one place the schema lives; tests check that the PAM module's
 requests parse as AdmissionRequest.
 """
@@ -76,6 +81,7 @@ class AdmissionRequest(_message.Message):
     RHOST_FIELD_NUMBER: _builtins.int
     SSH_CONNECTION_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
     user: _builtins.str
     service: _builtins.str
     """the PAM service name"""
@@ -85,6 +91,15 @@ class AdmissionRequest(_message.Message):
     """OpenSSH's SSH_CONNECTION: "src_ip src_port dst_ip dst_port" (client first).
     Empty when the login has none; then only a user with exactly one job is adopted
     without asking anyone.
+    """
+    deadline: _builtins.float
+    """When the module stops waiting for the answer: CLOCK_MONOTONIC seconds (Python's
+    time.monotonic()), the module's start of the exchange plus `options.timeout`. The
+    clock is one for the whole machine (unless the module runs in another time
+    namespace, which the agent checks), so the agent counts the time the request spent
+    before it was read (an agent stopped, a full machine) against the module's timeout.
+    The agent never acts on a request after this; its remote calls end well before it.
+    0 (older modules): the agent counts `options.timeout` from when it read the request.
     """
     @_builtins.property
     def options(self) -> Global___AdmissionOptions: ...
@@ -96,10 +111,11 @@ class AdmissionRequest(_message.Message):
         rhost: _builtins.str = ...,
         ssh_connection: _builtins.str = ...,
         options: Global___AdmissionOptions | None = ...,
+        deadline: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "rhost", b"rhost", "service", b"service", "ssh_connection", b"ssh_connection", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "options", b"options", "rhost", b"rhost", "service", b"service", "ssh_connection", b"ssh_connection", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,11 @@ of an AdmissionReply. The agent learns the caller's pid and uid from SO_PEERCRED
 kernel's word, not the request's): only root may ask, and the pid that gets adopted is
 the calling process (sshd's privileged process for the login).
 
+The agent acts on a request only while the module still waits for the answer: not
+after `deadline`, not once the module has closed the connection, and not when the
+calling process has exited (checked through a pidfd of the peer taken at accept, so a
+recycled pid is never moved into a job).
+
 These messages are the one place the schema lives; tests check that the PAM module's
 requests parse as AdmissionRequest.
 """
