@@ -73,6 +73,14 @@ class Pacer:
         return self._linger if time.monotonic() - self._bulk_at < self._recent else 0.0
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """Whether `fd` has data (or its end) within `timeout` seconds. poll, not select:
+    select cannot watch a descriptor above 1023, and a busy agent has more open."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def read_gathered(fd: int, limit: int, *, bulk: int = BULK, wait: float = WAIT,
                   linger: float = 0.0) -> list[bytes]:
     """Up to `limit` bytes from `fd`, in the pieces read; [] at end of file (a read after
@@ -91,8 +99,7 @@ def read_gathered(fd: int, limit: int, *, bulk: int = BULK, wait: float = WAIT,
             left = until - time.monotonic()
             if left <= 0:
                 return parts
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
+            if not _readable(fd, left):
                 return parts
             more = os.read(fd, limit - size)
             if not more:
@@ -100,8 +107,7 @@ def read_gathered(fd: int, limit: int, *, bulk: int = BULK, wait: float = WAIT,
             parts.append(more)
             size += len(more)
     while size < limit:
-        ready, _, _ = select.select([fd], [], [], wait)
-        if not ready:
+        if not _readable(fd, wait):
             break
         more = os.read(fd, limit - size)
         if not more:

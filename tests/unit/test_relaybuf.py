@@ -4,8 +4,11 @@ bulk reads are gathered."""
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
+
+import pytest
 
 from node_agent.relaybuf import BULK, Pacer, read_gathered
 
@@ -109,3 +112,23 @@ def test_pacer_lingers_only_while_the_other_way_is_bulk() -> None:
     assert pacer.linger() == 0.002
     time.sleep(0.15)
     assert pacer.linger() == 0.0  # the bulk has stopped
+
+
+def test_descriptors_above_1023_are_read_too() -> None:
+    """A busy agent has more than 1024 descriptors open: select() could not watch them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1500:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} leaves no descriptor above 1500")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1600), hard))
+    r, w = os.pipe()
+    high = os.dup2(r, 1500)
+    try:
+        os.write(w, b"x" * BULK)
+        os.write(w, b"y" * 10)
+        assert b"".join(read_gathered(high, 1 << 20)) == b"x" * BULK + b"y" * 10
+        os.write(w, b"z")
+        assert read_gathered(high, 1 << 20, linger=0.01) == [b"z"]
+    finally:
+        for fd in (r, w, high):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
