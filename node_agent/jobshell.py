@@ -536,6 +536,8 @@ class JobViewDir:
             if rc != 0:
                 log.warning("%s: the clean-up helper could not enter the job's mount "
                             "namespace as the user (exit status %d)", what, rc)
+            else:
+                log.debug("%s: removed by a clean-up helper in %s", what, where)
             return True
         finally:
             where.release()
