@@ -638,7 +638,11 @@ class JobShellSessions:
 
     def _job_running(self, job_id: str) -> bool:
         """Whether the job's cgroups are there to stay a moment: a job whose end has
-        begun is recorded as "ending" before anything is killed."""
+        begun is recorded as "ending" before anything is killed. (Race: an end that
+        begins after this answer kills a helper that already joined the session's leaf,
+        and JobViewDir then retries elsewhere; one that kills before the helper joins and
+        removes the leaf after it finds the leaf busy, a window of the kill loop's last
+        pass, and fails as an ending that found a process fails.)"""
         rec = self.registry.get(job_id)
         return rec is not None and rec.state == "running"
 

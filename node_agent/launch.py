@@ -1,4 +1,5 @@
-"""Start a job's main process: join the job's cgroups, drop to the user, exec.
+"""Start a process for a job (its main process, a session's sshd, or a session's clean-up
+helper): join the job's cgroups, enter its namespaces, drop to the user, exec.
 
 The agent runs this file with `python -I -S launch.py` (stdlib only, no site-packages,
 so it starts fast and cannot be influenced by the environment) instead of using
@@ -229,7 +230,7 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
     if "/" in argv[0]:
         os.execve(argv[0], argv, env)
     refused: OSError | None = None
-    for d in env.get("PATH", "").split(":"):
+    for d in env.get("PATH", os.defpath).split(":"):
         try:
             os.execve(os.path.join(d or ".", argv[0]), argv, env)
         except (FileNotFoundError, NotADirectoryError):
