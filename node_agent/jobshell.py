@@ -1,8 +1,8 @@
 """The agent side of ssh-to-job: a private `sshd -i` inside a running job.
 
-For each session the agent makes a private directory (0700, the job user's) holding a
-fresh host key, an ``authorized_keys`` with only the client's key, an sshd config and a
-``session-setup`` script that sshd runs as ``ForceCommand``. It then starts
+For each session the agent makes a private directory holding a fresh host key, an
+``authorized_keys`` with only the client's key, an sshd config and a ``session-setup``
+script that sshd runs as ``ForceCommand``. It then starts
 ``sshd -i -f <dir>/sshd_config -e`` through the launcher (`node_agent.launch`): as the
 job's user, in the job's cgroups (a leaf of its own, ``ssh-to-job/<session id>``), in the
 job's namespaces when they differ from the agent's, with stdin/stdout as pipes to the
@@ -12,14 +12,26 @@ servicer) through :meth:`Session.write` / :meth:`Session.read`. When the session
 what left sshd's process tree (nohup, setsid, a double fork) -- and the leaf removed; the
 rest of the job is not touched. ``adoptctl job end`` kills the job's sessions with it.
 
+The directory (``<session_dir>/<job>-<session id>``) is root's, mode 0711: sshd, running as
+the user, can reach the files it needs by name, which are the user's (0600; the script
+0700; ``sshd.log`` is made empty for sshd to append to), but the user can add, rename or
+remove nothing in it, so nothing of the user's stays behind once the agent removes it: at
+the session's end, when the job ends (its sshd dies, the session ends), and at the agent's
+next start (:meth:`JobShellSessions.recover`; the agent keeps no session across a
+restart, so every directory it finds then is an orphan, as is every ``ssh-to-job`` leaf of
+a job, whose processes it kills).
+
 ``session-setup`` cds to the job's working directory, loads the job's environment (read
 from ``/proc/<main pid>/environ`` when the session opens, written as a quoted sh file),
 exports ``CALLERID_JOB_ID`` and ``CALLERID_JOB_PIDS`` (main pid first) and runs
-``$SSH_ORIGINAL_COMMAND`` with the chosen shell, or a login shell. sftp: a ForceCommand
-overrides the ``Subsystem``; OpenSSH then runs the forced command with
-``SSH_ORIGINAL_COMMAND=internal-sftp`` (the subsystem's configured command), which the
-script turns into ``exec sftp-server`` (so sftp, and scp, which uses sftp since OpenSSH 9,
-also run in the job's directory and environment).
+``$SSH_ORIGINAL_COMMAND`` with a shell, or a login shell: the first of the client's
+``shells`` that is an executable file in the job's view, as the user sees it, else
+``/bin/sh`` (the agent only checks that each is an absolute plain path, and never looks at
+them itself: a stat as root would tell the user about paths only root may see, and could
+hang on a dead network mount). sftp: a ForceCommand overrides the ``Subsystem``; OpenSSH
+then runs the forced command with ``SSH_ORIGINAL_COMMAND=internal-sftp`` (the subsystem's
+configured command), which the script turns into ``exec sftp-server`` (so sftp, and scp,
+which uses sftp since OpenSSH 9, also run in the job's directory and environment).
 
 sshd runs the forced command with the user's passwd shell, and refuses users without a
 passwd entry; for those, and for nologin/false shells, sshd gets nss_wrapper
@@ -42,10 +54,22 @@ entries nobody but root or the user can rename, and a path that needs no quoting
 the files, and execs sshd with the directory's paths rewritten. When the session ends
 (:meth:`Session.cleanup`, also after ``adoptctl job end`` killed sshd) the launcher runs
 once more, again as the user in the job's mount namespace, and removes that directory
-(:class:`JobViewDir`; outside the job's cgroups, which may be gone, within 10 s). The
-agent holds that namespace open (an nsfs fd) from the start, so the removal works even
-when every process of the job is gone, e.g. when the directory is in a /tmp shared with
-the node. The session's ``sshd.log`` is in the directory sshd uses.
+(:class:`JobViewDir`). The agent holds that namespace open (an nsfs fd) from the start, so
+the removal works even when every process of the job is gone, e.g. when the directory is in
+a /tmp shared with the node. The session's ``sshd.log`` is in the directory sshd uses. (If
+the agent dies first, that directory stays: it is the user's own, in the user's view, and
+a restarted agent no longer knows the namespace; the agent's own directory, holding only
+the host key, goes at its next start as every other.)
+
+That clean-up helper touches what the job controls, so it is contained like everything the
+agent runs for a job: it joins a cgroup before it enters the job's namespace, imports
+nothing after (launch.py), and is bounded by a timeout past which its whole cgroup is
+killed. While the job runs, that cgroup is the session's own leaf. Once the job has ended
+(``adoptctl job end``, or its main process exited) its cgroups are gone, and the helper
+gets a transient cgroup of the agent's, ``<subtree>/ssh-to-job-cleanup/job_<session
+id>/remove`` in every hierarchy, removed after it: a place that is still killed as a whole
+and that nothing mistakes for a job (the registry looks only at ``<subtree>/job_*``), and
+not a new directory under the ended job's path, which would bring the job's cgroups back.
 """
 
 from __future__ import annotations
@@ -61,23 +85,32 @@ import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
 from node_agent import spawn
-from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
+from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed
 from node_agent.registry import JobRegistry
 from node_agent.relaybuf import FRAME, Pacer, read_gathered
 from node_agent.warmup import MigrationWarmer
 
 log = logging.getLogger("node_agent.jobshell")
+security = logging.getLogger("node_agent.security")
 
 SSH_LEAF = "ssh-to-job"
 PIPE_SIZE = 1 << 20   # sshd's stdin/stdout pipes
 NSS_WRAPPER = "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 NAMESPACES = ("net", "pid", "mnt")    # setns order: mnt last (paths change after it)
+CLEANUP_SUBTREE = "ssh-to-job-cleanup"   # under the cgroup subtree; see the module doc
+CLEANUP_LEAF = "remove"
+SSHD_START_TIMEOUT = 20.0   # the launcher, from start to exec'ing sshd (spawn.start)
+CLEANUP_TIMEOUT = 10.0      # a clean-up helper, from start to exit
+MAX_SHELLS = 16
+MAX_SHELL_PATH = 256
+_PLAIN_ABSOLUTE = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
 KEY_TYPES = frozenset({
     "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
     "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
@@ -196,11 +229,22 @@ def devpts_gives_tty_group(pid: int | str = "self", procfs: str = "/proc") -> bo
     return found
 
 
-def choose_shell(shells: Sequence[str]) -> str:
+def validate_shells(shells: Sequence[str]) -> list[str]:
+    """The client's shells, if each is an absolute path of plain names (what the setup
+    script can hold unquoted and test as is), at most MAX_SHELL_PATH long, MAX_SHELLS in
+    all; else InvalidRequest. Nothing is looked up here: session-setup picks one, as the
+    user, in the job's view."""
+    if len(shells) > MAX_SHELLS:
+        raise InvalidRequest(f"shells: at most {MAX_SHELLS} may be given, not {len(shells)}")
     for sh in shells:
-        if sh.startswith("/") and os.path.isfile(sh) and os.access(sh, os.X_OK):
-            return sh
-    return "/bin/sh"
+        if not isinstance(sh, str) or len(sh) > MAX_SHELL_PATH or \
+                not _PLAIN_ABSOLUTE.fullmatch(sh) or \
+                any(part in (".", "..") for part in sh.split("/")):
+            raise InvalidRequest(
+                f"shells: {str(sh)[:80]!r} is not an absolute path of plain names "
+                f"(A-Z a-z 0-9 _ . + - between slashes, no . or .., at most "
+                f"{MAX_SHELL_PATH} characters)")
+    return list(shells)
 
 
 def sshd_config_text(d: Path) -> str:
@@ -235,28 +279,41 @@ def sshd_config_text(d: Path) -> str:
     ])
 
 
-def session_setup_text(d: Path, cwd: str, job_id: str, pids: Sequence[int], shell: str,
-                       nss_wrapper: bool) -> str:
+def session_setup_text(d: Path, cwd: str, job_id: str, pids: Sequence[int],
+                       shells: Sequence[str], nss_wrapper: bool) -> str:
+    """The ForceCommand script. *shells* are validate_shells' (plain absolute paths); the
+    first that is an executable file in the job's view is the session's shell."""
     nss = ""
     if nss_wrapper:
         nss = (f"export LD_PRELOAD={sh_quote(NSS_WRAPPER)} "
                f"NSS_WRAPPER_PASSWD={sh_quote(str(d / 'passwd'))} "
                f"NSS_WRAPPER_GROUP={sh_quote(str(d / 'group'))}\n")
+    pick = ""
+    if shells:
+        pick = (f"for sh in {' '.join(sh_quote(s) for s in shells)}; do\n"
+                '    if [ -f "$sh" ] && [ -x "$sh" ]; then shell=$sh; break; fi\n'
+                "done\n")
     return f"""#!/bin/sh
 # ForceCommand of an ssh-to-job session (node_agent.jobshell)
 cd {sh_quote(cwd)} 2>/dev/null || cd / || exit 1
 . {sh_quote(str(d / 'environment'))}
 {nss}export CALLERID_JOB_ID={sh_quote(job_id)}
 export CALLERID_JOB_PIDS={sh_quote(' '.join(map(str, pids)))}
-export SHELL={sh_quote(shell)}
+shell=/bin/sh
+{pick}export SHELL="$shell"
 case "${{SSH_ORIGINAL_COMMAND-}}" in
     internal-sftp|{SFTP_SERVER}) exec {SFTP_SERVER} ;;
 esac
 if [ -n "${{SSH_ORIGINAL_COMMAND-}}" ]; then
-    exec {sh_quote(shell)} -c "$SSH_ORIGINAL_COMMAND"
+    exec "$shell" -c "$SSH_ORIGINAL_COMMAND"
 fi
-exec {sh_quote(shell)} -l
+exec "$shell" -l
 """
+
+
+def session_leaf(session_id: str) -> str:
+    """The cgroup leaf (under the job) of one session: everything it starts stays there."""
+    return f"{SSH_LEAF}/{session_id}"
 
 
 class Session:
@@ -280,6 +337,9 @@ class Session:
         self._stdin = proc.stdin
         self._stdout = proc.stdout
         self._inbound = Pacer()  # bulk in -> sshd's small replies may linger (relaybuf)
+        # kill() runs in gRPC's cancel callback and in cleanup(), possibly at once.
+        self._lock = threading.Lock()
+        self._killed = False
 
     def write(self, data: bytes | memoryview) -> None:
         """Send bytes to sshd's stdin; BrokenPipeError when sshd is gone."""
@@ -311,14 +371,23 @@ class Session:
     def kill(self) -> None:
         """SIGKILL sshd and everything the session started: all of it lives in the
         session's own cgroup (``ssh-to-job/<session id>``), including processes that
-        left sshd's tree (setsid, double fork, nohup). The rest of the job is untouched."""
-        try:
-            self.layout.kill(self.job_id, timeout=10.0, leaf=self.leaf)
-        except (CgroupError, InvalidJobId) as e:
-            log.warning("job %s: ssh session %s: %s", self.job_id, self.session_id, e)
-        if self.proc.poll() is None:  # not in the cgroup after all (a failed start)
-            self.proc.kill()
-        self.proc.wait()
+        left sshd's tree (setsid, double fork, nohup). The rest of the job is untouched.
+        The leaf itself stays while a directory in the job's view is still to be removed:
+        the clean-up helper runs in it (:meth:`cleanup`)."""
+        with self._lock:
+            if not self._killed:
+                try:
+                    self.layout.kill(self.job_id, timeout=10.0, leaf=self.leaf)
+                except (CgroupError, InvalidJobId) as e:
+                    log.warning("job %s: ssh session %s: %s", self.job_id, self.session_id, e)
+                if self.proc.poll() is None:  # not in the cgroup after all (a failed start)
+                    self.proc.kill()
+                self.proc.wait()
+                self._killed = True
+            if self.job_view is None or self.job_view.removed:
+                self._remove_leaf()
+
+    def _remove_leaf(self) -> None:
         try:
             self.layout.remove(self.job_id, leaf=self.leaf)
         except (CgroupError, InvalidJobId) as e:
@@ -336,17 +405,74 @@ class Session:
             shutil.rmtree(self.directory, ignore_errors=True)
             if self.job_view is not None:
                 self.job_view.remove()
+                with self._lock:
+                    self._remove_leaf()
+
+
+class _HelperCgroup:
+    """Where a clean-up helper runs: a cgroup (one leaf in every hierarchy) that it joins
+    before it touches anything, and that is killed as a whole. Either an existing leaf of
+    the job (``transient`` false: left to its owner) or one made here for the helper and
+    removed after it (``transient``)."""
+
+    def __init__(self, layout: CgroupLayout, job_id: str, leaf: str, transient: bool) -> None:
+        self.layout, self.job_id, self.leaf, self.transient = layout, job_id, leaf, transient
+
+    def __str__(self) -> str:
+        return str(self.layout.leaf_path(self.layout.hierarchies[0], self.job_id, self.leaf))
+
+    def enter(self) -> list[str]:
+        """The ``cgroup.procs`` files to join; CgroupError when the cgroup is not there
+        (an existing leaf) or cannot be made (a transient one)."""
+        paths = [self.layout.leaf_path(h, self.job_id, self.leaf)
+                 for h in self.layout.hierarchies]
+        if self.transient:
+            self.layout.create_job(self.job_id, leaves=(self.leaf,))
+        elif not all(p.is_dir() for p in paths):
+            raise CgroupError(f"{self} is gone")
+        return [str(p / "cgroup.procs") for p in paths]
+
+    def kill(self) -> None:
+        try:
+            self.layout.kill(self.job_id, timeout=5.0, leaf=self.leaf)
+        except (CgroupError, InvalidJobId) as e:
+            log.warning("cannot kill the clean-up helper's cgroup %s: %s", self, e)
+
+    def release(self) -> None:
+        if not self.transient:
+            return
+        self.kill()   # nothing should be left; if anything is, it does not outlive this
+        try:
+            self.layout.remove(self.job_id)
+        except (CgroupError, InvalidJobId) as e:
+            log.warning("cannot remove the clean-up helper's cgroup %s: %s", self, e)
+
+
+def cleanup_layout(layout: CgroupLayout) -> CgroupLayout:
+    """The layout of the transient cgroups of clean-up helpers: the job layout's, one level
+    down (``<subtree>/ssh-to-job-cleanup``), where the registry never looks for jobs (it
+    lists ``<subtree>/job_*`` only). Same class, so tests' fake trees behave alike."""
+    return type(layout)(layout.hierarchies, f"{layout.subtree}/{CLEANUP_SUBTREE}",
+                        layout.v2_controllers)
 
 
 class JobViewDir:
     """A session's directory in a job's own mount namespace, made and removed by the
     launcher as the job's user there (see the module's docstring). The job's mount
-    namespace is held open until :meth:`remove`."""
+    namespace is held open until :meth:`remove`.
+
+    *job_running* tells whether the job still runs (its cgroups are there and are not
+    being removed): then the clean-up helper runs in the session's leaf, else in a
+    transient cgroup (:func:`cleanup_layout`)."""
 
     def __init__(self, agent_dir: Path, bases: list[str], mnt_ns: str, uid: int, gid: int,
-                 groups: list[int]) -> None:
+                 groups: list[int], *, layout: CgroupLayout, job_id: str, session_id: str,
+                 job_running: Callable[[], bool]) -> None:
         self.session: dict[str, object] = {"dir": str(agent_dir), "bases": bases}
         self._ids = {"uid": uid, "gid": gid, "groups": groups}
+        self._layout, self._job_id, self._sid = layout, job_id, session_id
+        self._job_running = job_running
+        self.removed = False
         self._fd = os.open(mnt_ns, os.O_RDONLY | os.O_CLOEXEC)
 
     def spec(self, files: Mapping[str, str]) -> dict[str, object]:
@@ -354,32 +480,67 @@ class JobViewDir:
         return {**self.session, "files": [[name, 0o700 if name == "session-setup" else 0o600,
                                            text] for name, text in files.items()]}
 
-    def remove(self, timeout: float = 10.0) -> None:
+    def remove(self, timeout: float = CLEANUP_TIMEOUT) -> None:
         """Remove the directory in the job's view (idempotent; never raises)."""
         fd, self._fd = self._fd, -1
         if fd < 0:
             return
-        spec = {"cgroup_procs": [], "namespaces": [f"/proc/self/fd/{fd}"], **self._ids,
-                "remove": True, "session": self.session}
+        spec = {"namespaces": [f"/proc/self/fd/{fd}"], **self._ids, "remove": True,
+                "session": self.session}
         try:
-            proc = spawn.start(spec, pass_fds=(fd,))
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                log.warning("session directory %s in a job's mount namespace: removal took "
-                            "over %ss, killed", self.session["dir"], timeout)
-        except (OSError, spawn.LaunchError) as e:
-            log.warning("cannot remove session directory %s in a job's mount namespace: %s",
-                        self.session["dir"], e)
+            done = False
+            if self._job_running():
+                done = self._run(spec, fd, _HelperCgroup(
+                    self._layout, self._job_id, session_leaf(self._sid), transient=False),
+                    timeout)
+            if not done:
+                # The job ended before or while the helper ran (it was killed with it).
+                self._run(spec, fd, _HelperCgroup(
+                    cleanup_layout(self._layout), self._sid, CLEANUP_LEAF, transient=True),
+                    timeout)
         finally:
             os.close(fd)
+            self.removed = True
 
-
-def session_leaf(session_id: str) -> str:
-    """The cgroup leaf (under the job) of one session: everything it starts stays there."""
-    return f"{SSH_LEAF}/{session_id}"
+    def _run(self, spec: dict[str, object], fd: int, where: _HelperCgroup,
+             timeout: float) -> bool:
+        """Run the removal helper in *where*; False when it could not start there or was
+        killed from outside (the job's end), so that another place may be tried."""
+        what = f"session directory {self.session['dir']} in a job's mount namespace"
+        try:
+            procs = where.enter()
+        except (CgroupError, InvalidJobId) as e:
+            log.debug("%s: no clean-up helper in %s: %s", what, where, e)
+            return False
+        try:
+            try:
+                proc = spawn.start({**spec, "cgroup_procs": procs}, pass_fds=(fd,),
+                                   timeout=timeout)
+            except (OSError, spawn.LaunchError) as e:
+                log.info("%s: cannot start the clean-up helper in %s: %s", what, where, e)
+                return False
+            try:
+                rc = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                where.kill()                  # the helper and anything it may have started
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                log.warning("%s: removal took over %gs: its cgroup %s was killed", what,
+                            timeout, where)
+                return True
+            if rc < 0:
+                log.info("%s: the clean-up helper in %s was killed (signal %d)", what, where,
+                         -rc)
+                return False
+            if rc != 0:
+                log.warning("%s: the clean-up helper could not enter the job's mount "
+                            "namespace as the user (exit status %d)", what, rc)
+            else:
+                log.debug("%s: removed by a clean-up helper in %s", what, where)
+            return True
+        finally:
+            where.release()
 
 
 class JobShellSessions:
@@ -398,16 +559,73 @@ class JobShellSessions:
         self.nss_wrapper = nss_wrapper
         self.procfs = procfs
 
+    def recover(self) -> None:
+        """At the agent's start, before it serves: remove what sessions of an earlier run
+        left. A session does not outlive the agent that relays it, so everything found now
+        is an orphan (a crash, ``kill -9``): every directory under ``run_dir``, every
+        ``ssh-to-job`` leaf of a live job (what still runs there is killed) and every
+        transient clean-up cgroup. Never raises: what cannot be removed is logged."""
+        self._make_run_dir()
+        dirs = 0
+        for entry in sorted(os.scandir(self.run_dir), key=lambda e: e.name):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    # An older agent made these directories the user's: rmtree does not
+                    # follow symlinks (fd-based on Linux) whatever the user put there.
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+                dirs += 1
+            except OSError as e:
+                log.warning("cannot remove %s, left by an earlier run: %s", entry.path, e)
+        layout = self.registry.layout
+        leaves = killed = 0
+        for rec in self.registry.list_jobs():
+            job_id = rec.job.id
+            try:
+                if not any(layout.leaf_path(h, job_id, SSH_LEAF).is_dir()
+                           for h in layout.hierarchies):
+                    continue
+                killed += layout.kill(job_id, timeout=10.0, leaf=SSH_LEAF)
+                layout.remove(job_id, leaf=SSH_LEAF)
+                leaves += 1
+            except (CgroupError, InvalidJobId) as e:
+                # Race: the job may end meanwhile (the registry's watcher already runs).
+                log.warning("job %s: cannot remove the ssh-to-job sessions left by an "
+                            "earlier run: %s", job_id, e)
+        helpers = cleanup_layout(layout)
+        for sid in sorted(helpers.existing_jobs()):
+            try:
+                killed += helpers.kill(sid, timeout=10.0)
+                helpers.remove(sid)
+            except (CgroupError, InvalidJobId) as e:
+                log.warning("cannot remove a clean-up helper's cgroup left by an earlier "
+                            "run (%s): %s", sid, e)
+        if dirs or leaves or killed:
+            log.info("ssh-to-job: removed what sessions of an earlier run left: %d session "
+                     "directories, the sessions of %d jobs, %d processes killed",
+                     dirs, leaves, killed)
+
+    def _make_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        os.chmod(self.run_dir, 0o711)   # whatever the umask: users reach their session only
+
     def open(self, job_id: str, caller_uid: int, admin: bool, public_key: str,
              shells: list[str]) -> Session:
+        """A session in the job for the caller. Someone else's job is answered exactly
+        like a job that does not exist (JobNotFound, "no job X on NODE"): nobody learns
+        which jobs others run here, or whose they are; the refusal is logged."""
         rec = self.registry.get(job_id)
+        if rec is not None and not (admin or caller_uid == 0 or caller_uid == rec.job.uid):
+            security.warning("SECURITY: uid %d asked %s for a shell in job %s of uid %d: "
+                             "refused, answered as for a missing job", caller_uid, self.node,
+                             job_id, rec.job.uid)
+            rec = None
         if rec is None:
             raise JobNotFound(job_id, self.node)
         job = rec.job
-        if not (admin or caller_uid == 0 or caller_uid == job.uid):
-            raise PermissionDenied(f"job {job_id} on {self.node} belongs to {job.user}, "
-                                   f"not to uid {caller_uid}")
         key = validate_public_key(public_key)
+        shells = validate_shells(shells)
         if self.warmer is not None:
             # sshd's launcher joins the session's cgroup some tens of ms from now: keep
             # the kernel's migration lock switched until then (node_agent/warmup.py).
@@ -418,8 +636,18 @@ class JobShellSessions:
             if self.warmer is not None:
                 self.warmer.login_arrived()
 
+    def _job_running(self, job_id: str) -> bool:
+        """Whether the job's cgroups are there to stay a moment: a job whose end has
+        begun is recorded as "ending" before anything is killed. (Race: an end that
+        begins after this answer kills a helper that already joined the session's leaf,
+        and JobViewDir then retries elsewhere; one that kills before the helper joins and
+        removes the leaf after it finds the leaf busy, a window of the kill loop's last
+        pass, and fails as an ending that found a process fails.)"""
+        rec = self.registry.get(job_id)
+        return rec is not None and rec.state == "running"
+
     def _open(self, job: Job, caller_uid: int, key: str, shells: list[str]) -> Session:
-        """The session, once the caller may have it and its key is valid."""
+        """The session, once the caller may have it and its key and shells are valid."""
         job_id = job.id
         pids = self.job_pids(job_id)
         main = job.main_pid if job.main_pid in pids else (pids[0] if pids else None)
@@ -439,7 +667,6 @@ class JobShellSessions:
             pw = None
         home = pw.pw_dir if pw else (cwd or "/")
         cwd = cwd or home
-        shell = choose_shell(shells)
         no_tty_group = not devpts_gives_tty_group(main or "self", self.procfs)
         fake_passwd = pw is None or pw.pw_shell in NO_LOGIN_SHELLS or \
             not os.access(pw.pw_shell, os.X_OK) or no_tty_group
@@ -448,7 +675,7 @@ class JobShellSessions:
                                  f"{self.nss_wrapper} is missing")
         user = pw.pw_name if pw else job.user
 
-        self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self._make_run_dir()
         sid = secrets.token_hex(8)
         d = self.run_dir / f"{job_id}-{sid}"
         d.mkdir(mode=0o700)
@@ -461,12 +688,14 @@ class JobShellSessions:
                 "authorized_keys": key + "\n",
                 "sshd_config": sshd_config_text(d),
                 "environment": env_file_text(env),
-                "session-setup": session_setup_text(d, cwd, job_id, pids, shell, fake_passwd),
+                "session-setup": session_setup_text(d, cwd, job_id, pids, shells, fake_passwd),
             }
             if fake_passwd:
+                # sshd runs the ForceCommand with this shell: /bin/sh, not one of the
+                # client's, which only session-setup looks at (as the user).
                 files["passwd"], files["group"] = _fake_nss(
                     user, job.uid, job.gid, home,
-                    pw.pw_shell if pw and pw.pw_shell not in NO_LOGIN_SHELLS else shell,
+                    pw.pw_shell if pw and pw.pw_shell not in NO_LOGIN_SHELLS else "/bin/sh",
                     drop_tty=no_tty_group)
             groups = os.getgrouplist(pw.pw_name, job.gid) if pw else [job.gid]
             sshd_env = {"PATH": spawn.LOGIN_PATH}
@@ -477,8 +706,9 @@ class JobShellSessions:
                 "cgroup_procs": self._cgroup_procs(job_id, sid),
                 "namespaces": namespaces,
                 "uid": job.uid, "gid": job.gid, "groups": groups,
-                # resolved after setns: a job's own mount namespace has its own paths
-                "cwd": cwd if os.path.isdir(cwd) or namespaces else "/",
+                # sshd cds to the home directory and session-setup to the job's; "/" exists
+                # in every view and needs no look at a path of the job's as root
+                "cwd": "/",
                 "argv": [self.sshd, "-i", "-f", str(d / "sshd_config"), "-e"],
                 "env": sshd_env, "output": str(d / "sshd.log"), "stdio": "inherit",
             }
@@ -487,34 +717,43 @@ class JobShellSessions:
                     not session_dir_visible(main, d, self.procfs):
                 # the launcher writes them, as the user, in the job's view (module docstring)
                 job_view = JobViewDir(d, session_bases(self.run_dir, env), mnt, job.uid,
-                                      job.gid, groups)
+                                      job.gid, groups, layout=self.registry.layout,
+                                      job_id=job_id, session_id=sid,
+                                      job_running=lambda: self._job_running(job_id))
                 files["host_key"] = (d / "host_key").read_text()
                 spec["session"] = job_view.spec(files)
             else:
-                for name, text in files.items():
-                    (d / name).write_text(text)
-                os.chmod(d / "session-setup", 0o755)
-                for p in [d, *d.iterdir()]:
-                    os.chown(p, job.uid, job.gid)
+                files["sshd.log"] = ""   # the user cannot create it in a directory of root's
+                _write_session_files(d, files, job.uid, job.gid)
             proc = self._launch(spec, job_id)
             session = Session(sid, d, proc, " ".join(host_key), user, job_id,
                               self.registry.layout, job_view)
         except BaseException:
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            try:
-                self.registry.layout.remove(job_id, leaf=session_leaf(sid))
-            except (CgroupError, InvalidJobId):
-                pass
-            shutil.rmtree(d, ignore_errors=True)
-            if job_view is not None:
-                job_view.remove()
+            self._undo_open(job_id, sid, d, proc, job_view)
             raise
         log.info("job %s: ssh session %s opened for uid %d: sshd pid %d as %s%s%s", job_id,
                  sid, caller_uid, proc.pid, user, " (nss_wrapper)" if fake_passwd else "",
                  " (files in the job's own mount namespace)" if job_view else "")
         return session
+
+    def _undo_open(self, job_id: str, sid: str, d: Path, proc: subprocess.Popen[bytes] | None,
+                   job_view: JobViewDir | None) -> None:
+        """A session that failed to open: what it started is killed, what it made removed."""
+        layout, leaf = self.registry.layout, session_leaf(sid)
+        try:
+            layout.kill(job_id, timeout=10.0, leaf=leaf)
+        except (CgroupError, InvalidJobId) as e:
+            log.warning("job %s: ssh session %s: %s", job_id, sid, e)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+        if job_view is not None:
+            job_view.remove()
+        try:
+            layout.remove(job_id, leaf=leaf)
+        except (CgroupError, InvalidJobId):
+            pass
 
     def job_pids(self, job_id: str) -> list[int]:
         """The job's pids, main first, without the processes of ssh-to-job sessions."""
@@ -542,7 +781,7 @@ class JobShellSessions:
 
     def _launch(self, spec: dict[str, object], job_id: str) -> subprocess.Popen[bytes]:
         try:
-            proc = spawn.start(spec, pipes=True)
+            proc = spawn.start(spec, pipes=True, timeout=SSHD_START_TIMEOUT)
         except spawn.LaunchError as e:
             raise JobStartFailed(f"job {job_id}: cannot start sshd: {e}") from None
         # Bigger pipes, bigger reads: a bulk copy moves in fewer gRPC frames (each costs
@@ -553,6 +792,26 @@ class JobShellSessions:
             except OSError:
                 pass
         return proc
+
+
+def _write_session_files(d: Path, files: Mapping[str, str], uid: int, gid: int) -> None:
+    """Write the session's files into *d* (just made, root's) as the user's, 0600 (the
+    script 0700), and open *d* to be traversed (0711): sshd runs as the user and reaches
+    them by name, but the user can add, rename or remove nothing in *d*. The keys
+    ssh-keygen made there become the user's too."""
+    for name, text in files.items():
+        mode = 0o700 if name == "session-setup" else 0o600
+        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                     os.O_CLOEXEC, mode)
+        try:
+            os.fchmod(fd, mode)   # whatever the umask
+            os.write(fd, text.encode())
+            os.fchown(fd, uid, gid)
+        finally:
+            os.close(fd)
+    for name in ("host_key", "host_key.pub"):
+        os.chown(d / name, uid, gid)
+    os.chmod(d, 0o711)
 
 
 def _fake_nss(user: str, uid: int, gid: int, home: str, shell: str, *,

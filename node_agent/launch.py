@@ -1,4 +1,5 @@
-"""Start a job's main process: join the job's cgroups, drop to the user, exec.
+"""Start a process for a job (its main process, a session's sshd, or a session's clean-up
+helper): join the job's cgroups, enter its namespaces, drop to the user, exec.
 
 The agent runs this file with `python -I -S launch.py` (stdlib only, no site-packages,
 so it starts fast and cannot be influenced by the environment) instead of using
@@ -10,8 +11,10 @@ The spec arrives as JSON on SPEC_FD; anything that goes wrong before exec is wri
 STATUS_FD, which is made close-on-exec, so the agent reads EOF on success and a message
 on failure.
 
-Order matters: the process writes itself into every cgroup *before* it execs, so the
-job's first instruction already runs inside the job, and no child can escape.
+Order matters: the process writes itself into every cgroup *before* it enters a
+namespace, drops privileges or execs, so the job's first instruction already runs inside
+the job, no child can escape, and nothing it does after touching the job's view runs
+outside a cgroup the agent can kill as a whole.
 
 Optional spec keys (used by ssh-to-job sessions, `node_agent.jobshell`):
 - ``namespaces``: paths like ``/proc/<pid>/ns/net`` to enter with setns(2) after joining
@@ -26,7 +29,20 @@ Optional spec keys (used by ssh-to-job sessions, `node_agent.jobshell`):
   is skipped unless the path needs no quoting (sshd_config, sh) and only root or the user
   can rename entries of the base (not writable by others, or sticky);
 - ``remove``: with ``session``, remove that directory (in each base) instead, and exit 0
-  without exec'ing anything: the agent's clean-up of such a session.
+  without exec'ing anything: the agent's clean-up of such a session. STATUS_FD is closed as
+  soon as the cgroups are joined: from then on the agent bounds the helper with its own
+  timeout and kills its cgroup, and the exit status (0, or 1 when entering the namespaces or
+  dropping privileges failed) is all it learns.
+
+Nothing is imported after the job's namespaces are entered. A job that has its own mount
+namespace controls every path in it, the standard library's directory included (a user
+namespace lets it bind-mount its own ``shutil.py`` over the real one), so a module imported
+there would run the job's code in a process the agent started for its own purposes: a
+clean-up helper for a job that has already ended runs outside the job's cgroups. So what
+this file needs is imported at its top (``ctypes`` only when there are namespaces to enter,
+before entering them), the directory removal uses ``os`` alone, and the import machinery
+is emptied (``sys.meta_path`` and friends) just before setns: a forgotten lazy import then
+fails, and is reported, instead of running anything.
 """
 
 from __future__ import annotations
@@ -44,19 +60,35 @@ if TYPE_CHECKING:
 _PLAIN_PATH = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
 
 
-def _setns(paths: list[str]) -> None:
+def _enter_namespaces(paths: list[str]) -> None:
+    """setns(2) into each of *paths* in order (all opened first). ctypes is imported here,
+    before anything is entered; after this returns, nothing can be imported any more."""
+    if not paths:
+        _no_more_imports()
+        return
     import ctypes  # only when asked: keeps the common path's start-up small
 
     libc = ctypes.CDLL(None, use_errno=True)
+    setns, get_errno = libc.setns, ctypes.get_errno
     fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in paths]
+    _no_more_imports()
     try:
         for path, fd in zip(paths, fds, strict=True):
-            if libc.setns(fd, 0) != 0:
-                err = ctypes.get_errno()
+            if setns(fd, 0) != 0:
+                err = get_errno()
                 raise OSError(err, f"setns({path}): {os.strerror(err)}")
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _no_more_imports() -> None:
+    """Make every later import fail: from here on, paths may be the job's (module doc).
+    Modules already loaded stay usable."""
+    sys.meta_path.clear()
+    sys.path_hooks.clear()
+    sys.path_importer_cache.clear()
+    sys.path.clear()
 
 
 def _session_dirs(session: dict[str, Any], uid: int) -> list[str]:
@@ -87,7 +119,8 @@ def materialize(spec: dict[str, Any]) -> None:
                       f"(tried {', '.join(session['bases'])})")
     for name, mode, text in session["files"]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        with os.fdopen(os.open(os.path.join(path, name), flags, mode), "w") as f:
+        with os.fdopen(os.open(os.path.join(path, name), flags, mode), "w",
+                       encoding="utf-8") as f:   # a codec already loaded: no lookup
             f.write(text.replace(old, path))
     spec["argv"] = [a.replace(old, path) for a in spec["argv"]]
     spec["env"] = {k: v.replace(old, path) for k, v in spec["env"].items()}
@@ -95,11 +128,54 @@ def materialize(spec: dict[str, Any]) -> None:
 
 
 def remove(spec: dict[str, Any]) -> None:
-    """Remove what :func:`materialize` made (rmtree does not follow symlinks)."""
-    import shutil
-
+    """Remove what :func:`materialize` made, with ``os`` alone (see the module doc)."""
     for path in _session_dirs(spec["session"], spec["uid"]):
-        shutil.rmtree(path, ignore_errors=True)
+        _rmtree(path)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_DEPTH = 64   # the user may nest directories without end; what is deeper stays
+
+
+def _rmtree(path: str) -> None:
+    """Remove the directory *path* and what is in it, never following a symlink: the job's
+    user controls the tree (it can swap a directory for a symlink at any time), so every
+    directory is opened with O_NOFOLLOW and its entries removed relative to that fd. Errors
+    are skipped: the directory is the user's own, in the user's view."""
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return
+    try:
+        _clear(fd, 0)
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _clear(dir_fd: int, depth: int) -> None:
+    try:
+        entries = list(os.scandir(dir_fd))
+    except OSError:
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                if depth >= _MAX_DEPTH:
+                    continue
+                sub = os.open(entry.name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    _clear(sub, depth + 1)
+                finally:
+                    os.close(sub)
+                os.rmdir(entry.name, dir_fd=dir_fd)
+            else:
+                os.unlink(entry.name, dir_fd=dir_fd)
+        except OSError:
+            continue   # Race: the user changed the entry meanwhile; it stays
 
 
 def main() -> None:
@@ -112,14 +188,15 @@ def main() -> None:
         for procs in spec["cgroup_procs"]:
             with open(procs, "w") as f:
                 f.write(pid)
-        if spec.get("namespaces"):
-            _setns(spec["namespaces"])
-        os.setgroups(spec["groups"])
-        os.setgid(spec["gid"])
-        os.setuid(spec["uid"])
         if spec.get("remove"):
-            remove(spec)
-            os._exit(0)
+            os.close(status_fd)   # in its cgroups: the agent's timeout takes over
+            status_fd = -1
+            _remove_as_user(spec)
+        if spec.get("namespaces"):
+            _enter_namespaces(spec["namespaces"])
+        else:
+            _no_more_imports()
+        _drop_privileges(spec)
         if spec.get("session"):
             materialize(spec)
         out = os.open(spec["output"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -136,12 +213,51 @@ def main() -> None:
                 if fd > 2:
                     os.close(fd)
         os.chdir(spec["cwd"])
-        os.execvpe(spec["argv"][0], spec["argv"], spec["env"])
+        _exec(spec["argv"], spec["env"])
     except BaseException as e:  # report anything, then die without running the job
         try:
-            os.write(status_fd, f"{type(e).__name__}: {e}".encode()[:4000])
+            if status_fd >= 0:
+                os.write(status_fd, f"{type(e).__name__}: {e}".encode()[:4000])
         finally:
             os._exit(127)
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> None:
+    """execvpe(3) by hand: os.execvpe imports ``warnings`` on its way (get_exec_path),
+    which can no longer be imported here. As execvp, a name without a slash is looked
+    for in *env*'s PATH, and a path found but refused (EACCES) is reported over a later
+    "not found"."""
+    if "/" in argv[0]:
+        os.execve(argv[0], argv, env)
+    refused: OSError | None = None
+    for d in env.get("PATH", os.defpath).split(":"):
+        try:
+            os.execve(os.path.join(d or ".", argv[0]), argv, env)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            refused = refused or e
+    raise refused or FileNotFoundError(2, "No such file or directory in PATH", argv[0])
+
+
+def _drop_privileges(spec: dict[str, Any]) -> None:
+    os.setgroups(spec["groups"])
+    os.setgid(spec["gid"])
+    os.setuid(spec["uid"])
+
+
+def _remove_as_user(spec: dict[str, Any]) -> None:
+    """The ``remove`` helper: enter, drop privileges, remove, exit (0; 1 when it could not
+    enter or drop privileges). Never returns."""
+    try:
+        _enter_namespaces(spec.get("namespaces") or [])
+        _drop_privileges(spec)
+    except BaseException:
+        os._exit(1)
+    try:
+        remove(spec)
+    finally:
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         undo.callback(warmer.close)
         shells = JobShellSessions(registry, config.session_dir, config.node_name,
                                   procfs=config.procfs, warmer=warmer)
+        shells.recover()   # no session survives a restart: remove what earlier ones left
         relaybuf.keep_buffers_in_heap()  # ssh-to-job's relay: no page fault per byte
         servicer = NodeAgentServicer(node=config.node_name, resolver=resolver,
                                      registry=registry, admin_uids=config.admin_uids,

@@ -1,19 +1,25 @@
 """The agent's side of node_agent/launch.py: start a process as a job's user, inside
 the job's cgroups, and learn whether it got as far as exec.
 
-Used for a job's main process (registry) and for ssh-to-job's `sshd -i` (jobshell).
-The launcher is run with `python -I -S` (stdlib only, no site-packages: fast, and the
-environment cannot steer it); it reads the JSON spec from one pipe and reports any
-failure before exec on another, which is close-on-exec in the child: EOF means it
-exec'd.
+Used for a job's main process (registry) and for ssh-to-job's `sshd -i` and clean-up
+helper (jobshell). The launcher is run with `python -I -S` (stdlib only, no
+site-packages: fast, and the environment cannot steer it); it reads the JSON spec from one
+pipe and reports any failure before exec on another, which is close-on-exec in the child:
+EOF means it exec'd (or, for launch.py's ``remove``, that it is in its cgroups).
+
+The wait for that EOF can be bounded (``timeout``): once the launcher has dropped to the
+job's user, that user may stop it (SIGSTOP) before it execs, and an agent thread must not
+wait on it for ever.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Collection, Mapping
 
 from node_agent import launch
@@ -26,11 +32,13 @@ class LaunchError(RuntimeError):
 
 
 def start(spec: Mapping[str, object], *, pipes: bool = False,
-          pass_fds: Collection[int] = ()) -> subprocess.Popen[bytes]:
+          pass_fds: Collection[int] = (), timeout: float | None = None,
+          ) -> subprocess.Popen[bytes]:
     """Start the launcher with `spec` (see launch.py); with `pipes`, the process's stdin
     and stdout are pipes to the caller (ssh-to-job), else /dev/null; `pass_fds` are
     inherited (the spec can name them as /proc/self/fd/N). Raises LaunchError when the
-    launcher reports a failure before exec (the child has been reaped)."""
+    launcher reports a failure before exec, or has not got there within `timeout` seconds
+    (it is killed: before exec it has no children); the child has been reaped then."""
     spec_r, spec_w = os.pipe()
     status_r, status_w = os.pipe()
     stdio = subprocess.PIPE if pipes else subprocess.DEVNULL
@@ -50,8 +58,13 @@ def start(spec: Mapping[str, object], *, pipes: bool = False,
             data = data[os.write(spec_w, data):]
     finally:
         os.close(spec_w)
-    with os.fdopen(status_r, "rb") as f:
-        err = f.read().decode(errors="replace")
+    try:
+        err = _read_status(status_r, timeout)
+    except TimeoutError:
+        proc.kill()
+        err = f"the launcher did not get to exec within {timeout:g} s (killed)"
+    finally:
+        os.close(status_r)
     if err:
         proc.wait()
         for pipe in (proc.stdin, proc.stdout):
@@ -59,3 +72,23 @@ def start(spec: Mapping[str, object], *, pipes: bool = False,
                 pipe.close()
         raise LaunchError(err)
     return proc
+
+
+def _read_status(fd: int, timeout: float | None) -> str:
+    """What the launcher wrote on its status pipe, until EOF; TimeoutError past `timeout`.
+    poll(2), not select(2): an agent with many sessions has fds above FD_SETSIZE."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    chunks: list[bytes] = []
+    while True:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            if not poller.poll(left * 1000):
+                continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks).decode(errors="replace")
+        chunks.append(chunk)

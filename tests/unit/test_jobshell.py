@@ -7,13 +7,16 @@ the real ssh client through a ProxyCommand relay: no network is involved.
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -23,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from callerid import CgroupLayout, Hierarchy
-from node_agent import jobshell, launch
-from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed, PermissionDenied
+from node_agent import jobshell, launch, spawn
+from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed
 from node_agent.jobshell import JobShellSessions, Session
 from node_agent.registry import JobRegistry
 
@@ -64,11 +67,22 @@ def _alive(pid: int) -> bool:
 class LiveProcsLayout(CgroupLayout):
     """The fake tree's cgroup.procs are plain files that keep the pids written into them;
     the kernel's list only live members. (Nor do children follow their parent into the
-    fake files: killing a session's descendants through its cgroup is tested in the lab.)"""
+    fake files: killing a session's descendants through its cgroup is tested in the lab.)
+    rmdir on cgroupfs takes a group's control files with it and fails (EBUSY) only while
+    a process is in it: the fake control files go first, unless a live pid is listed."""
 
     @staticmethod
     def _procs_in(top: Path) -> set[int]:
         return {p for p in CgroupLayout._procs_in(top) if _alive(p)}
+
+    def remove(self, job_id: str, leaf: str | None = None) -> None:
+        for h in self.hierarchies:
+            for d in self._dirs(self._top(h, job_id, leaf)):
+                if not self._procs_in(d):
+                    for f in d.iterdir():
+                        if f.is_file():
+                            f.unlink()
+        super().remove(job_id, leaf)
 
 
 def _tree(pid: int) -> list[int]:
@@ -108,6 +122,20 @@ def registry(tmp_path: Path) -> Iterator[JobRegistry]:
     reg.close()
 
 
+@pytest.fixture
+def spawned(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """The specs of every launcher started (spawn.start still does the work)."""
+    specs: list[dict[str, object]] = []
+    real = spawn.start
+
+    def start(spec: dict[str, object], **kw: object) -> subprocess.Popen[bytes]:
+        specs.append(dict(spec))
+        return real(spec, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spawn, "start", start)
+    return specs
+
+
 def _job_without_process(reg: JobRegistry, job_id: str = "7", user: str = "alice") -> None:
     if _user(user) is None:
         pytest.skip(f"no user {user}")
@@ -117,14 +145,21 @@ def _job_without_process(reg: JobRegistry, job_id: str = "7", user: str = "alice
 # -- checks before anything is made ----------------------------------------------------------
 
 def test_unknown_job_and_other_user_are_refused_and_nothing_is_made(
-        registry: JobRegistry, tmp_path: Path) -> None:
+        registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _job_without_process(registry)
     run = tmp_path / "sessions"
     sessions = JobShellSessions(registry, run, "n1")
-    with pytest.raises(JobNotFound):
-        sessions.open("nope", 0, False, ED_KEY, [])
-    with pytest.raises(PermissionDenied, match="belongs to alice"):
-        sessions.open("7", 4242, False, ED_KEY, [])
+    with pytest.raises(JobNotFound) as missing:
+        sessions.open("8", 4242, False, ED_KEY, [])
+    with pytest.raises(JobNotFound) as others:     # alice's job, asked by uid 4242
+        sessions.open("7", 4242, False, "not a key", ["relative"])
+    # Indistinguishable: same error, same message but for the id asked about.
+    assert str(missing.value) == "no job 8 on n1"
+    assert str(others.value) == "no job 7 on n1"
+    assert others.value.code == missing.value.code
+    security = [r.getMessage() for r in caplog.records if r.name == "node_agent.security"]
+    assert len(security) == 1 and security[0].startswith(
+        "SECURITY: uid 4242 asked n1 for a shell in job 7 of uid ")
     assert not run.exists()
     assert not any(p.name == jobshell.SSH_LEAF for p in (tmp_path / "cg").rglob("*"))
 
@@ -282,10 +317,50 @@ def test_job_pids_leave_out_session_processes(registry: JobRegistry, tmp_path: P
     assert JobShellSessions(registry, tmp_path / "s", "n1").job_pids("7") == [10, 30]
 
 
-def test_choose_shell(tmp_path: Path) -> None:
-    assert jobshell.choose_shell(["/no/such", "bash", "/bin/sh"]) == "/bin/sh"
-    assert jobshell.choose_shell([str(tmp_path)]) == "/bin/sh"
-    assert jobshell.choose_shell([]) == "/bin/sh"
+@pytest.mark.parametrize("shells", [
+    ["bash"], ["/bin/sh", "relative/sh"], ["/bin/../bin/sh"], ["/bin/./sh"], ["/bin/sh/"],
+    ["/my shell/sh"], ["/bin/sh;rm"], ["/$HOME/sh"], ["//bin/sh"], [""],
+    ["/" + "s" * 256], ["/bin/sh"] * 17,
+])
+def test_shells_that_are_not_plain_absolute_paths_are_refused(
+        registry: JobRegistry, tmp_path: Path, shells: list[str]) -> None:
+    _job_without_process(registry)
+    with pytest.raises(InvalidRequest, match="^shells: "):
+        JobShellSessions(registry, tmp_path / "s", "n1").open("7", 1001, False, ED_KEY, shells)
+    assert not (tmp_path / "s").exists()
+
+
+def test_plain_shells_are_kept() -> None:
+    shells = ["/bin/bash", "/opt/zsh-5.9/bin/zsh", "/usr/local/bin/fish+x", "/" + "s" * 255]
+    assert jobshell.validate_shells(shells) == shells
+    assert jobshell.validate_shells(["/bin/sh"] * 16) == ["/bin/sh"] * 16
+    assert jobshell.validate_shells([]) == []
+
+
+def test_session_setup_picks_the_first_executable_shell_as_the_user_sees_it(
+        tmp_path: Path) -> None:
+    """The agent never looks at the client's shells; the script does, in the session."""
+    (tmp_path / "environment").write_text("")
+    not_exec = tmp_path / "not-exec"
+    not_exec.write_text("#!/bin/sh\n")
+    a_dir = tmp_path / "a-dir"
+    a_dir.mkdir()
+    fine = tmp_path / "fine-sh"
+    fine.symlink_to("/bin/sh")
+
+    def run(shells: list[str]) -> str:
+        script = tmp_path / "session-setup"
+        script.write_text(jobshell.session_setup_text(tmp_path, "/", "j1", [1], shells,
+                                                      nss_wrapper=False))
+        script.chmod(0o755)
+        out = subprocess.run([str(script)], env={"SSH_ORIGINAL_COMMAND": 'echo "$SHELL"',
+                                                 "PATH": "/usr/bin:/bin"},
+                             capture_output=True, text=True, check=True).stdout
+        return out.strip()
+
+    assert run(["/no/such/sh", str(not_exec), str(a_dir), str(fine), "/bin/bash"]) == str(fine)
+    assert run(["/no/such/sh", str(not_exec)]) == "/bin/sh"     # as it always fell back
+    assert run([]) == "/bin/sh"
 
 
 # -- real sshd -i over pipes ---------------------------------------------------------------
@@ -372,13 +447,19 @@ def test_opening_keeps_the_migration_lock_warm_also_when_it_fails(
     warmer = RecordingWarmer()
     sessions = JobShellSessions(registry, tmp_path / "s", "n1", sshd="/nonexistent/sshd",
                                 warmer=warmer)  # type: ignore[arg-type]
-    with pytest.raises(PermissionDenied):
+    with pytest.raises(JobNotFound):
         sessions.open("7", 4242, False, ED_KEY, [])
     assert warmer.calls == []  # refused before anything is made: nothing to warm up
     with pytest.raises(JobStartFailed):
         sessions.open("7", 0, False, ED_KEY, [])  # sshd cannot be started
     assert warmer.calls == ["expect", "arrived"]
     assert list((tmp_path / "s").iterdir()) == []  # and the session dir is gone
+
+
+def _as_alice(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    assert ALICE is not None
+    return subprocess.run(["setpriv", f"--reuid={ALICE.pw_uid}", f"--regid={ALICE.pw_gid}",
+                           "--clear-groups", "--", *argv], capture_output=True)
 
 
 def _start_job(reg: JobRegistry, user: str, cwd: Path) -> None:
@@ -410,8 +491,23 @@ def test_real_session_command_env_and_exit_status(registry: JobRegistry, shared_
     sessions, session, client = _open(registry, shared_dir, tmp_path, "alice")
     d = session.directory
     try:
+        # The directory is root's: alice's sshd reaches its files by name, alice can add,
+        # rename or remove nothing there, and what is hers in it goes with it.
         st = os.stat(d)
-        assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == ALICE.pw_uid  # type: ignore
+        assert stat.S_IMODE(st.st_mode) == 0o711 and st.st_uid == 0
+        for f in d.iterdir():
+            fst = f.stat()
+            assert fst.st_uid == ALICE.pw_uid, f  # type: ignore[union-attr]
+            mode = 0o700 if f.name == "session-setup" else \
+                0o644 if f.name == "host_key.pub" else 0o600
+            assert stat.S_IMODE(fst.st_mode) == mode, f
+        for cmd in (["touch", str(d / "mine")], ["mkdir", str(d / "mine")],
+                    ["mv", str(d / "sshd.log"), str(d / "moved")],
+                    ["rm", "-f", str(d / "environment")]):
+            assert _as_alice(cmd).returncode != 0, cmd
+        assert {p.name for p in d.iterdir()} - {"passwd", "group"} == {   # nss_wrapper's
+            "authorized_keys", "environment", "host_key", "host_key.pub", "session-setup",
+            "sshd.log", "sshd_config"}
         assert (d / "authorized_keys").read_text() == client.public_key()
         assert session.host_key.startswith("ssh-ed25519 ")
         leaf = registry.layout.leaf_path(registry.layout.hierarchies[0], "j1",
@@ -516,11 +612,13 @@ def test_real_session_with_a_pty(registry: JobRegistry, shared_dir: Path,
 @pytest.mark.skipif(not REAL or shutil.which("unshare") is None,
                     reason="needs root, user alice, sshd, ssh and unshare")
 def test_real_session_in_a_job_that_hides_the_session_dir(registry: JobRegistry,
-                                                          shared_dir: Path,
-                                                          tmp_path: Path) -> None:
+                                                          shared_dir: Path, tmp_path: Path,
+                                                          spawned: list[dict[str, object]],
+                                                          ) -> None:
     """The job's main process has its own mount namespace (in its own user namespace) with
     a private tmpfs over the agent's session directory; its $TMPDIR is on that tmpfs. The
-    session's files are made there by the launcher, as alice, and removed there at the end."""
+    session's files are made there by the launcher, as alice, and removed there at the end,
+    by a helper in the session's own cgroup (the job still runs)."""
     run = shared_dir / "run"
     run.mkdir()
     private = f"mount -t tmpfs none {run} && mkdir {run}/tmp && exec sleep 300"
@@ -554,7 +652,13 @@ def test_real_session_in_a_job_that_hides_the_session_dir(registry: JobRegistry,
         session.cleanup()
     assert not session.directory.exists()
     assert list(job_tmp.iterdir()) == []
+    leaf = [str(registry.layout.leaf_path(h, "j1", session.leaf) / "cgroup.procs")
+            for h in registry.layout.hierarchies]
+    assert [(x["cgroup_procs"], bool(x.get("remove"))) for x in spawned if "session" in x] \
+        == [(leaf, False), (leaf, True)]    # sshd, then the clean-up helper
     session.cleanup()          # idempotent
+    assert len(spawned) == 3   # the job's main process, sshd, the clean-up helper
+    assert not any(p.name == session.session_id for p in (tmp_path / "cg").rglob("*"))
 
 
 def test_devpts_tty_group_decision(tmp_path: Path) -> None:
@@ -569,3 +673,296 @@ def test_devpts_tty_group_decision(tmp_path: Path) -> None:
     assert jobshell.devpts_gives_tty_group(1, str(tmp_path))
     (tmp_path / "1" / "mountinfo").write_text(line.format(""))
     assert not jobshell.devpts_gives_tty_group(1, str(tmp_path))
+
+
+@pytest.mark.skipif(not REAL or shutil.which("unshare") is None,
+                    reason="needs root, user alice, sshd, ssh and unshare")
+def test_cleanup_after_the_job_ended_runs_in_a_transient_cgroup(
+        registry: JobRegistry, shared_dir: Path, tmp_path: Path,
+        spawned: list[dict[str, object]]) -> None:
+    """The job hides only /run: the session's files are in the node's /tmp. The job ends
+    while the session runs; its cgroups are gone, so the clean-up helper runs in a cgroup
+    of its own, below the agent's subtree but not where jobs live, removed after it."""
+    run = shared_dir / "run"
+    run.mkdir()
+    registry.start("j1", "alice", ["unshare", "-Urm", "sh", "-c",
+                                   f"mount -t tmpfs none {run} && exec sleep 300"],
+                   cwd="/", env={"PATH": "/usr/bin:/bin"})
+    main = registry.get("j1").job.main_pid  # type: ignore[union-attr]
+    deadline = time.time() + 10
+    while os.readlink(f"/proc/{main}/exe") != "/usr/bin/sleep" and time.time() < deadline:
+        time.sleep(0.05)
+    session = JobShellSessions(registry, run / "sessions", "n1").open(
+        "j1", ALICE.pw_uid, False, ED_KEY, [])  # type: ignore[union-attr]
+    in_tmp = Path("/tmp") / session.directory.name
+    try:
+        assert session.job_view is not None and (in_tmp / "sshd_config").exists()
+        registry.end("j1")
+        assert session.read() == []          # sshd died with the job
+        assert not registry.layout.existing_jobs()
+    finally:
+        session.cleanup()
+    assert not in_tmp.exists()
+    helpers = jobshell.cleanup_layout(registry.layout)
+    transient = [str(helpers.leaf_path(h, session.session_id, jobshell.CLEANUP_LEAF) /
+                     "cgroup.procs") for h in helpers.hierarchies]
+    assert [x["cgroup_procs"] for x in spawned if x.get("remove")] == [transient]
+    assert not any(p.name.startswith("job_") for h in helpers.hierarchies
+                   for p in helpers.subtree_path(h).iterdir())     # removed after it
+    assert not registry.layout.existing_jobs()  # and nothing looks like a job
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the helper drops privileges (setgroups)")
+def test_a_helper_past_its_timeout_is_killed_with_its_whole_cgroup(
+        registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything in the helper's cgroup dies, not only the process the agent started."""
+    layout = jobshell.cleanup_layout(registry.layout)
+    where = jobshell._HelperCgroup(layout, "abc", jobshell.CLEANUP_LEAF, transient=True)
+    bystander = subprocess.Popen(["sleep", "60"])
+    real = spawn.start
+
+    def start(spec: dict[str, object], **kw: object) -> subprocess.Popen[bytes]:
+        proc = real(spec, **kw)  # type: ignore[arg-type]
+        for f in spec["cgroup_procs"]:  # type: ignore[attr-defined]
+            with open(f, "a") as out:   # as if the helper had started it
+                out.write(f"\n{bystander.pid}\n")  # the launcher wrote no newline
+        return proc
+
+    monkeypatch.setattr(spawn, "start", start)
+    view = jobshell.JobViewDir(tmp_path, [], "/proc/self/ns/mnt", os.getuid(), os.getgid(),
+                               [], layout=registry.layout, job_id="7", session_id="abc",
+                               job_running=lambda: False)
+    spec = {"namespaces": [], "uid": os.getuid(), "gid": os.getgid(), "groups": [],
+            "cwd": "/", "argv": ["sleep", "60"], "env": {"PATH": "/usr/bin:/bin"},
+            "output": os.devnull}
+    try:
+        assert view._run(spec, view._fd, where, timeout=0.5) is True
+        assert bystander.wait(10) == -signal.SIGKILL
+        assert "removal took over 0.5s: its cgroup" in caplog.text
+        assert not layout.existing_jobs()
+    finally:
+        if bystander.poll() is None:
+            bystander.kill()
+            bystander.wait()
+        os.close(view._fd)
+
+
+def test_a_launcher_that_never_gets_to_exec_is_killed_after_the_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Here it blocks opening its cgroup.procs (a FIFO nobody reads); as the user, before
+    exec, the job's user could also SIGSTOP it."""
+    fifo = tmp_path / "cgroup.procs"
+    os.mkfifo(fifo)
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def popen(*a: object, **kw: object) -> subprocess.Popen[bytes]:
+        started.append(real(*a, **kw))  # type: ignore[call-overload]
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    spec = {"cgroup_procs": [str(fifo)], "uid": os.getuid(), "gid": os.getgid(),
+            "groups": [], "cwd": "/", "argv": ["true"], "env": {}, "output": os.devnull}
+    with pytest.raises(spawn.LaunchError, match="did not get to exec within 0.5 s"):
+        spawn.start(spec, timeout=0.5)
+    assert started[0].returncode == -signal.SIGKILL      # killed and reaped
+
+
+def test_recover_removes_what_an_earlier_run_left(registry: JobRegistry, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """After a crash: session directories (an older agent's were the user's, with
+    whatever the user put there), the sessions' leaves of live jobs and what still runs
+    in them, and transient clean-up cgroups."""
+    caplog.set_level(logging.INFO, "node_agent.jobshell")
+    _job_without_process(registry)
+    run = tmp_path / "sessions"
+    (run / "7-0123456789abcdef" / "sub").mkdir(parents=True)
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "file").write_text("not the session's")
+    (run / "7-0123456789abcdef" / "link").symlink_to(keep)
+    (run / "7-0123456789abcdef" / "host_key").write_text("x")
+    (run / "stray").write_text("x")
+    run.chmod(0o777)
+    layout = registry.layout
+    helpers = jobshell.cleanup_layout(layout)
+    helpers.create_job("fedcba9876543210", leaves=(jobshell.CLEANUP_LEAF,))
+    orphans = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    layout.create_job("7", leaves=(jobshell.session_leaf("0123456789abcdef"),))
+    for h in layout.hierarchies:
+        (layout.leaf_path(h, "7", jobshell.session_leaf("0123456789abcdef")) /
+         "cgroup.procs").write_text(f"{orphans[0].pid}\n")
+    for h in helpers.hierarchies:
+        (helpers.leaf_path(h, "fedcba9876543210", jobshell.CLEANUP_LEAF) /
+         "cgroup.procs").write_text(f"{orphans[1].pid}\n")
+    try:
+        JobShellSessions(registry, run, "n1").recover()
+        assert [p.wait(10) for p in orphans] == [-signal.SIGKILL] * 2
+    finally:
+        for p in orphans:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert list(run.iterdir()) == []
+    assert stat.S_IMODE(run.stat().st_mode) == 0o711
+    assert (keep / "file").read_text() == "not the session's"
+    for h in layout.hierarchies:
+        assert not layout.leaf_path(h, "7", jobshell.SSH_LEAF).exists()
+        assert layout.leaf_path(h, "7").is_dir()      # the job itself is not touched
+    assert not helpers.existing_jobs()
+    assert layout.existing_jobs() == {"7"}
+    assert "2 session directories, the sessions of 1 jobs, 2 processes killed" in caplog.text
+
+
+@pytest.mark.skipif(not REAL, reason="needs root, user alice, sshd and ssh")
+def test_open_never_looks_at_the_clients_shells(registry: JobRegistry, shared_dir: Path,
+                                                tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """No stat, access or open of a client's shell path by the agent (root): only the
+    session's own script looks, as the user, in the job's view. A root-only executable
+    listed first is then skipped as it would be in any login of the user's."""
+    hidden = shared_dir / "root-only"
+    hidden.mkdir(mode=0o700)
+    shutil.copy("/bin/sh", hidden / "sh")
+    shells = ["/no/such/shell", str(hidden / "sh"), "/usr/bin/bash"]  # not alice's passwd shell
+    looked: list[str] = []
+
+    def spy(real: object) -> object:
+        def wrapper(path: object, *a: object, **kw: object) -> object:
+            looked.append(os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike))
+                          else str(path))
+            return real(path, *a, **kw)  # type: ignore[operator]
+        return wrapper
+
+    (shared_dir / "cwd").mkdir()
+    _start_job(registry, "alice", shared_dir / "cwd")
+    key = _keypair(tmp_path)
+    for name in ("stat", "lstat", "access", "open"):
+        monkeypatch.setattr(os, name, spy(getattr(os, name)))
+    session = JobShellSessions(registry, shared_dir / "sessions", "n1").open(
+        "j1", ALICE.pw_uid, False, key, shells)  # type: ignore[union-attr]
+    monkeypatch.undo()
+    try:
+        assert looked, "the spy saw nothing at all"
+        assert not [p for p in looked if any(p.startswith(sh) for sh in shells)]
+        r = _Client(tmp_path, session).run('readlink /proc/$$/exe; echo "$SHELL"')
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().split() == ["/usr/bin/bash"] * 2
+    finally:
+        session.cleanup()
+
+
+# -- the launcher in a mount namespace the job controls ------------------------------------
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+@pytest.fixture
+def hostile_stdlib(shared_dir: Path) -> Iterator[tuple[int, Path, Path]]:
+    """A mount namespace as a hostile job makes one: the standard library's directory is
+    a tmpfs where every top-level module and package is a stub that records its import
+    (and whose rmtree does nothing); ``base`` is a private tmpfs there, holding a session
+    directory of alice's. Yields (pid holding the namespace, base, marks directory)."""
+    if os.geteuid() != 0 or ALICE is None or shutil.which("unshare") is None:
+        pytest.skip("needs root, user alice and unshare")
+    marks = shared_dir / "marks"
+    marks.mkdir()
+    marks.chmod(0o1777)
+    keep = shared_dir / "keep"                      # alice's, outside the session dir
+    keep.mkdir()
+    (keep / "file").write_text("keep me")
+    os.chown(keep, ALICE.pw_uid, ALICE.pw_gid)
+    os.chown(keep / "file", ALICE.pw_uid, ALICE.pw_gid)
+    base = shared_dir / "base"
+    base.mkdir()
+    stub = f"open({str(marks)!r} + '/' + __name__, 'w').close()\ndef rmtree(*a, **k): pass\n"
+    modules = sorted({e.name[:-3] for e in os.scandir(STDLIB) if e.name.endswith(".py")} |
+                     {e.name for e in os.scandir(STDLIB)
+                      if e.is_dir() and (Path(e.path) / "__init__.py").exists()})
+    (shared_dir / "stub.py").write_text(stub)
+    (shared_dir / "modules").write_text("\n".join(modules) + "\n")
+    d = f"{base}/j1-0123456789abcdef"
+    script = f"""set -e
+mount -t tmpfs -o mode=755 none {STDLIB}
+while read m; do
+    mkdir -p {STDLIB}/$m && cp {shared_dir}/stub.py {STDLIB}/$m/__init__.py
+    cp {shared_dir}/stub.py {STDLIB}/$m.py
+done < {shared_dir}/modules
+mount -t tmpfs none {base}
+mkdir -p {d}/sub/deeper
+touch {d}/host_key {d}/sub/f {d}/sub/deeper/g
+ln -s {keep} {d}/link
+ln -s {keep}/file {d}/sub/flink
+chown -R {ALICE.pw_uid}:{ALICE.pw_gid} {d}
+echo ready
+exec sleep 120
+"""
+    holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        assert Path(f"/proc/{holder.pid}/root{STDLIB}/shutil.py").read_text() == stub
+        yield holder.pid, base, marks
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (keep / "file").read_text() == "keep me"
+
+
+def _launcher_spec(pid: int, procs: Path, **more: object) -> dict[str, object]:
+    assert ALICE is not None
+    return {"cgroup_procs": [str(procs)], "namespaces": [f"/proc/{pid}/ns/mnt"],
+            "uid": ALICE.pw_uid, "gid": ALICE.pw_gid, "groups": [ALICE.pw_gid], **more}
+
+
+def test_the_removal_helper_imports_nothing_in_the_jobs_namespace(
+        hostile_stdlib: tuple[int, Path, Path], tmp_path: Path) -> None:
+    pid, base, marks = hostile_stdlib
+    procs = tmp_path / "cgroup.procs"
+    spec = _launcher_spec(pid, procs, remove=True, session={
+        "dir": "/run/callerid-adopt/sessions/j1-0123456789abcdef", "bases": [str(base)]})
+    proc = spawn.start(spec)
+    assert proc.wait(30) == 0
+    assert sorted(os.listdir(marks)) == []               # none of the job's code ran
+    assert procs.read_text() == str(proc.pid)            # in its cgroup before anything
+    assert os.listdir(f"/proc/{pid}/root{base}") == []   # removed, links not followed
+
+
+def test_the_sshd_launcher_imports_nothing_in_the_jobs_namespace(
+        hostile_stdlib: tuple[int, Path, Path], tmp_path: Path) -> None:
+    """The session path: make the files in the job's view, then exec (found in PATH)."""
+    pid, base, marks = hostile_stdlib
+    old = "/run/callerid-adopt/sessions/j1-fedcba9876543210"
+    spec = _launcher_spec(
+        pid, tmp_path / "cgroup.procs", cwd="/", env={"PATH": "/usr/bin:/bin"},
+        argv=["sh", "-c", f'test "$(cat {old}/sshd_config)" = "HostKey {old}/host_key"'],
+        output=f"{old}/sshd.log",
+        session={"dir": old, "bases": [str(base)],
+                 "files": [["sshd_config", 0o600, f"HostKey {old}/host_key"]]})
+    proc = spawn.start(spec)
+    assert proc.wait(30) == 0
+    assert sorted(os.listdir(marks)) == []
+    assert Path(f"/proc/{pid}/root{base}/j1-fedcba9876543210/sshd_config").read_text() == \
+        f"HostKey {base}/j1-fedcba9876543210/host_key"
+
+
+def test_a_forgotten_import_after_setns_fails_instead_of_running(
+        hostile_stdlib: tuple[int, Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher with a lazy import on its path (as os.execvpe's ``warnings``): refused."""
+    pid, base, marks = hostile_stdlib
+    patched = tmp_path / "launch.py"
+    text = Path(launch.__file__).read_text()
+    assert "def materialize(spec: dict[str, Any]) -> None:\n" in text
+    patched.write_text(text.replace("def materialize(spec: dict[str, Any]) -> None:\n",
+                                    "def materialize(spec: dict[str, Any]) -> None:\n"
+                                    "    import shutil  # noqa\n"))
+    monkeypatch.setattr(launch, "__file__", str(patched))
+    old = "/run/callerid-adopt/sessions/j1-aaaaaaaaaaaaaaaa"
+    spec = _launcher_spec(pid, tmp_path / "cgroup.procs", cwd="/", env={"PATH": "/bin"},
+                          argv=["true"], output=f"{old}/log",
+                          session={"dir": old, "bases": [str(base)], "files": []})
+    with pytest.raises(spawn.LaunchError, match="ModuleNotFoundError: No module named 'shutil'"):
+        spawn.start(spec)
+    assert sorted(os.listdir(marks)) == []
