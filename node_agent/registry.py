@@ -85,6 +85,8 @@ from node_agent.errors import (
 
 log = logging.getLogger("node_agent.registry")
 
+JOB_START_TIMEOUT = 20.0   # the launcher, from start to exec'ing a job's main command
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id          TEXT PRIMARY KEY,
@@ -589,7 +591,9 @@ class JobRegistry:
             "cwd": cwd, "argv": argv, "env": env, "output": output,
         }
         try:
-            proc = spawn.start(spec)
+            # Bounded: after it drops to the user, the launcher is the user's to stop
+            # (SIGSTOP), and `adoptctl job run` must not wait on it for ever.
+            proc = spawn.start(spec, timeout=JOB_START_TIMEOUT)
         except spawn.LaunchError as e:
             raise JobStartFailed(
                 f"job {job.id}: cannot start {argv[0]!r} as {pw.pw_name}: {e}") from None
