@@ -61,6 +61,15 @@ class JobExists(AgentError):
         super().__init__(f"job {job_id} already exists on {node}")
 
 
+class JobNotRunning(AgentError):
+    """The job exists but is not running (starting, or ending): nothing joins it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(self, job_id: str, node: str, state: str) -> None:
+        super().__init__(f"job {job_id} on {node} is {state}, not running")
+
+
 class JobStartFailed(AgentError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 

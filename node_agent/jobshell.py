@@ -91,7 +91,7 @@ from pathlib import Path
 
 from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
 from node_agent import spawn
-from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed
+from node_agent.errors import InvalidRequest, JobNotFound, JobNotRunning, JobStartFailed
 from node_agent.registry import JobRegistry
 from node_agent.relaybuf import FRAME, Pacer, read_gathered
 from node_agent.warmup import MigrationWarmer
@@ -623,6 +623,8 @@ class JobShellSessions:
             rec = None
         if rec is None:
             raise JobNotFound(job_id, self.node)
+        if rec.state != "running":   # an ending job's processes are being killed
+            raise JobNotRunning(job_id, self.node, rec.state)
         job = rec.job
         key = validate_public_key(public_key)
         shells = validate_shells(shells)

@@ -79,6 +79,7 @@ from node_agent.errors import (
     InvalidRequest,
     JobExists,
     JobNotFound,
+    JobNotRunning,
     JobStartFailed,
     RegistryFailure,
 )
@@ -608,6 +609,8 @@ class JobRegistry:
         rec = self.get(job_id)
         if rec is None:
             raise JobNotFound(job_id, self.node)
+        if rec.state != "running":   # an ending job's processes are being killed
+            raise JobNotRunning(job_id, self.node, rec.state)
         if pid <= 1 or not os.path.exists(f"{self.procfs}/{pid}"):
             raise InvalidRequest(f"no process {pid} on {self.node}")
         self.layout.attach(job_id, pid)

@@ -24,7 +24,7 @@ import pytest
 import callerid
 from callerid import CgroupError, CgroupLayout, Hierarchy
 from node_agent import registry as registry_mod
-from node_agent.errors import RegistryFailure
+from node_agent.errors import JobNotRunning, RegistryFailure
 from node_agent.registry import END_RETRY_FIRST_S, END_RETRY_MAX_S, JobRegistry
 from tests.unit.conftest import FakeProc
 
@@ -288,6 +288,25 @@ def test_a_failed_end_stays_ending_and_is_tried_again(
     assert [m.split("; ")[-1] for m in lines(caplog, "could not end it")] == [
         f"trying again in {END_RETRY_FIRST_S:g} s", f"trying again in {2 * END_RETRY_FIRST_S:g} s"]
     assert "ended on request" in lines(caplog, "job A ended on n")[0]
+
+
+def test_nothing_joins_an_ending_job(tmp_path: Path, reg: JobRegistry, layout: CgroupLayout,
+                                     kill: FakeKill) -> None:
+    """A job whose end failed is still "ending": no process is attached to it, and no
+    ssh-to-job session opens in it, until it is ended for good."""
+    from node_agent.jobshell import JobShellSessions
+
+    reg.start("A", "alice")
+    holds(layout, "A")
+    kill.failures = 1
+    with pytest.raises(RegistryFailure):
+        reg.end("A")
+    with pytest.raises(JobNotRunning, match="^job A on n is ending, not running$"):
+        reg.attach("A", os.getpid())
+    shells = JobShellSessions(reg, tmp_path / "sessions", "n", procfs=str(tmp_path / "proc"))
+    with pytest.raises(JobNotRunning):
+        shells.open("A", 0, True, "ssh-ed25519 AAAA", [])
+    assert layout.procs("A") == {4242}
 
 
 def test_the_retry_delay_is_bounded(reg: JobRegistry, kill: FakeKill,
