@@ -90,7 +90,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
-from node_agent import spawn
+from node_agent import shellwire, spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobNotRunning, JobStartFailed
 from node_agent.registry import JobRegistry
 from node_agent.relaybuf import FRAME, Pacer, read_gathered
@@ -108,9 +108,6 @@ CLEANUP_SUBTREE = "ssh-to-job-cleanup"   # under the cgroup subtree; see the mod
 CLEANUP_LEAF = "remove"
 SSHD_START_TIMEOUT = 20.0   # the launcher, from start to exec'ing sshd (spawn.start)
 CLEANUP_TIMEOUT = 10.0      # a clean-up helper, from start to exit
-MAX_SHELLS = 16
-MAX_SHELL_PATH = 256
-_PLAIN_ABSOLUTE = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
 KEY_TYPES = frozenset({
     "ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
     "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
@@ -229,24 +226,6 @@ def devpts_gives_tty_group(pid: int | str = "self", procfs: str = "/proc") -> bo
     return found
 
 
-def validate_shells(shells: Sequence[str]) -> list[str]:
-    """The client's shells, if each is an absolute path of plain names (what the setup
-    script can hold unquoted and test as is), at most MAX_SHELL_PATH long, MAX_SHELLS in
-    all; else InvalidRequest. Nothing is looked up here: session-setup picks one, as the
-    user, in the job's view."""
-    if len(shells) > MAX_SHELLS:
-        raise InvalidRequest(f"shells: at most {MAX_SHELLS} may be given, not {len(shells)}")
-    for sh in shells:
-        if not isinstance(sh, str) or len(sh) > MAX_SHELL_PATH or \
-                not _PLAIN_ABSOLUTE.fullmatch(sh) or \
-                any(part in (".", "..") for part in sh.split("/")):
-            raise InvalidRequest(
-                f"shells: {str(sh)[:80]!r} is not an absolute path of plain names "
-                f"(A-Z a-z 0-9 _ . + - between slashes, no . or .., at most "
-                f"{MAX_SHELL_PATH} characters)")
-    return list(shells)
-
-
 def sshd_config_text(d: Path) -> str:
     return "\n".join([
         "# a private sshd -i for one ssh-to-job session (node_agent.jobshell)",
@@ -281,8 +260,9 @@ def sshd_config_text(d: Path) -> str:
 
 def session_setup_text(d: Path, cwd: str, job_id: str, pids: Sequence[int],
                        shells: Sequence[str], nss_wrapper: bool) -> str:
-    """The ForceCommand script. *shells* are validate_shells' (plain absolute paths); the
-    first that is an executable file in the job's view is the session's shell."""
+    """The ForceCommand script. *shells* are shellwire.validate_shells' (plain absolute
+    paths); the first that is an executable file in the job's view is the session's
+    shell."""
     nss = ""
     if nss_wrapper:
         nss = (f"export LD_PRELOAD={sh_quote(NSS_WRAPPER)} "
@@ -627,7 +607,7 @@ class JobShellSessions:
             raise JobNotRunning(job_id, self.node, rec.state)
         job = rec.job
         key = validate_public_key(public_key)
-        shells = validate_shells(shells)
+        shells = shellwire.validate_shells(shells)
         if self.warmer is not None:
             # sshd's launcher joins the session's cgroup some tens of ms from now: keep
             # the kernel's migration lock switched until then (node_agent/warmup.py).

@@ -10,12 +10,17 @@ client or server made from agent.proto interoperates); only data frames take a s
 - `data_frame(parts)` encodes `ShellFrame{data: b"".join(parts)}` with one copy;
 - `parse(raw)` returns a data-only frame as a zero-copy `memoryview` of its payload, and
   anything else (open, opened, eof, a data frame with more fields) as a `pb.ShellFrame`.
+
+`validate_shells` is the rule for `ShellOpen.shells`, checked by the client before it
+asks and by the agent before it uses them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
+from node_agent.errors import InvalidRequest
 from node_agent.proto.v1 import agent_pb2 as pb
 
 METHOD = f"/{pb.DESCRIPTOR.services_by_name['NodeAgent'].full_name}/OpenJobShell"
@@ -25,6 +30,10 @@ _DATA_TAG = bytes(((pb.ShellFrame.DATA_FIELD_NUMBER << 3) | 2,))
 _MAX_VARINT = 10
 
 Frame = pb.ShellFrame | memoryview
+
+MAX_SHELLS = 16
+MAX_SHELL_PATH = 256
+_PLAIN_ABSOLUTE = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
 
 
 def _varint(n: int) -> bytes:
@@ -72,3 +81,21 @@ def parse(raw: bytes) -> Frame:
                 break
             shift += 7
     return pb.ShellFrame.FromString(raw)
+
+
+def validate_shells(shells: Sequence[str]) -> list[str]:
+    """The client's shells, if each is an absolute path of plain names (what the setup
+    script can hold unquoted and test as is), at most MAX_SHELL_PATH long, MAX_SHELLS in
+    all; else InvalidRequest. Nothing is looked up here: session-setup picks one, as the
+    user, in the job's view."""
+    if len(shells) > MAX_SHELLS:
+        raise InvalidRequest(f"shells: at most {MAX_SHELLS} may be given, not {len(shells)}")
+    for sh in shells:
+        if not isinstance(sh, str) or len(sh) > MAX_SHELL_PATH or \
+                not _PLAIN_ABSOLUTE.fullmatch(sh) or \
+                any(part in (".", "..") for part in sh.split("/")):
+            raise InvalidRequest(
+                f"shells: {str(sh)[:80]!r} is not an absolute path of plain names "
+                f"(A-Z a-z 0-9 _ . + - between slashes, no . or .., at most "
+                f"{MAX_SHELL_PATH} characters)")
+    return list(shells)

@@ -41,7 +41,7 @@ from node_agent import relaybuf, shellwire
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.cli import _CATEGORIES, CliError, UsageError, _cli
 from node_agent.client import AgentClient, target_of
-from node_agent.errors import AuthError, ImpostorError
+from node_agent.errors import AuthError, ImpostorError, InvalidRequest
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.relaybuf import Pacer, read_gathered
 
@@ -196,8 +196,17 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Ar
         raise UsageError("-ssh needs a program")
     if "shells" in opts:
         shells = tuple(s for s in opts["shells"].split(",") if s)
+        try:
+            shellwire.validate_shells(shells)
+        except InvalidRequest as e:
+            raise UsageError(f"-{e}") from None   # "-shells: '...' is not ..."
     else:
+        # $SHELL is only a preference: one the agent would refuse is left out.
         shells = (env["SHELL"],) if env.get("SHELL") else ()
+        try:
+            shellwire.validate_shells(shells)
+        except InvalidRequest:
+            shells = ()
     return Args(job_id=job_id, remote=remote, ssh=ssh, name=opts.get("name"),
                 keygen_options=keygen, shells=shells, auto_retry=bool(opts.get("auto-retry")),
                 x11=opts.get("x11"), debug=bool(opts.get("debug")),

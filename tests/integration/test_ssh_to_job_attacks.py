@@ -237,10 +237,10 @@ def test_shells_are_picked_by_the_session_as_the_user(lab: Any, plain_job: str,
     for first in (f"{hidden}/sh", "/no/such/shell"):
         r = stj(lab, "-shells", f"{first},/bin/bash", plain_job, 'echo "$SHELL"')
         assert (r.returncode, r.stdout.strip()) == (0, "/bin/bash"), r.stderr
-    r = stj(lab, "-shells", "bash", plain_job, "true")
-    # (ssh, started meanwhile, says its piece first: the client's, not the agent's, doing)
-    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(
-        "ssh-to-job: Invalid argument: shells: 'bash' is not an absolute path"), r.stderr
+    r = stj(lab, "-shells", "bash", plain_job, "true")   # refused before anything starts
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "ssh-to-job: Usage: -shells: 'bash' is not an absolute path of plain names (A-Z a-z "
+        "0-9 _ . + - between slashes, no . or .., at most 256 characters)"], r.stderr
 
 
 # -- session directories -----------------------------------------------------------------

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from callerid import CgroupLayout, Hierarchy
-from node_agent import jobshell, launch, spawn
+from node_agent import jobshell, launch, shellwire, spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed
 from node_agent.jobshell import JobShellSessions, Session
 from node_agent.registry import JobRegistry
@@ -332,9 +332,9 @@ def test_shells_that_are_not_plain_absolute_paths_are_refused(
 
 def test_plain_shells_are_kept() -> None:
     shells = ["/bin/bash", "/opt/zsh-5.9/bin/zsh", "/usr/local/bin/fish+x", "/" + "s" * 255]
-    assert jobshell.validate_shells(shells) == shells
-    assert jobshell.validate_shells(["/bin/sh"] * 16) == ["/bin/sh"] * 16
-    assert jobshell.validate_shells([]) == []
+    assert shellwire.validate_shells(shells) == shells
+    assert shellwire.validate_shells(["/bin/sh"] * 16) == ["/bin/sh"] * 16
+    assert shellwire.validate_shells([]) == []
 
 
 def test_session_setup_picks_the_first_executable_shell_as_the_user_sees_it(

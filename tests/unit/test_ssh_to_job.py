@@ -53,7 +53,7 @@ ALIAS = "job-42.ssh-to-job"
      dict(ssh=("scp", "-r"), remote=("remote:dir", "."))),
     (["--ssh", "sftp", "42"], dict(ssh=("sftp",), remote=())),
     (["-keygen-options", "-a 100", "42"], dict(keygen_options=("-a", "100"))),
-    (["-shells", "bash,sh", "42"], dict(shells=("bash", "sh"))),
+    (["-shells", "/bin/zsh,/bin/sh", "42"], dict(shells=("/bin/zsh", "/bin/sh"))),
     (["--shells=", "42"], dict(shells=())),
     (["-auto-retry", "42"], dict(auto_retry=True)),
     (["--auto-retry", "42"], dict(auto_retry=True)),
@@ -88,9 +88,15 @@ def test_parse_default_shells_without_shell_variable() -> None:
     assert stj.parse_args(["42"], environ={}).shells == ()
 
 
+def test_parse_a_shell_variable_the_agent_would_refuse_is_left_out() -> None:
+    for bad in ("bash", "/opt/my shell/bin/sh", "/bin/../bin/sh", "/" + "x" * 300):
+        assert stj.parse_args(["42"], environ={"SHELL": bad}).shells == ()
+
+
 @pytest.mark.parametrize("argv", [
     [], ["-debug"], ["-name"], ["--bogus", "42"], ["-Z", "42"], ["--debug=yes", "42"],
     ["-ssh", "", "42"], ["-ssh", "'unterminated", "42"], ["-l"], ["@"],
+    ["-shells", "bash", "42"], ["-shells", "/bin/sh,/x/../y", "42"],
 ])
 def test_bad_arguments_exit_2(argv: list[str]) -> None:
     err = io.StringIO()
