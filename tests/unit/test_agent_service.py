@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from callerid import CgroupLayout, Connection, Hierarchy, Resolution, Step
 from node_agent import metrics
+from node_agent import ssh_to_job as stj
 from node_agent.cli import adoptctl_main
 from node_agent.client import AgentClient
 from node_agent.errors import JobNotFound
@@ -597,3 +601,59 @@ def test_every_refused_stream_gives_its_place_back(
                 next(c.open_job_shell(iter(frames)))
         assert (e.value.code(), e.value.details()) == (code, details)
         assert capped.servicer.sessions.wait_held(0, WAIT)
+
+
+def test_ssh_to_job_says_too_many_sessions(capped: Agent, shells: FakeShells,
+                                           tmp_path: Path) -> None:
+    held = [open_stream(capped, ALICE), open_stream(capped, ALICE)]
+    try:
+        assert capped.servicer.sessions.wait_held(2, WAIT)
+        (tmp_path / "key.pub").write_text("ssh-ed25519 AAAA k\n")
+        err = io.StringIO()
+        error = stj.relay(target=capped.tcp, job_id="42", pubkey=str(tmp_path / "key.pub"),
+                          known_hosts=str(tmp_path / "known_hosts"), alias="job.42",
+                          shells=[], auth=capped.auth.as_uid(ALICE), connect=lambda: None,
+                          err=err)
+    finally:
+        end_all(held, shells)
+    assert error == ("Too many sessions: uid 1001 already has 2 ssh-to-job sessions on "
+                     "testnode (max_sessions_per_user)")
+
+
+# What ssh does with its ProxyCommand (ProxyUseFdpass): run it with a socket for stdout,
+# take the connection it passes, send the banner, read; complain at an early EOF.
+FAKE_SSH = """
+import socket, subprocess, sys
+mine, proxy_side = socket.socketpair()
+subprocess.run(sys.argv[1:], stdout=proxy_side, check=True)
+_, fds, _, _ = socket.recv_fds(mine, 1, 1)
+conn = socket.socket(fileno=fds[0])
+conn.sendall(b"SSH-2.0-fake\\r\\n")
+if not conn.recv(1):
+    sys.stderr.write("fake ssh: Connection closed by remote host\\n")
+    sys.exit(255)
+"""
+
+
+def test_ssh_to_job_ends_ssh_silently_when_refused(capped: Agent, shells: FakeShells,
+                                                   tmp_path: Path) -> None:
+    """The real Relay and fdpass.py: refused before a session, ssh-to-job ends ssh (which
+    would otherwise complain about its proxy) before it prints anything."""
+    held = [open_stream(capped, ALICE), open_stream(capped, ALICE)]
+    tmp = tmp_path / "t"
+    tmp.mkdir(mode=0o700)
+    (tmp / "key.pub").write_text("ssh-ed25519 AAAA k\n")
+    relay = stj.Relay(target=capped.tcp, job_id="42", tmp=str(tmp), shells=[],
+                      auth=capped.auth.as_uid(ALICE), err=io.StringIO())
+    try:
+        assert capped.servicer.sessions.wait_held(2, WAIT)
+        relay.start()
+        ssh = subprocess.run([sys.executable, "-c", FAKE_SSH, *stj.proxy_argv(relay.sock_path)],
+                             stderr=subprocess.PIPE, text=True, timeout=WAIT)
+    finally:
+        relay.close()
+        end_all(held, shells)
+    assert (ssh.returncode, ssh.stderr) == (-signal.SIGTERM, "")
+    assert relay.silenced
+    assert relay.error == ("Too many sessions: uid 1001 already has 2 ssh-to-job sessions on "
+                           "testnode (max_sessions_per_user)")
