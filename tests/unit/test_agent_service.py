@@ -426,7 +426,17 @@ class Stream:
     client: AgentClient
 
     def first(self) -> Any:
-        return next(self.call)
+        """The agent's first frame (or its RpcError); the call is cancelled, and the test
+        fails, if none comes within WAIT (e.g. a handler that never got a thread)."""
+        timer = threading.Timer(WAIT, self.call.cancel)
+        timer.start()
+        try:
+            return next(self.call)
+        except grpc.RpcError as e:
+            assert e.code() != grpc.StatusCode.CANCELLED, "no answer from the agent"
+            raise
+        finally:
+            timer.cancel()
 
 
 def open_stream(agent: Agent, uid: int, open_frame: pb.ShellFrame | None = None) -> Stream:
