@@ -40,6 +40,8 @@ _CATEGORIES = {
     grpc.StatusCode.ALREADY_EXISTS: "Already exists",
     grpc.StatusCode.INVALID_ARGUMENT: "Invalid argument",
     grpc.StatusCode.FAILED_PRECONDITION: "Failed",
+    # The agent's caps (ssh-to-job sessions), and grpc's own limits (a message too large).
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "Limit reached",
 }
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from callerid import CgroupConfig
+from node_agent import limits
 
 DEFAULT_PATH = "/etc/callerid-adopt/agent.toml"
 ENV_VAR = "CALLERID_ADOPT_CONFIG"
@@ -27,6 +28,7 @@ ENV_VAR = "CALLERID_ADOPT_CONFIG"
 # below glibc's bindresvport range (512-1023), which RPC clients take ports from at random.
 DEFAULT_PORT = 411
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_OPEN_TIMEOUT = 60
 
 
 class ConfigError(ValueError):
@@ -63,8 +65,16 @@ class AgentConfig:
     use_netlink: bool = True
     # Deadline of every call to another agent, in seconds.
     rpc_timeout: float = 2.0
-    # gRPC worker threads; every open ssh-to-job session holds one.
+    # gRPC worker threads for every method but ssh-to-job's OpenJobShell, whose streams
+    # have max_sessions (+ a few) threads of their own and never take these.
     max_workers: int = 64
+    # ssh-to-job sessions on this node, in total and per uid (root and admin_uids are held
+    # only to the total). A stream counts from its start, before its `open` frame. The
+    # per-uid default is lowered to max_sessions when that is smaller.
+    max_sessions: int = limits.DEFAULT_MAX_SESSIONS
+    max_sessions_per_user: int = limits.DEFAULT_MAX_SESSIONS_PER_USER
+    # Seconds a new ssh-to-job stream may take to send its `open` frame.
+    session_open_timeout: float = limits.DEFAULT_OPEN_TIMEOUT
     # PAM services whose logins pam_adopt handles: when libpam opens
     # /etc/pam.d/<service> (a login starting), the agent pre-pays the kernel's
     # cgroup-migration toll (node_agent/warmup.py). [] turns that off.
@@ -97,6 +107,26 @@ def _check_hostport(where: str, text: str) -> None:
         raise ConfigError(f"{where}: expected HOST:PORT (IPv6 as [addr]:port), got {text!r}")
 
 
+def _check_session_limits(path: str, kw: dict[str, Any]) -> None:
+    total = kw.get("max_sessions", limits.DEFAULT_MAX_SESSIONS)
+    if "max_sessions_per_user" not in kw:  # a smaller total lowers the default share
+        kw["max_sessions_per_user"] = min(limits.DEFAULT_MAX_SESSIONS_PER_USER, max(total, 1))
+    per_user = kw["max_sessions_per_user"]
+    if total < 1:
+        raise ConfigError(f"{path}: max_sessions: expected at least 1")
+    if per_user < 1:
+        raise ConfigError(f"{path}: max_sessions_per_user: expected at least 1")
+    if per_user > total:
+        raise ConfigError(f"{path}: max_sessions_per_user: {per_user} is more than "
+                          f"max_sessions ({total})")
+    timeout = kw.get("session_open_timeout", limits.DEFAULT_OPEN_TIMEOUT)
+    # The deadline is what frees the slot of a stream that sends nothing: a long one would
+    # let idle streams hold a user's share for that long.
+    if not 0 < timeout <= MAX_OPEN_TIMEOUT:
+        raise ConfigError(f"{path}: session_open_timeout: expected more than 0 and at most "
+                          f"{MAX_OPEN_TIMEOUT} seconds")
+
+
 def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
     """Build an AgentConfig from parsed TOML, checking every key and type."""
     data = dict(data)
@@ -116,6 +146,9 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
         "use_netlink": (bool, "true or false"),
         "rpc_timeout": ((int, float), "a number of seconds"),
         "max_workers": (int, "a number of threads"),
+        "max_sessions": (int, "a number of sessions"),
+        "max_sessions_per_user": (int, "a number of sessions"),
+        "session_open_timeout": ((int, float), "a number of seconds"),
     }
     for key, value in data.items():
         where = f"{path}: {key}"
@@ -146,6 +179,7 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
         raise ConfigError(f"{path}: rpc_timeout: expected a positive number of seconds")
     if kw.get("max_workers", 1) < 1:
         raise ConfigError(f"{path}: max_workers: expected at least 1")
+    _check_session_limits(path, kw)
     if kw.get("metrics_listen"):
         _check_hostport(f"{path}: metrics_listen", kw["metrics_listen"])
 

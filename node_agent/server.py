@@ -9,15 +9,17 @@ tells systemd it is ready (Type=notify) and stops cleanly on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import signal
 import socket
 import stat
 import threading
-from collections.abc import Container, Sequence
+from collections.abc import Callable, Container, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,11 +28,18 @@ from grpc_reflection.v1alpha import reflection
 from callerid import CgroupLayout, Resolver
 from node_agent import metrics, relaybuf, shellwire
 from node_agent.admission import Admission, AdmissionServer
-from node_agent.auth import Authenticator, AuthInterceptor, MungeAuthenticator, NodeTargets
+from node_agent.auth import (
+    Authenticator,
+    AuthInterceptor,
+    MungeAuthenticator,
+    NodeTargets,
+    ServerInterceptor,
+)
 from node_agent.client import PeerPool
 from node_agent.config import AgentConfig
 from node_agent.errors import StartupError
 from node_agent.jobshell import JobShellSessions
+from node_agent.limits import SessionLimits
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
 from node_agent.registry import JobRegistry
 from node_agent.service import NodeAgentServicer
@@ -53,6 +62,84 @@ SERVER_OPTIONS = [
 ]
 
 
+# -- who runs which call ------------------------------------------------------------------
+# grpc's sync server takes a thread for a call as soon as the call arrives: it submits the
+# whole call (interceptors' wrappers, handler, every response of a stream) to an executor
+# before the handler has seen a byte, and a plain ThreadPoolExecutor queues what it cannot
+# run yet. With one pool for every method, 64 streams that never send anything held all 64
+# threads, and CallerId, ListJobs and the registry methods queued behind them until they
+# timed out (another user's login then landed in the wrong job).
+#
+# So ssh-to-job streams run in a pool of their own, the control methods in the server's
+# pool, and neither can take the other's threads. Within the session pool, a stream takes
+# a slot under the caps the moment its handler starts (node_agent/limits.py), so streams
+# and sessions hold at most max_sessions of its threads for longer than a refusal takes,
+# and the SPARE_WORKERS beyond that authenticate and refuse the streams past a cap at once.
+# (A cancelled session frees its slot when its call ends, and its thread a moment later,
+# after the clean-up: a burst of cancellations can briefly use some spare threads.)
+#
+# grpc runs a method whose behaviour carries an `experimental_thread_pool` attribute in
+# that pool instead of the server's (grpc/_server.py, _select_thread_pool_for_behavior;
+# there since 2019, and grpc's own health service sets it on Watch). The alternatives
+# were worse: an asyncio server would mean rewriting every servicer and the relay; an
+# executor that routes by looking inside the callables grpc submits depends on more of
+# grpc's internals, and one shared pool with a reserve for the control methods would still
+# queue CallerId behind a flood of refused streams. The attribute must sit on the
+# outermost behaviour (interceptors rebuild handlers and drop attributes), hence the
+# interceptor that runs first; `_check_own_pools` refuses to start on a grpc that would
+# ignore it, rather than silently sharing one pool again.
+
+
+class OwnThreadPool(ServerInterceptor):
+    """Runs the calls of the given methods in their own thread pool (outermost
+    interceptor: it must see the handler the other interceptors built)."""
+
+    def __init__(self, pools: dict[str, futures.ThreadPoolExecutor]) -> None:
+        self._pools = pools
+
+    def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
+                          handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        pool = self._pools.get(handler_call_details.method)
+        if handler is None or pool is None:
+            return handler
+        return _in_pool(handler, pool)
+
+
+def _in_pool(handler: Any, pool: futures.ThreadPoolExecutor) -> Any:
+    """The same handler, its behaviour marked to run in `pool`. A fresh function each
+    time: the behaviour underneath may be shared with other handlers."""
+    for kind, make in (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                       ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                       ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                       ("stream_stream", grpc.stream_stream_rpc_method_handler)):
+        behaviour = getattr(handler, kind)
+        if behaviour is not None:
+            def run(request: Any, context: grpc.ServicerContext,
+                    _behaviour: Callable[..., Any] = behaviour) -> Any:
+                return _behaviour(request, context)
+            run.experimental_thread_pool = pool  # type: ignore[attr-defined]
+            return make(run, handler.request_deserializer, handler.response_serializer)
+    return handler
+
+
+def _check_own_pools() -> None:
+    """StartupError unless this grpc runs a marked behaviour in its own pool."""
+    mine, other = futures.ThreadPoolExecutor(1), futures.ThreadPoolExecutor(1)
+    try:
+        probe = _in_pool(grpc.stream_stream_rpc_method_handler(lambda r, c: r), mine)
+        select = getattr(importlib.import_module("grpc._server"),
+                         "_select_thread_pool_for_behavior", None)
+        if select is None or select(probe.stream_stream, other) is not mine:
+            raise StartupError(
+                f"grpcio {grpc.__version__} does not run a method in a thread pool of its "
+                f"own (experimental_thread_pool): ssh-to-job sessions would take the "
+                f"threads CallerId needs (see node_agent/server.py)")
+    finally:
+        mine.shutdown()
+        other.shutdown()
+
+
 def create_server(servicer: NodeAgentServicer, authenticator: Authenticator,
                   addresses: Sequence[str], *, max_workers: int = 16,
                   targets: Container[str] | None = None,
@@ -60,10 +147,18 @@ def create_server(servicer: NodeAgentServicer, authenticator: Authenticator,
     """A bound, not yet started server. Returns it and the port bound for each address
     (0 for unix: addresses); "host:0" binds an ephemeral port. `targets` are the claims
     a credential may name to be accepted here (auth.NodeTargets; default: the servicer's
-    node name and the addresses of this network namespace)."""
+    node name and the addresses of this network namespace).
+
+    `max_workers` threads serve every method but OpenJobShell; ssh-to-job streams get
+    `servicer.limits.pool_size` threads of their own (see above)."""
+    _check_own_pools()
+    limits: SessionLimits = servicer.limits
+    sessions = futures.ThreadPoolExecutor(max_workers=limits.pool_size,
+                                          thread_name_prefix="session")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=[metrics.MetricsInterceptor(),
+        interceptors=[OwnThreadPool({shellwire.METHOD: sessions}),
+                      metrics.MetricsInterceptor(),
                       AuthInterceptor(authenticator, targets or NodeTargets(servicer.node))],
         options=SERVER_OPTIONS,
     )
@@ -175,9 +270,11 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
                                   procfs=config.procfs, warmer=warmer)
         shells.recover()   # no session survives a restart: remove what earlier ones left
         relaybuf.keep_buffers_in_heap()  # ssh-to-job's relay: no page fault per byte
-        servicer = NodeAgentServicer(node=config.node_name, resolver=resolver,
-                                     registry=registry, admin_uids=config.admin_uids,
-                                     shells=shells)
+        servicer = NodeAgentServicer(
+            node=config.node_name, resolver=resolver, registry=registry,
+            admin_uids=config.admin_uids, shells=shells,
+            limits=SessionLimits(config.max_sessions, config.max_sessions_per_user,
+                                 config.session_open_timeout))
         peers = PeerPool(auth, config.port)
         undo.callback(peers.close)
         _prepare_socket(config.socket)

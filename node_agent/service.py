@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +26,13 @@ from node_agent.auth import Identity, current_identity
 from node_agent.errors import InvalidRequest, PermissionDenied, status_for
 from node_agent.jobshell import JobShellSessions
 from node_agent.jobshell import Session as JobShellSession
+from node_agent.limits import (
+    RefusalLog,
+    SessionLimiter,
+    SessionLimits,
+    SessionSlot,
+    TooManySessions,
+)
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 from node_agent.registry import JobRecord, JobRegistry
@@ -79,12 +87,18 @@ def job_to_pb(rec: JobRecord, registry: JobRegistry, with_pids: bool = False) ->
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def __init__(self, *, node: str, resolver: Resolver, registry: JobRegistry,
                  admin_uids: tuple[int, ...] = (),
-                 shells: JobShellSessions | None = None) -> None:
+                 shells: JobShellSessions | None = None,
+                 limits: SessionLimits | None = None) -> None:
         self.node = node
         self.shells = shells
         self.resolver = resolver
         self.registry = registry
         self.admin_uids = frozenset((0, *admin_uids))
+        # ssh-to-job's caps (node_agent/limits.py); create_server sizes the sessions'
+        # own thread pool from them.
+        self.limits = limits or SessionLimits()
+        self.sessions = SessionLimiter(self.limits, node)
+        self._refusals = RefusalLog(log)
 
     def _privileged(self, ident: Identity) -> bool:
         return ident.uid in self.admin_uids
@@ -183,37 +197,89 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             context: grpc.ServicerContext) -> Iterator[pb.ShellFrame | bytes]:
         """ssh-to-job: the first frame opens a session (node_agent/jobshell.py); then the
         ssh byte stream flows both ways until sshd exits or the client goes away. Frames
-        are (de)serialized by node_agent/shellwire.py (see server.create_server)."""
+        are (de)serialized by node_agent/shellwire.py (see server.create_server).
+
+        The stream counts toward the session caps from here on, before its first frame
+        (node_agent/limits.py); the first frame must come within the open timeout."""
         ident = current_identity()
         if self.shells is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED,
                           f"ssh-to-job is not enabled on {self.node}")
+        slot = self._take_slot(ident, context)
+        # Whatever ends the call frees the slot too (release is idempotent): the relay
+        # frees it once the session is cleaned up, but only if it ever runs.
+        context.add_callback(slot.release)
         try:
-            first = next(request_iterator)
-        except StopIteration:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send `open` first")
-        if isinstance(first, memoryview) or first.WhichOneof("kind") != "open":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be `open`")
-        req = first.open
-        try:
-            session = self.shells.open(req.job_id, ident.uid, self._privileged(ident),
-                                       req.public_key, list(req.shells))
-        except Exception as e:
-            code, message = status_for(e)
-            if code == grpc.StatusCode.PERMISSION_DENIED:
-                security.warning("SECURITY: uid %d asked %s for a shell in job %s: refused",
-                                 ident.uid, self.node, req.job_id)
-            elif code == grpc.StatusCode.INTERNAL:
-                log.exception("OpenJobShell failed")
-            context.abort(code, message)
+            first = self._first_frame(request_iterator, context, ident)
+            if isinstance(first, memoryview) or first.WhichOneof("kind") != "open":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              "the first frame must be `open`")
+            req = first.open
+            try:
+                session = self.shells.open(req.job_id, ident.uid, self._privileged(ident),
+                                           req.public_key, list(req.shells))
+            except Exception as e:
+                # (someone else's job is JobNotFound, logged by JobShellSessions.open)
+                code, message = status_for(e)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("OpenJobShell failed")
+                context.abort(code, message)
+        except BaseException:
+            slot.release()
+            raise
         log.info("ssh-to-job: uid %d opened session %s in job %s as %s (%s)", ident.uid,
                  session.session_id, req.job_id, session.user, req.client or "?")
         # Ctrl-C on the client, or a broken connection, cancels the call: end the session.
-        context.add_callback(session.kill)
-        return self._relay(session, request_iterator)
+        # grpc runs this callback in the server's one polling thread, which every call of
+        # every method needs to be dispatched at all; killing a session's cgroup can take
+        # seconds (up to layout.kill's timeout), so it runs in a thread of its own.
+        context.add_callback(lambda: threading.Thread(
+            target=session.kill, name=f"shell-kill-{session.session_id}").start())
+        return self._relay(session, request_iterator, slot)
 
-    def _relay(self, session: JobShellSession,
-               request_iterator: Iterator[shellwire.Frame]) -> Iterator[pb.ShellFrame | bytes]:
+    def _take_slot(self, ident: Identity, context: grpc.ServicerContext) -> SessionSlot:
+        """A slot under the session caps for this stream, or RESOURCE_EXHAUSTED."""
+        try:
+            return self.sessions.acquire(ident.uid, exempt=self._privileged(ident))
+        except TooManySessions as e:
+            self._refusals.refused(ident.uid, "cap", f"ssh-to-job: refused: {e}")
+            context.abort(e.code, str(e))
+            raise  # not reached: abort raises
+
+    def _first_frame(self, request_iterator: Iterator[shellwire.Frame],
+                     context: grpc.ServicerContext, ident: Identity) -> Any:
+        """The stream's first frame, or the call ended: DEADLINE_EXCEEDED when none came
+        within the open timeout, INVALID_ARGUMENT for an empty stream.
+
+        grpc's request iterator has no timeout, so a helper thread waits for the frame;
+        once this handler ends the call, grpc ends the iterator and the helper with it."""
+        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def read() -> None:
+            try:
+                box.put(next(request_iterator))
+            except BaseException as e:  # StopIteration, or the call ended (RpcError)
+                box.put(e)
+
+        threading.Thread(target=read, name="shell-open", daemon=True).start()
+        timeout = self.limits.open_timeout
+        try:
+            first = box.get(timeout=timeout)
+        except queue.Empty:
+            self._refusals.refused(
+                ident.uid, "open-timeout",
+                f"ssh-to-job: uid {ident.uid} sent no `open` frame within {timeout:g} s: "
+                f"stream ended")
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"no `open` frame within {timeout:g} s")
+        if isinstance(first, StopIteration):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send `open` first")
+        if isinstance(first, BaseException):
+            raise first  # the client went away: grpc knows, nothing to answer
+        return first
+
+    def _relay(self, session: JobShellSession, request_iterator: Iterator[shellwire.Frame],
+               slot: SessionSlot) -> Iterator[pb.ShellFrame | bytes]:
         counts = [0, 0, 0, 0]  # frames and bytes in, frames and bytes out
 
         def pump_in() -> None:
@@ -246,7 +312,10 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
                 yield shellwire.data_frame(parts)
             yield pb.ShellFrame(eof=True)
         finally:
-            session.cleanup()
+            try:
+                session.cleanup()
+            finally:
+                slot.release()  # after the clean-up: until then this thread is the session's
             log.info("ssh-to-job: session %s ended (in: %d bytes in %d frames, out: %d bytes "
                      "in %d frames)", session.session_id, counts[1], counts[0], counts[3],
                      counts[2])

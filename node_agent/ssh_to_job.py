@@ -53,6 +53,8 @@ OPEN_TIMEOUT = 30.0
 RETRY_INTERVAL = 2.0
 # After ssh exits, how long the agent may take to end the session before we cancel it.
 END_GRACE = 3.0
+# How long ssh may take to send its banner once its ProxyCommand connected (no session).
+SILENCE_WAIT = 10.0
 
 USAGE = """\
 usage: ssh-to-job [options] JOBID [remote-command ...]
@@ -446,11 +448,12 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
         # ssh is done: let the agent finish the session (it ends the stream once the
         # session's processes and files are gone), so nothing is left when we return.
         relay.close(grace=END_GRACE)
-        if rc < 0:
-            return 128 - rc
-        if rc == 255 and relay.error:
+        # No session (ssh exits 255, or the relay ended it quietly): the relay's one line.
+        if relay.error and (rc == 255 or relay.silenced):
             category, _, message = relay.error.partition(": ")
             raise CliError(category, message or category)
+        if rc < 0:
+            return 128 - rc
         return rc
     except _Signalled as e:
         return 128 + e.signum
@@ -526,6 +529,10 @@ class Relay:
         self._thread: threading.Thread | None = None
         self._call: Any = None
         self._closing = False
+        # No session: ssh was ended without a word (`_silence_ssh`), on a connection kept
+        # open until ssh is gone.
+        self.silenced = False
+        self._held: socket.socket | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
@@ -547,6 +554,8 @@ class Relay:
                                auth=self.auth, connect=self._accept, err=self.err,
                                debug=self.debug, open_timeout=self.open_timeout,
                                on_call=self._set_call, local_node=self.local_node)
+            if self.error and self._end is None and not self._closing and not self.debug:
+                self._silence_ssh()
         except OSError:  # the listener closed under accept(): ssh never came
             if not self._closing:
                 raise
@@ -554,6 +563,35 @@ class Relay:
             self._listener.close()
             if self._end is not None:
                 self._end.close()  # ssh sees the connection end (also on errors)
+
+    def _silence_ssh(self) -> None:
+        """There is no session, and ssh is starting: end it before it says anything, so
+        that the CLI's line is the only one. Left alone, fdpass.py and ssh would each
+        complain about the proxy connection ("Connection refused", "proxy dialer did not
+        pass back a connection"). Before a session, ssh ends silently on SIGTERM (its
+        handler comes with the session), and scp and sftp end theirs silently and exit 1.
+
+        So: take the connection fdpass.py makes, wait for ssh's banner on it (ssh has the
+        socket then, and fdpass.py is done), and SIGTERM our one child, the program
+        run_session started. It is ours and not yet reaped (subprocess.run waits for it),
+        so its pid cannot have been reused. The connection stays open until `close`,
+        after ssh is gone: closing it earlier could make ssh report the EOF. When any of
+        this fails, ssh gets the EOF at once and says what it says, but never hangs."""
+        conn, _ = self._listener.accept()  # until ssh comes, or close() (OSError)
+        conn.settimeout(SILENCE_WAIT)
+        banner = b""
+        try:
+            while len(banner) < 4 and (chunk := conn.recv(4 - len(banner))):
+                banner += chunk
+        except OSError:  # (a timeout): ssh never spoke
+            pass
+        children = _children() if banner == b"SSH-" else []
+        if len(children) != 1:
+            conn.close()
+            return
+        self._held = conn
+        self.silenced = True
+        os.kill(children[0], signal.SIGTERM)
 
     def _set_call(self, call: Any) -> None:
         self._call = call
@@ -574,6 +612,25 @@ class Relay:
             pass
         if self._thread is not None:
             self._thread.join(5)
+        if self._held is not None:
+            self._held.close()
+
+
+def _children(procfs: str = "/proc") -> list[int]:
+    """The pids of this process's children (a walk of /proc: a moment, on errors only)."""
+    me, found = os.getpid(), []
+    for entry in os.listdir(procfs):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{procfs}/{entry}/stat", "rb") as f:
+                # "pid (comm) state ppid ...": comm may hold anything but the last ')'
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):  # Race: it exited meanwhile
+            continue
+        if ppid == me:
+            found.append(int(entry))
+    return found
 
 
 def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str,
@@ -675,6 +732,9 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
             return ""  # we ended it (ssh is done, or Ctrl-C)
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return fail("Not supported", f"the agent at {target} has no ssh-to-job")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and end is None:
+            # Before `opened`, this is the agent's cap on sessions; its message names it.
+            return fail("Too many sessions", e.details() or code.name)
         return fail(_CATEGORIES.get(code, "Error"), e.details() or code.name)
     finally:
         finished.set()

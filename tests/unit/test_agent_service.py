@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import io
 import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -20,11 +26,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from callerid import CgroupLayout, Connection, Hierarchy, Resolution, Step
-from node_agent import metrics
+from node_agent import metrics, shellwire
+from node_agent import ssh_to_job as stj
 from node_agent.auth import Claim, digest, reply_payload
 from node_agent.cli import adoptctl_main
 from node_agent.client import AgentClient
-from node_agent.errors import AuthError
+from node_agent.errors import AuthError, JobNotFound
+from node_agent.limits import SessionLimits
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 from node_agent.registry import JobRegistry
@@ -66,6 +74,7 @@ class Agent:
     tcp: str
     unix: str
     cgroot: Path
+    servicer: NodeAgentServicer
 
     def client(self, uid: int = 0, unix: bool = False) -> AgentClient:
         return AgentClient(self.unix if unix else self.tcp, self.auth.as_uid(uid), timeout=5,
@@ -74,6 +83,13 @@ class Agent:
 
 @pytest.fixture
 def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
+    yield from start_agent(tmp_path, monkeypatch)
+
+
+def start_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, shells: Any = None,
+                limits: SessionLimits | None = None, max_workers: int = 16,
+                ) -> Iterator[Agent]:
+    """The agent in-process (see the module docstring), stopped when the caller is done."""
     # The registry looks users up; make alice and bob exist without touching /etc/passwd.
     import pwd as pwd_mod
 
@@ -98,13 +114,16 @@ def agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
     registry.recover()
     resolver = FakeResolver()
     servicer = NodeAgentServicer(node="testnode", resolver=resolver,  # type: ignore[arg-type]
-                                 registry=registry, admin_uids=(1500,))
+                                 registry=registry, admin_uids=(1500,), shells=shells,
+                                 limits=limits)
     auth = FakeAuthenticator()
     sock = tmp_path / "agent.sock"
-    server, ports = create_server(servicer, auth, [f"unix:{sock}", "127.0.0.1:0"])
+    server, ports = create_server(servicer, auth, [f"unix:{sock}", "127.0.0.1:0"],
+                                  max_workers=max_workers)
     server.start()
     try:
-        yield Agent(auth, resolver, registry, f"127.0.0.1:{ports[1]}", f"unix:{sock}", cgroot)
+        yield Agent(auth, resolver, registry, f"127.0.0.1:{ports[1]}", f"unix:{sock}", cgroot,
+                    servicer)
     finally:
         server.stop(0)
         registry.close()
@@ -400,3 +419,341 @@ def test_adoptctl_unreachable_agent(tmp_path: Path) -> None:
     assert rc == 1
     assert err.getvalue().startswith("adoptctl: ") and (
         "unreachable" in err.getvalue() or "Timeout" in err.getvalue())
+
+
+# -- ssh-to-job: the caps, the `open` deadline, and control calls never behind sessions ----
+# OpenJobShell against a fake JobShellSessions: a session is a FakeSession whose output
+# stays open until it is killed (the relay, the caps and the threads are the real ones).
+
+WAIT = 60.0  # generous: only reached when something is wrong
+
+
+class FakeSession:
+    def __init__(self, sid: str, user: str) -> None:
+        self.session_id, self.user, self.host_key = sid, user, "ssh-ed25519 AAAAfake"
+        self.ended = threading.Event()
+        self.kill_started = threading.Event()
+        self.kill_may_finish = threading.Event()
+        self.kill_may_finish.set()
+        self.cleaned = threading.Event()
+
+    def write(self, data: bytes | memoryview) -> None:
+        pass
+
+    def close_stdin(self) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        self.ended.wait()
+        return iter(())
+
+    def kill(self) -> None:
+        self.kill_started.set()
+        self.kill_may_finish.wait()  # a cgroup kill can take seconds
+        self.ended.set()
+
+    def cleanup(self) -> None:
+        self.kill()
+        self.cleaned.set()
+
+
+@dataclass
+class FakeShells:
+    opened: list[FakeSession] = field(default_factory=list)
+    slow_kill: bool = False
+
+    def open(self, job_id: str, caller_uid: int, admin: bool, public_key: str,
+             shells: list[str]) -> FakeSession:
+        if job_id != "42":
+            raise JobNotFound(job_id, "testnode")
+        session = FakeSession(f"s{len(self.opened)}", "alice")
+        if self.slow_kill:
+            session.kill_may_finish.clear()
+        self.opened.append(session)
+        return session
+
+
+@dataclass
+class Stream:
+    """One OpenJobShell call; it sends `open` (or nothing) when `send` is set."""
+
+    call: Any
+    send: threading.Event
+    stop: threading.Event
+    client: Any   # an AgentClient, or a plain grpc.Channel: close() ends either
+
+    def first(self) -> Any:
+        """The agent's first frame (or its RpcError); the call is cancelled, and the test
+        fails, if none comes within WAIT (e.g. a handler that never got a thread)."""
+        timer = threading.Timer(WAIT, self.call.cancel)
+        timer.start()
+        try:
+            return next(self.call)
+        except grpc.RpcError as e:
+            assert e.code() != grpc.StatusCode.CANCELLED, "no answer from the agent"
+            raise
+        finally:
+            timer.cancel()
+
+
+def open_stream(agent: Agent, uid: int, open_frame: pb.ShellFrame | None = None) -> Stream:
+    """A stream of `uid`'s that sends `open_frame` (then waits for `stop`), or, without
+    one, sends nothing at all: what a user's hand-made client can do (ssh-to-job and
+    AgentClient always send `open` first, since their credential is bound to it)."""
+    send, stop = threading.Event(), threading.Event()
+
+    def frames() -> Iterator[pb.ShellFrame]:
+        send.wait()
+        if open_frame is not None:
+            yield open_frame
+        stop.wait()
+
+    if open_frame is not None:
+        send.set()
+        client: Any = agent.client(uid)
+        return Stream(client.open_job_shell(frames()), send, stop, client)
+    # A valid credential (for a first frame it will never send), on a plain channel.
+    channel = grpc.insecure_channel(agent.tcp)
+    cred = agent.auth.as_uid(uid).encode(
+        Claim(shellwire.METHOD, "ip:127.0.0.1", digest(OPEN_42)).payload(), restrict_uid=0)
+    call = channel.stream_stream(shellwire.METHOD, request_serializer=shellwire.serialize,
+                                 response_deserializer=shellwire.parse)
+    return Stream(call(frames(), metadata=[("x-munge-cred", cred)]), send, stop, channel)
+
+
+OPEN_42 = pb.ShellFrame(open=pb.ShellOpen(job_id="42", public_key="ssh-ed25519 AAAA k"))
+
+
+def refusal(stream: Stream) -> grpc.RpcError:
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            stream.first()
+    finally:
+        stream.stop.set()
+        stream.client.close()
+    return e.value
+
+
+@pytest.fixture
+def shells() -> FakeShells:
+    return FakeShells()
+
+
+@pytest.fixture
+def capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shells: FakeShells,
+           ) -> Iterator[Agent]:
+    """At most 4 sessions, 2 per user, idle streams kept for a minute, and ONE thread for
+    every other method: any call that had to wait for a session's thread would hang."""
+    yield from start_agent(tmp_path, monkeypatch, shells=shells, max_workers=1,
+                           limits=SessionLimits(4, 2, open_timeout=WAIT))
+
+
+def end_all(streams: list[Stream], shells: FakeShells) -> None:
+    for s in streams:
+        s.stop.set()
+        s.call.cancel()
+        s.client.close()
+    for session in shells.opened:
+        session.kill_may_finish.set()
+
+
+def test_idle_streams_past_the_caps_are_refused_and_logged(
+        capped: Agent, shells: FakeShells, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="node_agent.service")
+    limiter = capped.servicer.sessions
+    held = [open_stream(capped, ALICE), open_stream(capped, ALICE)]
+    try:
+        # Streams that have sent nothing count from their start.
+        assert limiter.wait_held(2, WAIT, uid=ALICE)
+        e = refusal(open_stream(capped, ALICE))
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.details() == ("uid 1001 already has 2 ssh-to-job sessions on testnode "
+                               "(max_sessions_per_user)")
+        held.append(open_stream(capped, BOB, OPEN_42))  # a real session counts the same
+        held.append(open_stream(capped, 0))
+        assert limiter.wait_held(4, WAIT)
+        for uid in (BOB, 0, 1500):  # root and admins pass the per-user cap, not the total
+            e = refusal(open_stream(capped, uid))
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert e.details() == "testnode already has 4 ssh-to-job sessions (max_sessions)"
+        lines = [r.getMessage() for r in caplog.records]
+        assert ("ssh-to-job: refused: uid 1001 already has 2 ssh-to-job sessions on testnode "
+                "(max_sessions_per_user)") in lines
+        assert sum("(max_sessions)" in m for m in lines) == 3, lines
+        # Ending a stream gives its place back.
+        held[0].stop.set()
+        held[0].call.cancel()
+        assert limiter.wait_held(1, WAIT, uid=ALICE)
+        held.append(open_stream(capped, ALICE))
+        assert limiter.wait_held(2, WAIT, uid=ALICE)
+    finally:
+        end_all(held, shells)
+    assert limiter.wait_held(0, WAIT)
+
+
+def test_idle_stream_is_ended_after_the_open_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shells: FakeShells,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="node_agent.service")
+    for agent in start_agent(tmp_path, monkeypatch, shells=shells,
+                             limits=SessionLimits(4, 2, open_timeout=0.2)):
+        idle = open_stream(agent, ALICE)
+        e = refusal(idle)  # the client waits without a deadline of its own
+        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert e.details() == "no `open` frame within 0.2 s"
+        assert agent.servicer.sessions.wait_held(0, WAIT)
+        assert ("ssh-to-job: uid 1001 sent no `open` frame within 0.2 s: stream ended"
+                in [r.getMessage() for r in caplog.records])
+        # The helper thread that waited for the frame ends with the call.
+        deadline = time.monotonic() + WAIT
+        while any(t.name == "shell-open" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the `open` reader outlived its call"
+            time.sleep(0.01)
+        # A stream that sends `open` in time gets its session.
+        ok = open_stream(agent, ALICE, OPEN_42)
+        try:
+            assert ok.first().opened.session_id == "s0"
+        finally:
+            end_all([ok], shells)
+
+
+def test_control_calls_answer_while_every_session_is_held(
+        capped: Agent, shells: FakeShells) -> None:
+    agent = capped
+    agent.resolver.table[("10.0.0.1:40000", "10.0.0.2:22")] = ("42", ALICE, 777)
+    agent.registry.start("42", "alice")
+    # Two running sessions of alice's and two idle streams of bob's: every slot.
+    held = [open_stream(agent, ALICE, OPEN_42), open_stream(agent, ALICE, OPEN_42),
+            open_stream(agent, BOB), open_stream(agent, BOB)]
+    try:
+        assert sorted(s.first().opened.session_id for s in held[:2]) == ["s0", "s1"]
+        assert agent.servicer.sessions.wait_held(4, WAIT)
+        assert refusal(open_stream(agent, 0)).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with AgentClient(agent.tcp, agent.auth.as_uid(0), timeout=WAIT) as c:
+            assert c.caller_id(CONN).job_id == "42"
+            assert c.whois(CONN).job_id == "42"
+            assert [j.id for j in c.list_jobs().jobs] == ["42"]
+            assert c.start_job("43", "bob").id == "43"
+            assert c.end_job("43").job.id == "43"
+    finally:
+        end_all(held, shells)
+    assert agent.servicer.sessions.wait_held(0, WAIT)
+    assert all(s.cleaned.wait(WAIT) for s in shells.opened)
+
+
+def test_a_slow_session_kill_does_not_stop_other_calls(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelling a session kills it from grpc's end-of-call callback, which runs in the
+    server's one polling thread: a kill that takes long must not run there."""
+    shells = FakeShells(slow_kill=True)
+    for agent in start_agent(tmp_path, monkeypatch, shells=shells):
+        stream = open_stream(agent, ALICE, OPEN_42)
+        try:
+            assert stream.first().opened.session_id == "s0"
+            stream.call.cancel()
+            session = shells.opened[0]
+            assert session.kill_started.wait(WAIT)
+            with AgentClient(agent.tcp, agent.auth.as_uid(0), timeout=WAIT) as c:
+                assert c.list_jobs().node == "testnode"
+        finally:
+            end_all([stream], shells)
+        assert session.cleaned.wait(WAIT)
+        assert agent.servicer.sessions.wait_held(0, WAIT)
+
+
+@pytest.mark.parametrize("frames, code, details", [
+    ([], grpc.StatusCode.INVALID_ARGUMENT, "empty stream: send `open` first"),
+    ([pb.ShellFrame(eof=True)], grpc.StatusCode.INVALID_ARGUMENT,
+     "the first frame must be `open`"),
+    ([pb.ShellFrame(open=pb.ShellOpen(job_id="77", public_key="k"))],
+     grpc.StatusCode.NOT_FOUND, "no job 77 on testnode"),
+])
+def test_every_refused_stream_gives_its_place_back(
+        capped: Agent, frames: list[pb.ShellFrame], code: grpc.StatusCode,
+        details: str) -> None:
+    for _ in range(3):  # more than the per-user cap: a leaked place would refuse the last
+        with capped.client(ALICE) as c:
+            with pytest.raises(grpc.RpcError) as e:
+                next(c.open_job_shell(iter(frames)))
+        assert (e.value.code(), e.value.details()) == (code, details)
+        assert capped.servicer.sessions.wait_held(0, WAIT)
+
+
+def test_ssh_to_job_says_too_many_sessions(capped: Agent, shells: FakeShells,
+                                           tmp_path: Path) -> None:
+    held = [open_stream(capped, ALICE), open_stream(capped, ALICE)]
+    try:
+        assert capped.servicer.sessions.wait_held(2, WAIT)
+        (tmp_path / "key.pub").write_text("ssh-ed25519 AAAA k\n")
+        err = io.StringIO()
+        error = stj.relay(target=capped.tcp, job_id="42", pubkey=str(tmp_path / "key.pub"),
+                          known_hosts=str(tmp_path / "known_hosts"), alias="job.42",
+                          shells=[], auth=capped.auth.as_uid(ALICE), connect=lambda: None,
+                          err=err)
+    finally:
+        end_all(held, shells)
+    assert error == ("Too many sessions: uid 1001 already has 2 ssh-to-job sessions on "
+                     "testnode (max_sessions_per_user)")
+
+
+# What ssh does with its ProxyCommand (ProxyUseFdpass): run it with a socket for stdout,
+# take the connection it passes, send the banner, read; complain at an early EOF.
+FAKE_SSH = """
+import socket, subprocess, sys
+mine, proxy_side = socket.socketpair()
+subprocess.run(sys.argv[1:], stdout=proxy_side, check=True)
+_, fds, _, _ = socket.recv_fds(mine, 1, 1)
+conn = socket.socket(fileno=fds[0])
+conn.sendall(b"SSH-2.0-fake\\r\\n")
+if not conn.recv(1):
+    sys.stderr.write("fake ssh: Connection closed by remote host\\n")
+    sys.exit(255)
+"""
+
+
+def test_ssh_to_job_ends_ssh_silently_when_refused(capped: Agent, shells: FakeShells,
+                                                   tmp_path: Path) -> None:
+    """The real Relay and fdpass.py: refused before a session, ssh-to-job ends ssh (which
+    would otherwise complain about its proxy) before it prints anything."""
+    held = [open_stream(capped, ALICE), open_stream(capped, ALICE)]
+    tmp = tmp_path / "t"
+    tmp.mkdir(mode=0o700)
+    (tmp / "key.pub").write_text("ssh-ed25519 AAAA k\n")
+    relay = stj.Relay(target=capped.tcp, job_id="42", tmp=str(tmp), shells=[],
+                      auth=capped.auth.as_uid(ALICE), err=io.StringIO())
+    try:
+        assert capped.servicer.sessions.wait_held(2, WAIT)
+        relay.start()
+        ssh = subprocess.run([sys.executable, "-c", FAKE_SSH, *stj.proxy_argv(relay.sock_path)],
+                             stderr=subprocess.PIPE, text=True, timeout=WAIT)
+    finally:
+        relay.close()
+        end_all(held, shells)
+    assert (ssh.returncode, ssh.stderr) == (-signal.SIGTERM, "")
+    assert relay.silenced
+    assert relay.error == ("Too many sessions: uid 1001 already has 2 ssh-to-job sessions on "
+                           "testnode (max_sessions_per_user)")
+
+
+def test_a_stream_credential_for_another_first_frame_opens_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shells: FakeShells) -> None:
+    """A stream's credential binds its first frame: bob's credential with another key in
+    `open` (what a thief of the credential would send) opens no session and frees its
+    place under the caps."""
+    for agent in start_agent(tmp_path, monkeypatch, shells=shells,
+                             limits=SessionLimits(4, 2)):
+        cred = agent.auth.as_uid(BOB).encode(
+            Claim(shellwire.METHOD, "ip:127.0.0.1", digest(OPEN_42)).payload(),
+            restrict_uid=0)
+        forged = pb.ShellFrame(open=pb.ShellOpen(job_id="42",
+                                                 public_key="ssh-ed25519 BBBB thief"))
+        with grpc.insecure_channel(agent.tcp) as channel:
+            call = channel.stream_stream(shellwire.METHOD,
+                                         request_serializer=shellwire.serialize,
+                                         response_deserializer=shellwire.parse)
+            with pytest.raises(grpc.RpcError) as e:
+                next(call(iter([forged]), metadata=[("x-munge-cred", cred)], timeout=WAIT))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert e.value.details() == "MUNGE credential was not minted for this request"
+        assert shells.opened == []
+        assert agent.servicer.sessions.wait_held(0, WAIT)

@@ -32,6 +32,10 @@ listen = ["10.0.0.1:411", "[fd00::1]:411"]
 admin_uids = [1500]
 rpc_timeout = 0.5
 login_services = ["sshd", "sshd-compute"]
+max_workers = 8
+max_sessions = 32
+max_sessions_per_user = 4
+session_open_timeout = 2.5
 [munge]
 socket = "/tmp/m.sock"
 [cgroup]
@@ -44,6 +48,8 @@ subtree = "site/callerid"
     assert cfg.admin_uids == (1500,)
     assert cfg.rpc_timeout == 0.5
     assert cfg.login_services == ("sshd", "sshd-compute")
+    assert (cfg.max_workers, cfg.max_sessions, cfg.max_sessions_per_user,
+            cfg.session_open_timeout) == (8, 32, 4, 2.5)
     assert cfg.munge.socket == "/tmp/m.sock"
     assert cfg.cgroup.v1 == ("freezer", "pids")
     assert cfg.cgroup.v2 is False
@@ -66,6 +72,18 @@ subtree = "site/callerid"
     ("node_name = ", "not valid TOML"),
     ("login_services = ['../shadow']", "login_services: expected PAM service names"),
     ("login_services = 'sshd'", "login_services: expected a list of strings"),
+    ("max_sessions = 0", "max_sessions: expected at least 1"),
+    ("max_sessions = '64'", "max_sessions: expected a number of sessions"),
+    ("max_sessions = 6.5", "max_sessions: expected a number of sessions"),
+    ("max_sessions_per_user = 0", "max_sessions_per_user: expected at least 1"),
+    ("max_sessions_per_user = true", "max_sessions_per_user: expected a number of sessions"),
+    ("max_sessions_per_user = 65", "max_sessions_per_user: 65 is more than max_sessions (64)"),
+    ("max_sessions = 8\nmax_sessions_per_user = 9",
+     "max_sessions_per_user: 9 is more than max_sessions (8)"),
+    ("session_open_timeout = 0", "session_open_timeout: expected more than 0 and at most 60"),
+    ("session_open_timeout = -1", "session_open_timeout: expected more than 0 and at most 60"),
+    ("session_open_timeout = 600", "session_open_timeout: expected more than 0 and at most 60"),
+    ("session_open_timeout = '5s'", "session_open_timeout: expected a number of seconds"),
 ])
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, needle: str) -> None:
     p = write(tmp_path, text)
@@ -85,3 +103,11 @@ def test_find_uses_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(config.ENV_VAR, str(p))
     assert config.find().port == 7100
     assert config.find(str(p)).path == str(p)
+
+
+def test_session_limit_defaults() -> None:
+    cfg = config.parse({})
+    assert (cfg.max_sessions, cfg.max_sessions_per_user, cfg.session_open_timeout) == \
+        (64, 16, 5.0)
+    cfg = config.parse({"max_sessions": 4})  # a smaller total lowers the default share
+    assert cfg.max_sessions_per_user == 4
