@@ -206,27 +206,23 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             context.abort(grpc.StatusCode.UNIMPLEMENTED,
                           f"ssh-to-job is not enabled on {self.node}")
         slot = self._take_slot(ident, context)
-        # Whatever ends the call frees the slot too (release is idempotent): the relay
-        # frees it once the session is cleaned up, but only if it ever runs.
+        # The end of the call frees the slot, however it ends (refused below, the client
+        # gone); a session's relay frees it earlier, once the session is cleaned up.
+        # release() is idempotent.
         context.add_callback(slot.release)
+        first = self._first_frame(request_iterator, context, ident)
+        if isinstance(first, memoryview) or first.WhichOneof("kind") != "open":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be `open`")
+        req = first.open
         try:
-            first = self._first_frame(request_iterator, context, ident)
-            if isinstance(first, memoryview) or first.WhichOneof("kind") != "open":
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                              "the first frame must be `open`")
-            req = first.open
-            try:
-                session = self.shells.open(req.job_id, ident.uid, self._privileged(ident),
-                                           req.public_key, list(req.shells))
-            except Exception as e:
-                # (someone else's job is JobNotFound, logged by JobShellSessions.open)
-                code, message = status_for(e)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("OpenJobShell failed")
-                context.abort(code, message)
-        except BaseException:
-            slot.release()
-            raise
+            session = self.shells.open(req.job_id, ident.uid, self._privileged(ident),
+                                       req.public_key, list(req.shells))
+        except Exception as e:
+            # (someone else's job is JobNotFound, logged by JobShellSessions.open)
+            code, message = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("OpenJobShell failed")
+            context.abort(code, message)
         log.info("ssh-to-job: uid %d opened session %s in job %s as %s (%s)", ident.uid,
                  session.session_id, req.job_id, session.user, req.client or "?")
         # Ctrl-C on the client, or a broken connection, cancels the call: end the session.

@@ -598,10 +598,16 @@ def test_idle_stream_is_ended_after_the_open_deadline(
     for agent in start_agent(tmp_path, monkeypatch, shells=shells,
                              limits=SessionLimits(4, 2, open_timeout=0.2)):
         idle = open_stream(agent, ALICE)
-        e = refusal(idle)  # the client waits without a deadline of its own
-        assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert e.details() == "no `open` frame within 0.2 s"
-        assert agent.servicer.sessions.wait_held(0, WAIT)
+        try:
+            with pytest.raises(grpc.RpcError) as raised:  # no deadline of its own
+                idle.first()
+            e = raised.value
+            assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert e.details() == "no `open` frame within 0.2 s"
+            # Its place is free again, though the client has not even half-closed.
+            assert agent.servicer.sessions.wait_held(0, WAIT)
+        finally:
+            end_all([idle], shells)
         assert ("ssh-to-job: uid 1001 sent no `open` frame within 0.2 s: stream ended"
                 in [r.getMessage() for r in caplog.records])
         # The helper thread that waited for the frame ends with the call.
