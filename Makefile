@@ -56,11 +56,12 @@ lab-down:
 bench: deps venv
 	$(VPY) tests/benchmarks/bench_callerid.py
 
-# All the benchmarks, one after the other (about 6 minutes).
+# All the benchmarks, one after the other (about 8 minutes).
 bench-all: bench
 	$(VPY) tests/benchmarks/bench_logins.py --rounds 100
 	$(VPY) tests/benchmarks/bench_ssh_to_job.py
 	$(VPY) tests/benchmarks/bench_auth.py
+	$(VPY) tests/benchmarks/bench_starvation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

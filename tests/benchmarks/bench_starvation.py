@@ -22,8 +22,9 @@ login_driver.py): node2's agent must ask node1's which of his two jobs it is. Th
 gives, per condition, CallerId p50/p90/max and outcomes, the logins' p50/p90/max, where
 they landed by the reason node2's agent logged, and its decision time.
 
-For reference, the same attack on 66dd130 (issue 9): 64 idle streams made CallerId time
-out, and bob's logins landed in the newest job (unknown-newest) after 2.2 s.
+For reference, the same attack on 66dd130 (before sessions had threads of their own): 64
+idle streams made CallerId time out, and bob's logins landed in the newest job
+(unknown-newest) after 2.2 s.
 """
 
 from __future__ import annotations
@@ -43,22 +44,18 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "deploy" / "lab"))
+sys.path.insert(0, str(REPO))
 
 import lab as lab_mod  # noqa: E402
+
+from tests.benchmarks.bench_logins import adoptctl, pct  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CONDITIONS = ("0 streams", "200 streams")
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    k = (len(s) - 1) * p
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def adoptctl(lab: lab_mod.Lab, node: str, *argv: str) -> str:
-    return str(lab.run(node, [lab.venv_bin("adoptctl"), *argv]).stdout)
 
 
 def wait_for(path: Path, timeout: float = 30.0) -> None:
@@ -224,8 +221,8 @@ def main() -> int:
     for s in idle_seen:
         ended.update(s.get("ended", {}))
     print(f"\nalice's streams, over all 200-stream blocks: ended {dict(ended)}")
-    print("reference, 66dd130 (issue 9): 64 idle streams -> CallerId timed out, bob's logins "
-          "landed in the newest job (unknown-newest) after 2.2 s")
+    print("reference, 66dd130 (one pool for every call): 64 idle streams -> CallerId timed "
+          "out, bob's logins landed in the newest job (unknown-newest) after 2.2 s")
     print(f"\nruntime {time.monotonic() - t_start:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "idle_ended": dict(ended)},

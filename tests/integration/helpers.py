@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -17,6 +18,28 @@ def adoptctl(lab: Any, node: str, *argv: str, user: str | None = None,
     result: subprocess.CompletedProcess[str] = lab.run(
         node, [lab.venv_bin("adoptctl"), *argv], user=user, check=check)
     return result
+
+
+def node_sh(lab: Any, script: str, user: str | None = None, check: bool = True,
+            node: str = "node1") -> str:
+    """Run a shell script in a node (node1 by default, as root unless `user`); its stdout."""
+    out: str = lab.run(node, ["sh", "-c", script], user=user, check=check).stdout
+    return out
+
+
+def start_sleeping_job(lab: Any, job_id: str, argv: list[str], *opts: str,
+                       user: str = "alice") -> int:
+    """Start a job on node1 whose command ends by exec'ing sleep (after setting up its
+    namespaces and mounts); wait until it has; its main pid. `opts` go to `job run`."""
+    adoptctl(lab, "node1", "job", "run", "--id", job_id, "--user", user, *opts, "--", *argv)
+    pid = int(json.loads(adoptctl(lab, "node1", "job", "show", job_id, "--json").stdout)[0]
+              ["main_pid"])
+    deadline = time.monotonic() + 20
+    while node_sh(lab, f"cat /proc/{pid}/comm").strip() != "sleep":
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id}: main process never reached sleep")
+        time.sleep(0.05)
+    return pid
 
 
 def wait_for(path: Path, timeout: float = 20.0) -> None:

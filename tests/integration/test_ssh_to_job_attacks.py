@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -28,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import adoptctl, process_alive
+from tests.integration.helpers import adoptctl, node_sh, process_alive
+from tests.integration.helpers import start_sleeping_job as start_job
 
 pytestmark = pytest.mark.root
 
@@ -43,22 +43,8 @@ def stj(lab: Any, *argv: str, user: str = "alice") -> subprocess.CompletedProces
     return result
 
 
-def node_sh(lab: Any, script: str, user: str | None = None, check: bool = True) -> str:
-    out: str = lab.run("node1", ["sh", "-c", script], user=user, check=check).stdout
-    return out
 
 
-def start_job(lab: Any, job_id: str, argv: list[str], user: str = "alice") -> int:
-    """Start a job on node1; wait until its main process has exec'd sleep; its pid."""
-    adoptctl(lab, "node1", "job", "run", "--id", job_id, "--user", user, "--", *argv)
-    pid = int(json.loads(adoptctl(lab, "node1", "job", "show", job_id, "--json").stdout)[0]
-              ["main_pid"])
-    deadline = time.monotonic() + 20
-    while node_sh(lab, f"cat /proc/{pid}/comm").strip() != "sleep":
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id}: main process never reached sleep")
-        time.sleep(0.05)
-    return pid
 
 
 def strays(lab: Any, user: str = "alice") -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from node_agent.limits import DEFAULT_MAX_SESSIONS_PER_USER
 from tests.integration.helpers import adoptctl, process_alive
 
 pytestmark = pytest.mark.root
@@ -255,11 +256,14 @@ def test_auto_retry_waits_for_a_job_that_starts_later(lab: Any) -> None:
         adoptctl(lab, "node1", "job", "end", "stj-late", check=False)
 
 
-def test_twenty_concurrent_sessions(lab: Any, job: dict[str, Any]) -> None:
+def test_concurrent_sessions_up_to_the_per_user_cap(lab: Any, job: dict[str, Any]) -> None:
+    """As many sessions at once as one user may have (past that they are refused:
+    test_starvation.py)."""
+    n = DEFAULT_MAX_SESSIONS_PER_USER
     remote = "echo session-{} $CALLERID_JOB_ID $$; grep ^0:: /proc/self/cgroup"
     procs = [lab.popen("node1", [lab.venv_bin("ssh-to-job"), JOB, remote.format(i)],
                        user="alice", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(20)]
+             for i in range(n)]
     results = []
     try:
         for p in procs:
@@ -279,7 +283,7 @@ def test_twenty_concurrent_sessions(lab: Any, job: dict[str, Any]) -> None:
         assert SESSION_CGROUP.fullmatch(cgroup), cgroup
         remote_pids.add(pid)
         cgroups.add(cgroup)
-    assert len(remote_pids) == len(cgroups) == 20  # twenty distinct sessions
+    assert len(remote_pids) == len(cgroups) == n  # distinct sessions
     deadline = time.monotonic() + 10
     while sessions_left(lab) and time.monotonic() < deadline:
         time.sleep(0.1)

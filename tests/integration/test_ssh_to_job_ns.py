@@ -12,7 +12,6 @@ has only its own network namespace (``unshare -Urn``) and keeps the simple path.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import subprocess
 import time
@@ -22,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import adoptctl
+from tests.integration.helpers import adoptctl, node_sh
+from tests.integration.helpers import start_sleeping_job as start_job
 
 pytestmark = pytest.mark.root
 
@@ -43,10 +43,6 @@ def stj(lab: Any, *argv: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def node_sh(lab: Any, script: str) -> str:
-    """Run a shell script as root in node1; its stdout."""
-    out: str = lab.run("node1", ["sh", "-c", script]).stdout
-    return out
 
 
 def leftovers(lab: Any, job_id: str, main_pid: int | None = None) -> list[str]:
@@ -60,19 +56,6 @@ def leftovers(lab: Any, job_id: str, main_pid: int | None = None) -> list[str]:
                         "done; true").split()
 
 
-def start_job(lab: Any, job_id: str, argv: list[str], *opts: str) -> int:
-    """Start alice's job; wait until its main process has exec'd sleep (its namespaces and
-    mounts are in place); its main pid."""
-    adoptctl(lab, "node1", "job", "run", "--id", job_id, "--user", "alice", *opts, "--",
-             *argv)
-    pid = int(json.loads(adoptctl(lab, "node1", "job", "show", job_id, "--json").stdout)[0]
-              ["main_pid"])
-    deadline = time.monotonic() + 20
-    while node_sh(lab, f"cat /proc/{pid}/comm").strip() != "sleep":
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id}: main process never reached sleep")
-        time.sleep(0.05)
-    return pid
 
 
 def ns_of(lab: Any, pid: int | str, kind: str) -> str:
