@@ -134,6 +134,21 @@ def test_user_sees_own_job_other_user_gets_unknown_and_a_security_line(
     assert f"SECURITY: uid {bob_uid} asked node1" in log and "job 101" in log
 
 
+def test_someone_elses_connection_is_answered_like_a_missing_one(lab: Any, scene: Any) -> None:
+    """bob asks about alice's connections (in a job, and job-less) and about one that does
+    not exist: one and the same answer, but for the connection asked about."""
+    missing = (lab.ip("node1"), 9, lab.ip("node2"), 9)
+    answers = []
+    for conn in (scene["conns"]["101"][0][1], scene["conns"]["nojob"][0][1], missing):
+        r = whois(lab, conn, user="bob")
+        assert r.returncode == 1, r.stdout + r.stderr
+        answer = json.loads(r.stdout)
+        del answer["connection"]
+        answers.append(answer)
+    assert answers[0] == answers[1] == answers[2], answers
+    assert answers[0]["steps"] == [] and answers[0]["pid"] is None
+
+
 def test_whois_human_output(lab: Any, scene: Any) -> None:
     _kind, (src_ip, src_port, dst_ip, dst_port) = scene["conns"]["102"][0]
     r = adoptctl(lab, "node2", "whois", f"{src_ip}:{src_port}", f"{dst_ip}:{dst_port}")
