@@ -333,7 +333,14 @@ def measure_no_job(resolver: Any, n: int = 20) -> Json:
 def grpc_main(args: argparse.Namespace) -> int:
     import grpc
 
-    from node_agent.auth import METADATA_KEY, MungeAuthenticator
+    from node_agent.auth import (
+        METADATA_KEY,
+        REQUEST_TTL,
+        Claim,
+        MungeAuthenticator,
+        digest,
+        target_claim,
+    )
     from node_agent.client import AgentClient, target_of
     from node_agent.proto.v1 import agent_pb2 as pb
     from node_agent.proto.v1 import agent_pb2_grpc
@@ -397,7 +404,11 @@ def grpc_main(args: argparse.Namespace) -> int:
     # The same load with credentials minted beforehand: the agent's side alone.
     method = "/" + pb.DESCRIPTOR.services_by_name["NodeAgent"].full_name + "/CallerId"
     t_mint = time.perf_counter()
-    creds = [auth.encode(method.encode()) for _ in range(args.concurrent + 1)]
+    # Each bound to its call's request and to this node, as AgentClient mints them.
+    claim_target = target_claim(target, "")
+    creds = [auth.encode(Claim(method, claim_target, digest(reqs[i % len(reqs)][0])).payload(),
+                         restrict_uid=0, ttl=REQUEST_TTL)
+             for i in [*range(args.concurrent), 0]]
     mint_s = time.perf_counter() - t_mint
     with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
         stub = agent_pb2_grpc.NodeAgentStub(channel)
