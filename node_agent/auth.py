@@ -11,9 +11,10 @@ A credential means one thing, at one place, once:
 - Request credentials are restricted to uid 0 (MUNGE_OPT_UID_RESTRICTION): only root,
   that is the agent, can decode one. A process that captures a credential (a squatter on
   the agent's port while the agent is down) can neither read it nor use it anywhere else.
-- The agent answers every authenticated call with a credential of its own in its initial
-  metadata (`x-munge-reply`): made by root, restricted to the caller's uid, its payload
-  bound to the caller's credential. The client checks it before it trusts an answer, so a
+- The agent answers every authenticated call with a credential of its own
+  (`x-munge-reply`, in the initial metadata of a stream, the trailing metadata of a single
+  answer): made by root, restricted to the caller's uid, its payload bound to the
+  caller's credential. The client checks it before it trusts an answer, so a
   process that is not root on the node it meant (a port squatter) is refused with one
   clear line (`ImpostorError`).
 
@@ -440,9 +441,16 @@ class AuthInterceptor(ServerInterceptor):
                 elif digest(request) != claim.body:
                     refuse(context, ident.uid, "it was minted for another request",
                            "MUNGE credential was not minted for this request")
-                # Prove to the caller that root on this node answers (module docstring).
-                context.send_initial_metadata(((REPLY_KEY, auth.encode(
-                    reply_payload(method, cred), restrict_uid=ident.uid)),))
+                # Prove to the caller that root on this node answers (module docstring):
+                # before a stream's first response; with a single answer, in its trailing
+                # metadata, which goes out in the same batch as the answer (initial
+                # metadata sent on its own costs every call one more trip through grpc).
+                proof = ((REPLY_KEY, auth.encode(reply_payload(method, cred),
+                                                 restrict_uid=ident.uid)),)
+                if streaming:
+                    context.send_initial_metadata(proof)
+                else:
+                    context.set_trailing_metadata(proof)
                 token = _identity.set(ident)
                 try:
                     result = behaviour(request, context)
@@ -529,13 +537,7 @@ class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         new, cred = self._details(details, digest(request))
-        outcome = continuation(new, request)
-        try:
-            outcome.result()
-        except grpc.RpcError:
-            return outcome  # errors go to the caller as they are
-        self.verify(outcome.initial_metadata(), details.method, cred)
-        return outcome
+        return _VerifiedOutcome(continuation(new, request), self, details.method, cred)
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         new, cred = self._details(details, digest(request))
@@ -551,17 +553,49 @@ class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):
 
     def intercept_stream_unary(self, continuation: Any, details: Any, request_iter: Any) -> Any:
         new, cred, requests = self._first(details, request_iter)
-        outcome = continuation(new, requests)
-        try:
-            outcome.result()
-        except grpc.RpcError:
-            return outcome
-        self.verify(outcome.initial_metadata(), details.method, cred)
-        return outcome
+        return _VerifiedOutcome(continuation(new, requests), self, details.method, cred)
 
     def intercept_stream_stream(self, continuation: Any, details: Any, request_iter: Any) -> Any:
         new, cred, requests = self._first(details, request_iter)
         return _VerifiedStream(continuation(new, requests), self, details.method, cred)
+
+
+class _VerifiedOutcome:
+    """A single answer (the call, and its future: `.future()` calls stay asynchronous),
+    handed out by `result()` only once the agent's credential checked out (ImpostorError
+    otherwise); errors go to the caller as they are. Everything else is the call's."""
+
+    def __init__(self, outcome: Any, plugin: CredentialPlugin, method: str, cred: str) -> None:
+        self._outcome = outcome
+        self._plugin = plugin
+        self._method = method
+        self._cred = cred
+        self._checked = False
+
+    def _check(self) -> None:
+        if not self._checked:
+            self._plugin.verify(self._outcome.trailing_metadata(), self._method, self._cred)
+            self._checked = True
+
+    def result(self, timeout: float | None = None) -> Any:
+        response = self._outcome.result(timeout)   # raises the call's error, if any
+        self._check()
+        return response
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        error: BaseException | None = self._outcome.exception(timeout)
+        if error is None:
+            try:
+                self._check()
+            except ImpostorError as e:
+                return e
+        return error
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self._outcome.add_done_callback(lambda _done: fn(self))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._outcome, name)
 
 
 class _VerifiedStream:

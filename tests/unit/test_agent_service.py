@@ -280,7 +280,7 @@ def test_answers_carry_the_agents_credential(agent: Agent) -> None:
     alice = agent.auth.as_uid(ALICE)
     cred = alice.encode(_claim(method, req), restrict_uid=0)
     _, call = stub.ListJobs.with_call(req, timeout=5, metadata=[("x-munge-cred", cred)])
-    reply = dict(call.initial_metadata())["x-munge-reply"]
+    reply = dict(call.trailing_metadata())["x-munge-reply"]
     with pytest.raises(AuthError, match="Unauthorized"):
         agent.auth.as_uid(BOB).decode(reply)  # for alice only
     ident, payload = alice.decode(reply)

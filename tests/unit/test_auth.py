@@ -46,6 +46,7 @@ from node_agent.proto.v1 import agent_pb2_grpc
 from tests.unit.fakes import FakeAuthenticator
 
 ALICE, BOB = 1001, 1002
+WAIT = 30.0  # generous: only reached when something is wrong
 SERVICE = "callerid_adopt.v1.NodeAgent"
 LIST_JOBS = f"/{SERVICE}/ListJobs"
 OPEN_SHELL = f"/{SERVICE}/OpenJobShell"
@@ -68,8 +69,11 @@ class Squatter:
         md = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
         self.captured.append((method, md))
         extra = self.reply_metadata(md)
-        if extra:
-            context.send_initial_metadata(tuple(extra))
+        if extra:   # where the agent puts its proof: see node_agent.auth
+            if method == OPEN_SHELL:
+                context.send_initial_metadata(tuple(extra))
+            else:
+                context.set_trailing_metadata(tuple(extra))
 
     def stop(self) -> None:
         self.server.stop(0)
@@ -176,7 +180,7 @@ def test_client_refuses_a_genuine_reply_credential_of_another_call(
     req = pb.ListJobsRequest()
     cred = bob.encode(Claim(LIST_JOBS, "ip:127.0.0.1", digest(req)).payload(), restrict_uid=0)
     _, call = stub.ListJobs.with_call(req, timeout=5, metadata=[("x-munge-cred", cred)])
-    genuine = dict(call.initial_metadata())[REPLY_KEY]
+    genuine = dict(call.trailing_metadata())[REPLY_KEY]
     channel.close()
     squatter.reply_metadata = lambda md: [(REPLY_KEY, genuine)]
     with AgentClient(squatter.target, bob, timeout=5) as c, \
@@ -363,3 +367,32 @@ def test_concurrent_calls_each_verified(make_agent: Any) -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_futures_stay_asynchronous_and_are_verified(squatter: Squatter, make_agent: Any) -> None:
+    """`.future()` through the credential plugin does not wait for the answer (many calls
+    can be in flight), and its result is only handed out once the agent's proof checked
+    out."""
+    munge = FakeAuthenticator()
+    _agent, real = make_agent(munge, {"ip:127.0.0.1"})
+    gate = threading.Event()
+    squatter.reply_metadata = lambda md: gate.wait(WAIT) and []   # answers once let go
+    with AgentClient(squatter.target, munge.as_uid(BOB), timeout=WAIT) as c:
+        pending = [c.stub.ListJobs.future(pb.ListJobsRequest(), timeout=WAIT)
+                   for _ in range(3)]
+        assert not any(f.done() for f in pending)   # issued without waiting
+        gate.set()
+        for f in pending:
+            assert isinstance(f.exception(), ImpostorError)
+            with pytest.raises(ImpostorError):
+                f.result()
+        done: list[Any] = []
+        f = c.stub.ListJobs.future(pb.ListJobsRequest(), timeout=WAIT)
+        f.add_done_callback(done.append)
+        with pytest.raises(ImpostorError):
+            f.result()
+        assert done and done[0] is f   # the callback gets the verifying future
+    with AgentClient(real, munge.as_uid(BOB), timeout=WAIT) as c:
+        futures_ = [c.stub.ListJobs.future(pb.ListJobsRequest(), timeout=WAIT)
+                    for _ in range(20)]
+        assert [f.result().node for f in futures_] == ["node2"] * 20
