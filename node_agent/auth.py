@@ -146,6 +146,14 @@ class Claim:
         return cls(method, target, body)
 
 
+def request_credential(authenticator: Authenticator, method: str, claim_target: str,
+                       body: str) -> str:
+    """A request credential as every client mints it: a Claim (`body` is `digest()` of
+    the request, or of a stream's first message), for root's eyes only, short-lived."""
+    return authenticator.encode(Claim(method, claim_target, body).payload(),
+                                restrict_uid=ROOT, ttl=REQUEST_TTL)
+
+
 def reply_payload(method: str, request_credential: str) -> bytes:
     """What the agent's answer credential says: this method, for exactly this request
     credential (its SHA-256), so it proves nothing about any other call."""
@@ -508,8 +516,7 @@ class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):
         self._claim_target = target_claim(target, local_node)
 
     def _details(self, details: Any, body: str) -> tuple[Any, str]:
-        cred = self._auth.encode(Claim(details.method, self._claim_target, body).payload(),
-                                 restrict_uid=ROOT, ttl=REQUEST_TTL)
+        cred = request_credential(self._auth, details.method, self._claim_target, body)
         metadata = [*(details.metadata or ()), (METADATA_KEY, cred)]
         return _CallDetails(details.method, details.timeout, metadata, details.credentials,
                             details.wait_for_ready, details.compression), cred

@@ -85,7 +85,9 @@ import re
 import secrets
 import shutil
 import subprocess
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -523,6 +525,54 @@ class JobViewDir:
             where.release()
 
 
+class HostKeys:
+    """Session host keys made ahead of need. Running ssh-keygen costs a session's set-up
+    some 8 ms of its critical path; a thread keeps `stock` fresh pairs instead, made at
+    the lowest CPU priority a moment after the last one was taken (so that making the next
+    key does not compete with the session being set up). A pair is in memory only (it
+    exists on disk while ssh-keygen writes it, in a root-only temporary directory) and is
+    handed out once: every session still has a host key of its own. With none in stock
+    the caller makes its own, as before."""
+
+    def __init__(self, make: Callable[[Path], None], stock: int = 2,
+                 pause: float = 1.0) -> None:
+        self._make = make
+        self._stock_size = stock
+        self._pause = pause
+        self._stock: list[tuple[str, str]] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def take(self) -> tuple[str, str] | None:
+        """A (private, public) key pair in OpenSSH format, or None when none is ready."""
+        with self._cond:
+            pair = self._stock.pop() if self._stock else None
+            if self._thread is None:   # started by the first session: idle agents make none
+                self._thread = threading.Thread(target=self._fill, name="host-keys",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return pair
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while len(self._stock) >= self._stock_size:
+                    self._cond.wait()
+            time.sleep(self._pause)
+            try:
+                with tempfile.TemporaryDirectory(prefix="ssh-to-job-keys.") as tmp:  # 0700
+                    self._make(Path(tmp))
+                    pair = ((Path(tmp) / "host_key").read_text(),
+                            (Path(tmp) / "host_key.pub").read_text())
+            except (OSError, JobStartFailed) as e:
+                log.warning("cannot make a session host key ahead of need: %s", e)
+                time.sleep(30)
+                continue
+            with self._cond:
+                self._stock.append(pair)
+
+
 class JobShellSessions:
     """Opens ssh-to-job sessions for the jobs of one JobRegistry."""
 
@@ -538,6 +588,7 @@ class JobShellSessions:
         self.ssh_keygen = ssh_keygen
         self.nss_wrapper = nss_wrapper
         self.procfs = procfs
+        self.host_keys = HostKeys(lambda d: self._keygen(d, nice=True))
 
     def recover(self) -> None:
         """At the agent's start, before it serves: remove what sessions of an earlier run
@@ -664,7 +715,7 @@ class JobShellSessions:
         proc = None
         job_view: JobViewDir | None = None
         try:
-            self._keygen(d)
+            self._host_key(d)
             host_key = (d / "host_key.pub").read_text().split(" ")[:2]
             files = {
                 "authorized_keys": key + "\n",
@@ -745,9 +796,23 @@ class JobShellSessions:
             sessions = set()
         return [p for p in self.registry.pids(job_id) if p not in sessions]
 
-    def _keygen(self, d: Path) -> None:
-        r = subprocess.run([self.ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C",
-                            f"ssh-to-job@{self.node}", "-f", str(d / "host_key")],
+    def _host_key(self, d: Path) -> None:
+        """d/host_key and d/host_key.pub: a fresh pair, made ahead of need if one is
+        ready (HostKeys), else now."""
+        pair = self.host_keys.take()
+        if pair is None:
+            self._keygen(d)
+            return
+        for name, text, mode in (("host_key", pair[0], 0o600), ("host_key.pub", pair[1], 0o644)):
+            fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, mode)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+
+    def _keygen(self, d: Path, nice: bool = False) -> None:
+        argv = [self.ssh_keygen, "-q", "-t", "ed25519", "-N", "", "-C",
+                f"ssh-to-job@{self.node}", "-f", str(d / "host_key")]
+        r = subprocess.run(["nice", "-n", "19", *argv] if nice else argv,
                            stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
         if r.returncode != 0:
             raise JobStartFailed(f"ssh-keygen failed: {r.stderr.decode(errors='replace')}")

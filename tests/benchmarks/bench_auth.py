@@ -35,8 +35,8 @@ import lab as lab_mod  # noqa: E402
 # Runs inside node2 as root with the venv's Python; prints JSON.
 PROBE = r'''
 import json, statistics, sys, time
-from node_agent.auth import (MungeAuthenticator, Claim, REQUEST_TTL, digest, reply_payload,
-                             target_claim)
+from node_agent.auth import (MungeAuthenticator, Claim, digest, reply_payload,
+                             request_credential, target_claim)
 from node_agent.client import AgentClient
 from node_agent.proto.v1 import agent_pb2 as pb
 
@@ -51,8 +51,8 @@ def one_way():
     auth.decode(cred)
 
 def both_ways():
-    cred = auth.encode(Claim(method, target_claim(f"ipv4:{node1}:411", "node2"),
-                             digest(req)).payload(), restrict_uid=0, ttl=REQUEST_TTL)
+    cred = request_credential(auth, method, target_claim(f"ipv4:{node1}:411", "node2"),
+                              digest(req))
     ident, payload = auth.decode(cred)
     claim = Claim.parse(payload)
     assert claim.body == digest(req)

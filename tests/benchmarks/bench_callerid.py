@@ -335,10 +335,9 @@ def grpc_main(args: argparse.Namespace) -> int:
 
     from node_agent.auth import (
         METADATA_KEY,
-        REQUEST_TTL,
-        Claim,
         MungeAuthenticator,
         digest,
+        request_credential,
         target_claim,
     )
     from node_agent.client import AgentClient, target_of
@@ -406,8 +405,7 @@ def grpc_main(args: argparse.Namespace) -> int:
     t_mint = time.perf_counter()
     # Each bound to its call's request and to this node, as AgentClient mints them.
     claim_target = target_claim(target, "")
-    creds = [auth.encode(Claim(method, claim_target, digest(reqs[i % len(reqs)][0])).payload(),
-                         restrict_uid=0, ttl=REQUEST_TTL)
+    creds = [request_credential(auth, method, claim_target, digest(reqs[i % len(reqs)][0]))
              for i in [*range(args.concurrent), 0]]
     mint_s = time.perf_counter() - t_mint
     with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:

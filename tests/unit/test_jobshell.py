@@ -966,3 +966,29 @@ def test_a_forgotten_import_after_setns_fails_instead_of_running(
     with pytest.raises(spawn.LaunchError, match="ModuleNotFoundError: No module named 'shutil'"):
         spawn.start(spec)
     assert sorted(os.listdir(marks)) == []
+
+
+def test_host_keys_are_made_ahead_and_each_handed_out_once(tmp_path: Path) -> None:
+    made: list[Path] = []
+
+    def make(d: Path) -> None:
+        n = len(made)
+        made.append(d)
+        (d / "host_key").write_text(f"private {n}\n")
+        (d / "host_key.pub").write_text(f"ssh-ed25519 public{n} c\n")
+
+    keys = jobshell.HostKeys(make, stock=2, pause=0)
+    assert keys.take() is None      # nothing made before the first session asks
+    deadline = time.monotonic() + 30
+    taken: list[tuple[str, str]] = []
+    while len(taken) < 5:
+        pair = keys.take()
+        if pair is None:
+            assert time.monotonic() < deadline, "no key was made ahead"
+            time.sleep(0.01)
+            continue
+        taken.append(pair)
+    assert len(set(taken)) == 5     # never the same pair twice
+    assert all(priv.startswith("private ") and pub.startswith("ssh-ed25519 ")
+               for priv, pub in taken)
+    assert not any(d.exists() for d in made)   # only in memory once made

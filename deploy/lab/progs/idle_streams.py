@@ -34,10 +34,9 @@ from node_agent import config as config_mod
 from node_agent import shellwire
 from node_agent.auth import (
     METADATA_KEY,
-    REQUEST_TTL,
-    Claim,
     MungeAuthenticator,
     digest,
+    request_credential,
     target_claim,
 )
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -58,8 +57,8 @@ def main() -> None:
     channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
     open_shell = channel.stream_stream(shellwire.METHOD, request_serializer=shellwire.serialize,
                                        response_deserializer=shellwire.parse)
-    never_sent = pb.ShellFrame(open=pb.ShellOpen(job_id="idle"))
-    claim = Claim(shellwire.METHOD, target_claim(target, cfg.node_name), digest(never_sent))
+    never_sent = digest(pb.ShellFrame(open=pb.ShellOpen(job_id="idle")))
+    claim_target = target_claim(target, cfg.node_name)
 
     stop = threading.Event()
     lock = threading.Lock()
@@ -101,7 +100,7 @@ def main() -> None:
             ready = [t for t in due if t <= now]
             due[:] = [t for t in due if t > now]
         for _ in ready:
-            cred = auth.encode(claim.payload(), restrict_uid=0, ttl=REQUEST_TTL)
+            cred = request_credential(auth, shellwire.METHOD, claim_target, never_sent)
             call = open_shell(nothing(), metadata=[(METADATA_KEY, cred)])
             with lock:
                 calls.add(call)
