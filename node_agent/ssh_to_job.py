@@ -70,8 +70,9 @@ options:
                         else this node's)
   -ssh "PROG ARGS"      run PROG instead of ssh: scp, "scp -r", sftp, ...
   -keygen-options "..." extra ssh-keygen options for the session key
-  -shells SH1,SH2       login shells to try on the node, first existing one wins
-                        (default: your $SHELL; else /bin/sh)
+  -shells SH1,SH2       login shells to try in the job (absolute paths, at most 16):
+                        the first executable one wins (default: your $SHELL; else
+                        /bin/sh)
   -auto-retry           the job is not running yet: wait until it runs
   -X / -x               enable / disable X11 forwarding
   -config FILE          agent configuration (default: $CALLERID_ADOPT_CONFIG, then
