@@ -1,6 +1,6 @@
 """Caller ID: from a TCP connection to the job that owns its local end.
 
-The chain, fastest first (DESIGN.md decision 4)::
+The chain, fastest first (each step is tried only when the faster one cannot answer)::
 
     4-tuple --sock_diag exact lookup--> inode, uid, cgroup v2 id      (~5-20 us)
             --locator: cgroup id--> job                               (done, usually)

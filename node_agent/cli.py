@@ -102,8 +102,8 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="node-agent",
         description="The callerid-adopt node agent: answers caller-ID questions, keeps the "
-                    "native job registry, and (later) admits ssh logins and ssh-to-job "
-                    "sessions. Runs as root, one per compute node.",
+                    "native job registry, admits ssh logins into jobs (for pam_adopt) and "
+                    "serves ssh-to-job sessions. Runs as root, one per compute node.",
     )
     parser.add_argument("--config", default=config_mod.DEFAULT_PATH,
                         help="configuration file (default: %(default)s)")

@@ -86,8 +86,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and public message for an exception raised while serving."""
     if isinstance(exc, AgentError):
         return exc.code, str(exc)
-    if isinstance(exc, callerid.InvalidJobId):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    # (callerid.InvalidJobId is a ValueError: INVALID_ARGUMENT below)
     if isinstance(exc, callerid.CgroupError):
         return grpc.StatusCode.INTERNAL, f"cgroup operation failed: {exc}"
     if isinstance(exc, ValueError):

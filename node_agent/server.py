@@ -211,7 +211,7 @@ def _prepare_socket(path: str) -> None:
     p.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
     try:
         if stat.S_ISSOCK(p.lstat().st_mode):
-            p.unlink()  # stale, from a previous run (we hold the pid file lock via systemd)
+            p.unlink()  # stale, from a previous run: systemd runs one agent at a time
         else:
             raise StartupError(f"{p} exists and is not a socket; refusing to replace it")
     except FileNotFoundError:

@@ -1,7 +1,8 @@
-"""`ssh-to-job`: an ssh session inside a running job, through the node agent (issue 4).
+"""`ssh-to-job`: an ssh session inside a running job, through the node agent.
 
-The client side of DESIGN.md decision 7. No sshd ever listens: this CLI makes a key pair
-in a private temp directory (the private key never leaves it), opens the agent's
+The client side; the agent's is node_agent/jobshell.py. No sshd ever listens: this CLI
+makes a key pair in a private temp directory (the private key never leaves it), opens the
+agent's
 `OpenJobShell` stream with a MUNGE credential and the public key (`Relay`), and at the
 same time runs the user's ssh (or scp, sftp, rsync's ssh). ssh's `ProxyCommand` is
 `fdpass.py`, which connects to this process's Unix socket in the temp directory and
@@ -66,8 +67,8 @@ the node agent's gRPC stream. Options take one or two dashes (-name or --name).
 options:
   -help                 show this help and exit
   -debug                verbose ssh (-v) and relay messages
-  -name NODE            ask this node's agent (default: the agents in the config,
-                        else this node's)
+  -name NODE            ask this node's agent (default: the agent of the node
+                        ssh-to-job runs on)
   -ssh "PROG ARGS"      run PROG instead of ssh: scp, "scp -r", sftp, ...
   -keygen-options "..." extra ssh-keygen options for the session key
   -shells SH1,SH2       login shells to try in the job (absolute paths, at most 16):
@@ -314,11 +315,9 @@ class Located:
 
 
 def candidate_targets(cfg: Any, name: str | None) -> list[str]:
+    """The agents to ask for the job: NODE's (-name), else this node's."""
     if name:
         return [target_of(name, cfg.port)]
-    agents = tuple(getattr(cfg, "ssh_to_job_agents", ()) or ())
-    if agents:
-        return [target_of(a, cfg.port) for a in agents]
     return [f"unix:{cfg.socket}"]
 
 

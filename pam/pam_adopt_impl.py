@@ -6,7 +6,7 @@ there why). The account-phase PAM module of callerid-adopt:
 
     -account  required  /lib/security/pam_python.so /opt/callerid-adopt/pam/pam_adopt.py [options]
 
-It imports nothing but the standard library and never gRPC (DESIGN.md decision 1: the
+It imports nothing but the standard library and never gRPC (the
 interpreter starts for every login, `import grpc` alone would cost ~100 ms, and gRPC is
 not fork-safe while sshd forks after PAM). It sends one request to the local node agent
 over a root-only Unix socket and applies the reply. The request carries the moment this

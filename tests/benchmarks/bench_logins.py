@@ -25,7 +25,7 @@ login by login, in a shuffled order each round (block-wise runs drift by +-20 ms
 The table gives p50 / p90 / mean per variant and the cost over `noop`, as the median of
 the per-round differences (paired, so drift cancels) and as the difference of medians.
 The agent's own decision times come from its log lines ("admission: ... (X ms)").
-Targets (issue 3): adopt with one job <= noop + 10 ms, with two jobs <= noop + 15 ms.
+Targets: adopt with one job <= noop + 10 ms, with two jobs <= noop + 15 ms.
 For reference (LAB-NOTES, measured on these machines): a no-op pam_python module costs
 +20 ms over none; Slurm's C pam_slurm_adopt +5 ms with one job, +25 ms with two (RPC).
 """

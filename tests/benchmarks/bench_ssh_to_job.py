@@ -21,7 +21,7 @@ warm-up login of each:
 
 Port 2201 is the lab's sshd with Debian's PAM stack and no extra account module; the lab's
 ssh client config (/etc/ssh/ssh_config.d/lab.conf in the nodes: key, known_hosts) serves
-ssh and scp alike. Target (issue 4): ssh-to-job <= 1.5 x ssh, as the ratio of medians.
+ssh and scp alike. Target: ssh-to-job <= 1.5 x ssh, as the ratio of medians.
 
 Throughput, interleaved copy by copy: a file of --mib MiB (random bytes) in a directory
 alice can read, copied by alice from node1 into the job's directory on node2:

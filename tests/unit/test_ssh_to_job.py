@@ -294,15 +294,7 @@ def test_candidate_targets() -> None:
     cfg = AgentConfig(socket="/run/a.sock", port=411)
     assert stj.candidate_targets(cfg, None) == ["unix:/run/a.sock"]
     assert stj.candidate_targets(cfg, "10.0.0.5") == ["ipv4:10.0.0.5:411"]
-
-    @dataclass
-    class WithAgents:
-        socket: str = "/x"
-        port: int = 411
-        ssh_to_job_agents: tuple[str, ...] = ("10.0.0.1", "10.0.0.2:9000")
-
-    assert stj.candidate_targets(WithAgents(), None) == ["ipv4:10.0.0.1:411",
-                                                         "ipv4:10.0.0.2:9000"]
+    assert stj.candidate_targets(cfg, "10.0.0.5:9000") == ["ipv4:10.0.0.5:9000"]
 
 
 def test_locate_found_and_not_found(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
