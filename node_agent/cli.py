@@ -21,6 +21,7 @@ from typing import TextIO
 import grpc
 
 from callerid import Endpoint
+from node_agent import __version__
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.client import AgentClient, target_of
@@ -107,6 +108,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--config", default=config_mod.DEFAULT_PATH,
                         help="configuration file (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--check", action="store_true",
                         help="check the configuration and munged, then exit")
     args = parser.parse_args(argv)
@@ -224,6 +226,7 @@ def adoptctl_parser() -> argparse.ArgumentParser:
                    f"socket from (default: ${config_mod.ENV_VAR}, then {config_mod.DEFAULT_PATH})")
     p.add_argument("--agent", metavar="TARGET",
                    help="agent to ask: unix:/path, HOST or HOST:PORT (default: this node's)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="deadline of each call in seconds (default: %(default)s)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -37,8 +37,8 @@ from typing import Any, TextIO
 
 import grpc
 
+from node_agent import __version__, relaybuf, shellwire
 from node_agent import config as config_mod
-from node_agent import relaybuf, shellwire
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.cli import _CATEGORIES, CliError, UsageError, _cli
 from node_agent.client import AgentClient, target_of
@@ -66,6 +66,7 @@ the node agent's gRPC stream. Options take one or two dashes (-name or --name).
 
 options:
   -help                 show this help and exit
+  -version              print the version and exit
   -debug                verbose ssh (-v) and relay messages
   -name NODE            ask this node's agent (default: the agent of the node
                         ssh-to-job runs on)
@@ -93,8 +94,8 @@ arguments.
 """
 
 # Long options (either dash style) -> takes a value?
-_LONG = {"help": False, "debug": False, "name": True, "ssh": True, "keygen-options": True,
-         "shells": True, "auto-retry": False, "config": True}
+_LONG = {"help": False, "version": False, "debug": False, "name": True, "ssh": True,
+         "keygen-options": True, "shells": True, "auto-retry": False, "config": True}
 # ssh-style short options that rsync (or a user's -e "...") may put before the host.
 # Value-taking ones: -l USER (the login is always the job's user), -p PORT (meaningless
 # here), -o OPTION (passed on to ssh after our own, so ours win: ssh keeps the first
@@ -119,6 +120,7 @@ class Args:
     passthrough: tuple[str, ...] = ()
     config: str | None = None
     help: bool = False
+    version: bool = False
 
 
 def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Args:
@@ -182,6 +184,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Ar
         i += 1
     if opts.get("help"):
         return Args(help=True)
+    if opts.get("version"):
+        return Args(version=True)
     if i >= len(argv):
         raise UsageError("missing JOBID (see ssh-to-job -help)")
     job_id = argv[i]
@@ -754,6 +758,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         args = parse_args(argv)
         if args.help:
             out.write(USAGE)
+            return 0
+        if args.version:
+            out.write(f"{PROG} {__version__}\n")
             return 0
         cfg = config_mod.find(args.config)
         auth = authenticator or MungeAuthenticator(cfg.munge.socket, cfg.munge.library)

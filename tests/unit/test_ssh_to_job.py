@@ -677,3 +677,18 @@ def test_relay_class_hands_ssh_a_socket_through_fdpass(
         ssh_side.close()
         helper_side.close()
     assert relay.error == ""
+
+
+def test_version_of_the_three_clis(capsys: pytest.CaptureFixture[str]) -> None:
+    import node_agent
+    from node_agent.cli import adoptctl_main, agent_main
+
+    out = io.StringIO()
+    assert stj.main(["-version"], out=out, err=io.StringIO()) == 0
+    assert out.getvalue() == f"ssh-to-job {node_agent.__version__}\n"
+    assert adoptctl_main(["--version"]) == 0
+    assert capsys.readouterr().out == f"adoptctl {node_agent.__version__}\n"
+    with pytest.raises(SystemExit) as e:
+        agent_main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"node-agent {node_agent.__version__}\n"
