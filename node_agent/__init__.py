@@ -16,7 +16,8 @@ The command-line tools:
   ssh_to_job  `ssh-to-job`; fdpass is its ssh ProxyCommand
 Shared by both:
   auth        MUNGE credentials, both ways; client  calls to an agent; config  agent.toml;
-  errors      the error catalog; shellwire, relaybuf  the ssh-to-job stream on the wire
+  errors      the error catalog; jobenv  the variables a job's processes get;
+  shellwire, relaybuf  the ssh-to-job stream on the wire
 """
 
 __version__ = "0.2.0"

@@ -62,7 +62,7 @@ import grpc
 from google.protobuf import json_format
 
 import callerid
-from node_agent import metrics
+from node_agent import jobenv, metrics
 from node_agent.errors import ImpostorError
 from node_agent.proto.v1 import admission_pb2 as apb
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -421,7 +421,7 @@ class Admission:
         return apb.AdmissionReply(
             decision=ALLOW, reason=reason, job_id=job.id,
             detail=f"{detail}; {took}" if detail else took,
-            env={"CALLERID_JOB_ID": job.id, "CALLERID_NODE": self.registry.node})
+            env=jobenv.of_job(job.id, self.registry.node))
 
 
 def _peercred(conn: socket.socket) -> Peer:

@@ -92,7 +92,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
-from node_agent import shellwire, spawn
+from node_agent import jobenv, shellwire, spawn
 from node_agent.errors import InvalidRequest, JobNotFound, JobNotRunning, JobStartFailed
 from node_agent.registry import JobRegistry
 from node_agent.relaybuf import FRAME, Pacer, read_gathered
@@ -279,8 +279,8 @@ def session_setup_text(d: Path, cwd: str, job_id: str, pids: Sequence[int],
 # ForceCommand of an ssh-to-job session (node_agent.jobshell)
 cd {sh_quote(cwd)} 2>/dev/null || cd / || exit 1
 . {sh_quote(str(d / 'environment'))}
-{nss}export CALLERID_JOB_ID={sh_quote(job_id)}
-export CALLERID_JOB_PIDS={sh_quote(' '.join(map(str, pids)))}
+{nss}export {jobenv.JOB_ID}={sh_quote(job_id)}
+export {jobenv.JOB_PIDS}={sh_quote(' '.join(map(str, pids)))}
 shell=/bin/sh
 {pick}export SHELL="$shell"
 case "${{SSH_ORIGINAL_COMMAND-}}" in

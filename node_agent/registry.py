@@ -73,7 +73,7 @@ from typing import Any
 
 import callerid
 from callerid import CgroupLayout, Job, ProcCgroup
-from node_agent import spawn
+from node_agent import jobenv, spawn
 from node_agent.errors import (
     AgentError,
     InvalidRequest,
@@ -581,7 +581,7 @@ class JobRegistry:
         env = {
             "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
             "SHELL": pw.pw_shell or "/bin/sh", "PATH": spawn.LOGIN_PATH,
-            "CALLERID_JOB_ID": job.id, "CALLERID_NODE": self.node,
+            **jobenv.of_job(job.id, self.node),
         }
         env.update(extra_env)
         spec = {

@@ -1,0 +1,16 @@
+"""The environment variables callerid-adopt gives a job's processes, named in one place.
+
+A job's main command (the native registry), a login adopted into a job (pam_adopt sets
+them with pam_putenv) and an ssh-to-job session all get them.
+"""
+
+from __future__ import annotations
+
+JOB_ID = "CALLERID_JOB_ID"       # the job the process belongs to
+NODE = "CALLERID_NODE"           # the node's name, as the agent knows it
+JOB_PIDS = "CALLERID_JOB_PIDS"   # ssh-to-job: the job's processes, main one first
+
+
+def of_job(job_id: str, node: str) -> dict[str, str]:
+    """What a job's main command and an adopted login get."""
+    return {JOB_ID: job_id, NODE: node}
