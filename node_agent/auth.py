@@ -567,47 +567,12 @@ class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):
         return _VerifiedStream(continuation(new, requests), self, details.method, cred)
 
 
-class _VerifiedOutcome:
-    """A single answer (the call, and its future: `.future()` calls stay asynchronous),
-    handed out by `result()` only once the agent's credential checked out (ImpostorError
-    otherwise); errors go to the caller as they are. Everything else is the call's."""
+class _Verified:
+    """A call whose answer is handed out only once the agent's credential (in the
+    metadata `_proof_in` names) checked out: ImpostorError otherwise. Everything else is
+    the call's."""
 
-    def __init__(self, outcome: Any, plugin: CredentialPlugin, method: str, cred: str) -> None:
-        self._outcome = outcome
-        self._plugin = plugin
-        self._method = method
-        self._cred = cred
-        self._checked = False
-
-    def _check(self) -> None:
-        if not self._checked:
-            self._plugin.verify(self._outcome.trailing_metadata(), self._method, self._cred)
-            self._checked = True
-
-    def result(self, timeout: float | None = None) -> Any:
-        response = self._outcome.result(timeout)   # raises the call's error, if any
-        self._check()
-        return response
-
-    def exception(self, timeout: float | None = None) -> BaseException | None:
-        error: BaseException | None = self._outcome.exception(timeout)
-        if error is None:
-            try:
-                self._check()
-            except ImpostorError as e:
-                return e
-        return error
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        self._outcome.add_done_callback(lambda _done: fn(self))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._outcome, name)
-
-
-class _VerifiedStream:
-    """A response stream whose first response is only handed out once the agent's
-    credential checked out (ImpostorError otherwise); everything else is the call's."""
+    _proof_in = "trailing_metadata"
 
     def __init__(self, call: Any, plugin: CredentialPlugin, method: str, cred: str) -> None:
         self._call = call
@@ -616,18 +581,52 @@ class _VerifiedStream:
         self._cred = cred
         self._checked = False
 
+    def _check(self) -> None:
+        if not self._checked:
+            metadata = getattr(self._call, self._proof_in)()
+            self._plugin.verify(metadata, self._method, self._cred)
+            self._checked = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._call, name)
+
+
+class _VerifiedOutcome(_Verified):
+    """A single answer (the call, and its future: `.future()` calls stay asynchronous):
+    `result()` raises the call's error as it is, or ImpostorError for an answer without
+    the agent's proof (in its trailing metadata)."""
+
+    def result(self, timeout: float | None = None) -> Any:
+        response = self._call.result(timeout)   # raises the call's error, if any
+        self._check()
+        return response
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        error: BaseException | None = self._call.exception(timeout)
+        if error is None:
+            try:
+                self._check()
+            except ImpostorError as e:
+                return e
+        return error
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        self._call.add_done_callback(lambda _done: fn(self))
+
+
+class _VerifiedStream(_Verified):
+    """A response stream whose first response is handed out only once the agent's proof
+    (in its initial metadata) checked out."""
+
+    _proof_in = "initial_metadata"
+
     def __iter__(self) -> _VerifiedStream:
         return self
 
     def __next__(self) -> Any:
         item = next(self._call)
-        if not self._checked:
-            self._plugin.verify(self._call.initial_metadata(), self._method, self._cred)
-            self._checked = True
+        self._check()
         return item
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._call, name)
 
 
 @dataclass(frozen=True)
