@@ -224,9 +224,10 @@ def test_parse_ssh_connection(text: str, ok: bool) -> None:
 
 # -- the socket ------------------------------------------------------------------------------
 
-def ask(path: Path, line: bytes) -> dict[str, object]:
+def exchange(path: Path, line: bytes, timeout: float = 5) -> bytes:
+    """Send one request line, read the reply line (b"" if the agent closed first)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(5)
+        s.settimeout(timeout)
         s.connect(str(path))
         s.sendall(line)
         data = b""
@@ -235,7 +236,11 @@ def ask(path: Path, line: bytes) -> dict[str, object]:
             if not chunk:
                 break
             data += chunk
-    result: dict[str, object] = json.loads(data)
+    return data
+
+
+def ask(path: Path, line: bytes) -> dict[str, object]:
+    result: dict[str, object] = json.loads(exchange(path, line))
     return result
 
 
@@ -651,16 +656,7 @@ class Client(threading.Thread):
         self.answered = threading.Event()
 
     def run(self) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(60)
-            s.connect(str(self.path))
-            s.sendall(self.line)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+        data = exchange(self.path, self.line, timeout=60)
         self.reply = json.loads(data) if data else None
         self.answered.set()
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +117,18 @@ def set_stored(state: Path, sql: str, *args: object) -> None:
         db.execute(sql, args)
     finally:
         db.close()
+
+
+def opening_for_writing_fails(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """From now on the database cannot be opened for writing (as on a full file
+    system); returns the real opener, to put back."""
+    real_open = registry_mod._Store.open
+
+    def open_fails(self: registry_mod._Store) -> list[registry_mod.Row]:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(registry_mod._Store, "open", open_fails)
+    return real_open
 
 
 def lines(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -410,12 +423,7 @@ def test_unwritable_but_readable_database_keeps_its_records(
     start_time = stored_start(state, "A")
     # Opening for writing fails (here: SQLite cannot set up its write-ahead log, as on
     # a full or read-only file system); reading does not.
-    real_open = registry_mod._Store.open
-
-    def open_fails(self: registry_mod._Store) -> list[registry_mod.Row]:
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setattr(registry_mod._Store, "open", open_fails)
+    real_open = opening_for_writing_fails(monkeypatch)
     reg = JobRegistry(state, layout, node="n", procfs=str(fake_proc.root))
     try:
         reg.recover()
@@ -499,12 +507,7 @@ def test_a_corrupt_database_found_later_is_replaced_from_memory(
     layout.create_job("J")
     holds(layout, "J")
     # At start the file cannot be opened for writing (as on a full file system) nor read.
-    real_open = registry_mod._Store.open
-
-    def open_fails(self: registry_mod._Store) -> list[registry_mod.Row]:
-        raise sqlite3.OperationalError("database or disk is full")
-
-    monkeypatch.setattr(registry_mod._Store, "open", open_fails)
+    real_open = opening_for_writing_fails(monkeypatch)
     reg = JobRegistry(state, layout, node="n", procfs=str(fake_proc.root))
     try:
         reg.recover()
