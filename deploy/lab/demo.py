@@ -19,15 +19,13 @@ import argparse
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import lab as lab_mod
 
-import lab as lab_mod  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def banner(text: str) -> None:

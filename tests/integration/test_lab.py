@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
+import lab as labmod
+
 REPO = Path(__file__).resolve().parents[2]
 LAB_PY = REPO / "deploy" / "lab" / "lab.py"
-sys.path.insert(0, str(LAB_PY.parent))
-import lab as labmod  # noqa: E402
 
 TEST_DIR = Path("/run/callerid-lab-test")
 TEST_NAME = "cidlabt"
