@@ -1,8 +1,8 @@
 """The agent's error catalog: each domain error maps to one gRPC status and a public message.
 
-Servicers raise these; `node_agent.service` turns them into `context.abort(code, message)`
+Servicers raise these; `node_agent.agent.service` turns them into `context.abort(code, message)`
 in one place. The CLIs map the status codes back to a category and exit code
-(`node_agent.cli`). Errors from the `callerid` library are mapped here too.
+(`node_agent.cli.adoptctl`). Errors from the `callerid` library are mapped here too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ssh-to-job, agent side (node_agent.jobshell): checks, files, and a real sshd -i over pipes.
+"""ssh-to-job, agent side (node_agent.agent.sessions): checks, files, and a real sshd -i over pipes.
 
 The job runs in a fake cgroup tree (regular files; the launcher writes its pid there), so
 nothing touches /sys/fs/cgroup. The end-to-end tests start the real sshd as a lab user and
@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 
 from callerid import CgroupLayout, Hierarchy
-from node_agent import jobshell, launch, shellwire, spawn
+from node_agent import launch, shellwire, spawn
+from node_agent.agent import sessions as jobshell
+from node_agent.agent.sessions import JobShellSessions, Session
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed
-from node_agent.jobshell import JobShellSessions, Session
-from node_agent.registry import JobRegistry
+from node_agent.jobs.native import JobRegistry
 
 ED_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGVtdmrVZmpHYDyJfdKD6WIOI1yQBmz2gWfCJHO7E1Jv "
           "me@client")
@@ -777,7 +778,7 @@ def test_recover_removes_what_an_earlier_run_left(registry: JobRegistry, tmp_pat
     """After a crash: session directories (an older agent's were the user's, with
     whatever the user put there), the sessions' leaves of live jobs and what still runs
     in them, and transient clean-up cgroups."""
-    caplog.set_level(logging.INFO, "node_agent.jobshell")
+    caplog.set_level(logging.INFO, "node_agent.agent.sessions")
     _job_without_process(registry)
     run = tmp_path / "sessions"
     (run / "7-0123456789abcdef" / "sub").mkdir(parents=True)

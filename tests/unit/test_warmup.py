@@ -1,4 +1,4 @@
-"""node_agent.warmup: the login watch (inotify) and the warmer's keep-warm logic.
+"""node_agent.agent.warmup: the login watch (inotify) and the warmer's keep-warm logic.
 
 The warmer runs here over a plain directory standing in for a cgroup hierarchy, so its
 moves are writes to plain files; what is tested is when it moves and when it stops.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from callerid import CgroupLayout, Hierarchy
-from node_agent.warmup import IN_OPEN, LoginWatch, MigrationWarmer, parse_events
+from node_agent.agent.warmup import IN_OPEN, LoginWatch, MigrationWarmer, parse_events
 
 
 def _event(name: bytes, mask: int = IN_OPEN, pad: int = 16) -> bytes:

@@ -39,8 +39,8 @@ from node_agent.auth import (
     request_credential,
     target_claim,
 )
+from node_agent.cli.ssh_to_job import candidate_targets
 from node_agent.proto.v1 import agent_pb2 as pb
-from node_agent.ssh_to_job import candidate_targets
 
 
 def main() -> None:

@@ -21,23 +21,24 @@ import grpc
 
 import callerid
 from callerid import Connection, Endpoint, Resolution, Resolver
-from node_agent import metrics, shellwire
-from node_agent.auth import Identity, current_identity
-from node_agent.errors import InvalidRequest, PermissionDenied, status_for
-from node_agent.jobshell import JobShellSessions
-from node_agent.jobshell import Session as JobShellSession
-from node_agent.limits import (
+from node_agent import shellwire
+from node_agent.agent import metrics
+from node_agent.agent.limits import (
     RefusalLog,
     SessionLimiter,
     SessionLimits,
     SessionSlot,
     TooManySessions,
 )
+from node_agent.agent.sessions import JobShellSessions
+from node_agent.agent.sessions import Session as JobShellSession
+from node_agent.auth import Identity, current_identity
+from node_agent.errors import InvalidRequest, PermissionDenied, status_for
+from node_agent.jobs.native import JobRecord, JobRegistry
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
-from node_agent.registry import JobRecord, JobRegistry
 
-log = logging.getLogger("node_agent.service")
+log = logging.getLogger("node_agent.agent.service")
 security = logging.getLogger("node_agent.security")
 
 R = TypeVar("R")
@@ -94,7 +95,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         self.resolver = resolver
         self.registry = registry
         self.admin_uids = frozenset((0, *admin_uids))
-        # ssh-to-job's caps (node_agent/limits.py); create_server sizes the sessions'
+        # ssh-to-job's caps (node_agent/agent/limits.py); create_server sizes the sessions'
         # own thread pool from them.
         self.limits = limits or SessionLimits()
         self.sessions = SessionLimiter(self.limits, node)
@@ -195,12 +196,12 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def OpenJobShell(  # type: ignore[override]  # shellwire frames, not only ShellFrame
             self, request_iterator: Iterator[shellwire.Frame],
             context: grpc.ServicerContext) -> Iterator[pb.ShellFrame | bytes]:
-        """ssh-to-job: the first frame opens a session (node_agent/jobshell.py); then the
+        """ssh-to-job: the first frame opens a session (node_agent/agent/sessions.py); then the
         ssh byte stream flows both ways until sshd exits or the client goes away. Frames
         are (de)serialized by node_agent/shellwire.py (see server.create_server).
 
         The stream counts toward the session caps from here on, before its first frame
-        (node_agent/limits.py); the first frame must come within the open timeout."""
+        (node_agent/agent/limits.py); the first frame must come within the open timeout."""
         ident = current_identity()
         if self.shells is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED,

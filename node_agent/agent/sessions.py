@@ -93,12 +93,12 @@ from pathlib import Path
 
 from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
 from node_agent import jobenv, shellwire, spawn
+from node_agent.agent.warmup import MigrationWarmer
 from node_agent.errors import InvalidRequest, JobNotFound, JobNotRunning, JobStartFailed
-from node_agent.registry import JobRegistry
+from node_agent.jobs.native import JobRegistry
 from node_agent.relaybuf import FRAME, Pacer, read_gathered
-from node_agent.warmup import MigrationWarmer
 
-log = logging.getLogger("node_agent.jobshell")
+log = logging.getLogger("node_agent.agent.sessions")
 security = logging.getLogger("node_agent.security")
 
 SSH_LEAF = "ssh-to-job"
@@ -149,7 +149,7 @@ def sh_quote(value: str) -> str:
 def env_file_text(env: dict[str, str]) -> str:
     """The job's environment as sh ``export`` lines; names sh cannot hold and the
     variables sshd sets for the session are left out."""
-    lines = ["# the job's environment, written by node_agent.jobshell"]
+    lines = ["# the job's environment, written by node_agent.agent.sessions"]
     for name in sorted(env):
         if _VAR_NAME.match(name) and not _SESSION_VARS.match(name) and "\0" not in env[name]:
             lines.append(f"export {name}={sh_quote(env[name])}")
@@ -230,7 +230,7 @@ def devpts_gives_tty_group(pid: int | str = "self", procfs: str = "/proc") -> bo
 
 def sshd_config_text(d: Path) -> str:
     return "\n".join([
-        "# a private sshd -i for one ssh-to-job session (node_agent.jobshell)",
+        "# a private sshd -i for one ssh-to-job session (node_agent.agent.sessions)",
         f"HostKey {d}/host_key",
         f"AuthorizedKeysFile {d}/authorized_keys",
         "AuthorizedKeysCommand none",
@@ -276,7 +276,7 @@ def session_setup_text(d: Path, cwd: str, job_id: str, pids: Sequence[int],
                 '    if [ -f "$sh" ] && [ -x "$sh" ]; then shell=$sh; break; fi\n'
                 "done\n")
     return f"""#!/bin/sh
-# ForceCommand of an ssh-to-job session (node_agent.jobshell)
+# ForceCommand of an ssh-to-job session (node_agent.agent.sessions)
 cd {sh_quote(cwd)} 2>/dev/null || cd / || exit 1
 . {sh_quote(str(d / 'environment'))}
 {nss}export {jobenv.JOB_ID}={sh_quote(job_id)}
@@ -661,7 +661,7 @@ class JobShellSessions:
         shells = shellwire.validate_shells(shells)
         if self.warmer is not None:
             # sshd's launcher joins the session's cgroup some tens of ms from now: keep
-            # the kernel's migration lock switched until then (node_agent/warmup.py).
+            # the kernel's migration lock switched until then (node_agent/agent/warmup.py).
             self.warmer.expect_login()
         try:
             return self._open(job, caller_uid, key, shells)

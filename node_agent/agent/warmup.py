@@ -40,7 +40,7 @@ from pathlib import Path
 
 from callerid import CgroupLayout
 
-log = logging.getLogger("node_agent.warmup")
+log = logging.getLogger("node_agent.agent.warmup")
 
 DIR = ".warmup"
 

@@ -62,14 +62,15 @@ import grpc
 from google.protobuf import json_format
 
 import callerid
-from node_agent import jobenv, metrics
+from node_agent import jobenv
+from node_agent.agent import metrics
+from node_agent.agent.warmup import MigrationWarmer
 from node_agent.errors import ImpostorError
+from node_agent.jobs.native import JobRecord, JobRegistry
 from node_agent.proto.v1 import admission_pb2 as apb
 from node_agent.proto.v1 import agent_pb2 as pb
-from node_agent.registry import JobRecord, JobRegistry
-from node_agent.warmup import MigrationWarmer
 
-log = logging.getLogger("node_agent.admission")
+log = logging.getLogger("node_agent.agent.admission")
 security = logging.getLogger("node_agent.security")
 
 MAX_REQUEST = 64 * 1024

@@ -1,6 +1,6 @@
 """`ssh-to-job`: an ssh session inside a running job, through the node agent.
 
-The client side; the agent's is node_agent/jobshell.py. No sshd ever listens: this CLI
+The client side; the agent's is node_agent/agent/sessions.py. No sshd ever listens: this CLI
 makes a key pair in a private temp directory (the private key never leaves it), opens the
 agent's
 `OpenJobShell` stream with a MUNGE credential and the public key (`Relay`), and at the
@@ -40,7 +40,7 @@ import grpc
 from node_agent import __version__, relaybuf, shellwire
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
-from node_agent.cli import _CATEGORIES, CliError, UsageError, _cli
+from node_agent.cli.adoptctl import _CATEGORIES, CliError, UsageError, _cli
 from node_agent.client import AgentClient, target_of
 from node_agent.errors import AuthError, ImpostorError, InvalidRequest
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -304,7 +304,7 @@ FDPASS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fdpass.py")
 
 
 def proxy_argv(sock: str, python: str | None = None) -> list[str]:
-    """The ProxyCommand's argv: node_agent/fdpass.py, which hands ssh a connection to
+    """The ProxyCommand's argv: node_agent/cli/fdpass.py, which hands ssh a connection to
     this process's socket (ProxyUseFdpass)."""
     return [python or sys.executable, "-I", "-S", FDPASS, sock]
 

@@ -84,7 +84,7 @@ from node_agent.errors import (
     RegistryFailure,
 )
 
-log = logging.getLogger("node_agent.registry")
+log = logging.getLogger("node_agent.jobs.native")
 
 JOB_START_TIMEOUT = 20.0   # the launcher, from start to exec'ing a job's main command
 

@@ -26,8 +26,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from callerid import CgroupLayout, Resolver
-from node_agent import metrics, relaybuf, shellwire
-from node_agent.admission import Admission, AdmissionServer
+from node_agent import relaybuf, shellwire
+from node_agent.agent import metrics
+from node_agent.agent.admission import Admission, AdmissionServer
+from node_agent.agent.limits import SessionLimits
+from node_agent.agent.service import NodeAgentServicer
+from node_agent.agent.sessions import JobShellSessions
+from node_agent.agent.warmup import LoginWatch, MigrationWarmer
 from node_agent.auth import (
     Authenticator,
     AuthInterceptor,
@@ -38,12 +43,8 @@ from node_agent.auth import (
 from node_agent.client import PeerPool
 from node_agent.config import AgentConfig
 from node_agent.errors import StartupError
-from node_agent.jobshell import JobShellSessions
-from node_agent.limits import SessionLimits
+from node_agent.jobs.native import JobRegistry
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
-from node_agent.registry import JobRegistry
-from node_agent.service import NodeAgentServicer
-from node_agent.warmup import LoginWatch, MigrationWarmer
 
 log = logging.getLogger("node_agent")
 
@@ -72,7 +73,7 @@ SERVER_OPTIONS = [
 #
 # So ssh-to-job streams run in a pool of their own, the control methods in the server's
 # pool, and neither can take the other's threads. Within the session pool, a stream takes
-# a slot under the caps the moment its handler starts (node_agent/limits.py), so streams
+# a slot under the caps the moment its handler starts (node_agent/agent/limits.py), so streams
 # and sessions hold at most max_sessions of its threads for longer than a refusal takes,
 # and the SPARE_WORKERS beyond that authenticate and refuse the streams past a cap at once.
 # (A cancelled session frees its slot when its call ends, and its thread a moment later,
@@ -134,7 +135,7 @@ def _check_own_pools() -> None:
             raise StartupError(
                 f"grpcio {grpc.__version__} does not run a method in a thread pool of its "
                 f"own (experimental_thread_pool): ssh-to-job sessions would take the "
-                f"threads CallerId needs (see node_agent/server.py)")
+                f"threads CallerId needs (see node_agent/agent/server.py)")
     finally:
         mine.shutdown()
         other.shutdown()

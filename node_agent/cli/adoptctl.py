@@ -1,6 +1,6 @@
 """Command-line entry points: `node-agent` and `adoptctl`.
 
-Both are thin `main(argv)` functions over node_agent.server and node_agent.client.
+Both are thin `main(argv)` functions over node_agent.agent.server and node_agent.client.
 One error handler (`_cli`) prints `prog: Category: message` and maps errors to exit
 codes: 1 for an operational failure, 2 for bad arguments or configuration, 130 on
 Ctrl-C; a closed pipe (`adoptctl jobs | head`) is silent.
@@ -114,7 +114,7 @@ def agent_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from node_agent import server
+        from node_agent.agent import server
 
         cfg = config_mod.load(args.config)
         logging.basicConfig(
