@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from callerid import CgroupConfig
-from node_agent import limits
 
 DEFAULT_PATH = "/etc/callerid-adopt/agent.toml"
 ENV_VAR = "CALLERID_ADOPT_CONFIG"
@@ -35,14 +34,26 @@ class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid."""
 
 
+#: Defaults of the configuration keys max_sessions, max_sessions_per_user and
+#: session_open_timeout (below). A session costs an sshd (a few MiB),
+#: two relay threads and a handful of descriptors: 64 stay far from a node's memory and
+#: from the 1024-descriptor soft limit; one user gets a quarter of them.
+DEFAULT_MAX_SESSIONS = 64
+DEFAULT_MAX_SESSIONS_PER_USER = 16
+#: ssh-to-job sends its `open` frame as soon as the stream starts; seconds are plenty.
+DEFAULT_OPEN_TIMEOUT = 5.0
+
+
 @dataclass(frozen=True)
 class MungeConfig:
+    """Where munged's socket and libmunge are."""
     socket: str = "/run/munge/munge.socket.2"
     library: str = "libmunge.so.2"
 
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """The agent's configuration (agent.toml); the CLIs read it too."""
     node_name: str = field(default_factory=socket.gethostname)
     # TCP addresses the gRPC service listens on ("10.0.0.1:411", "[fd00::1]:411").
     listen: tuple[str, ...] = ()
@@ -71,13 +82,13 @@ class AgentConfig:
     # ssh-to-job sessions on this node, in total and per uid (root and admin_uids are held
     # only to the total). A stream counts from its start, before its `open` frame. The
     # per-uid default is lowered to max_sessions when that is smaller.
-    max_sessions: int = limits.DEFAULT_MAX_SESSIONS
-    max_sessions_per_user: int = limits.DEFAULT_MAX_SESSIONS_PER_USER
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
     # Seconds a new ssh-to-job stream may take to send its `open` frame.
-    session_open_timeout: float = limits.DEFAULT_OPEN_TIMEOUT
+    session_open_timeout: float = DEFAULT_OPEN_TIMEOUT
     # PAM services whose logins pam_adopt handles: when libpam opens
     # /etc/pam.d/<service> (a login starting), the agent pre-pays the kernel's
-    # cgroup-migration toll (node_agent/warmup.py). [] turns that off.
+    # cgroup-migration toll (node_agent/agent/warmup.py). [] turns that off.
     login_services: tuple[str, ...] = ("sshd",)
     munge: MungeConfig = field(default_factory=MungeConfig)
     cgroup: CgroupConfig = field(default_factory=CgroupConfig)
@@ -108,9 +119,9 @@ def _check_hostport(where: str, text: str) -> None:
 
 
 def _check_session_limits(path: str, kw: dict[str, Any]) -> None:
-    total = kw.get("max_sessions", limits.DEFAULT_MAX_SESSIONS)
+    total = kw.get("max_sessions", DEFAULT_MAX_SESSIONS)
     if "max_sessions_per_user" not in kw:  # a smaller total lowers the default share
-        kw["max_sessions_per_user"] = min(limits.DEFAULT_MAX_SESSIONS_PER_USER, max(total, 1))
+        kw["max_sessions_per_user"] = min(DEFAULT_MAX_SESSIONS_PER_USER, max(total, 1))
     per_user = kw["max_sessions_per_user"]
     if total < 1:
         raise ConfigError(f"{path}: max_sessions: expected at least 1")
@@ -119,7 +130,7 @@ def _check_session_limits(path: str, kw: dict[str, Any]) -> None:
     if per_user > total:
         raise ConfigError(f"{path}: max_sessions_per_user: {per_user} is more than "
                           f"max_sessions ({total})")
-    timeout = kw.get("session_open_timeout", limits.DEFAULT_OPEN_TIMEOUT)
+    timeout = kw.get("session_open_timeout", DEFAULT_OPEN_TIMEOUT)
     # The deadline is what frees the slot of a stream that sends nothing: a long one would
     # let idle streams hold a user's share for that long.
     if not 0 < timeout <= MAX_OPEN_TIMEOUT:

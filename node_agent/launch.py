@@ -16,7 +16,7 @@ namespace, drops privileges or execs, so the job's first instruction already run
 the job, no child can escape, and nothing it does after touching the job's view runs
 outside a cgroup the agent can kill as a whole.
 
-Optional spec keys (used by ssh-to-job sessions, `node_agent.jobshell`):
+Optional spec keys (used by ssh-to-job sessions, `node_agent.agent.sessions`):
 - ``namespaces``: paths like ``/proc/<pid>/ns/net`` to enter with setns(2) after joining
   the cgroups and before dropping privileges (all are opened first, then entered in order);
 - ``stdio``: ``"inherit"`` keeps the inherited stdin/stdout (pipes to the agent) and sends
@@ -179,6 +179,8 @@ def _clear(dir_fd: int, depth: int) -> None:
 
 
 def main() -> None:
+    """Run the spec read from fd argv[1], report on fd argv[2], exec (see the module
+    docstring)."""
     spec_fd, status_fd = int(sys.argv[1]), int(sys.argv[2])
     os.set_inheritable(status_fd, False)
     try:

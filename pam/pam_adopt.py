@@ -13,7 +13,7 @@ already-loaded modules are used: `importlib.util` alone would cost ~9 ms.
 
 Before loading the logic it connects to the agent's default admission socket: on
 accept the agent starts switching the kernel's cgroup lock for the coming adoption
-(node_agent/warmup.py), so that toll (an RCU grace period, several ms) overlaps with
+(node_agent/agent/warmup.py), so that toll (an RCU grace period, several ms) overlaps with
 loading. The logic uses that connection when its `socket=` is the default, and closes
 it otherwise. Nothing here can fail a login: an error just means no early connection.
 """

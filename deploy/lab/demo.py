@@ -87,7 +87,7 @@ def adoption(lab: lab_mod.Lab) -> None:
     print("    (node2's agent asked node1's which job owns the connection; its log:)")
     for line in lab.agent_log("node2").splitlines():
         if "admission:" in line:
-            print("    " + line.split(" node_agent.admission: ", 1)[-1])
+            print("    " + line.split(" node_agent.agent.admission: ", 1)[-1])
     banner("the same from job 43 lands in job 43; ending job 43 on node2 ends its sessions")
     p = lab.popen("node1", ["/bin/sh", "-c", 'read go; exec "$@"', "sh",
                             *lab.ssh_argv("node2", "echo connected; exec sleep 1000000",

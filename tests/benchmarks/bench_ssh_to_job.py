@@ -207,8 +207,8 @@ def main() -> int:
     classic = "KexAlgorithms=curve25519-sha256"
     probes: dict[str, tuple[str, list[str]]] = {
         "venv python start (python -c pass)": ("node1", [py, "-c", "pass"]),
-        "import node_agent.ssh_to_job + exit (the CLI)": (
-            "node1", [py, "-c", "import node_agent.ssh_to_job"]),
+        "import node_agent.cli.ssh_to_job + exit (the CLI)": (
+            "node1", [py, "-c", "import node_agent.cli.ssh_to_job"]),
         "ssh-keygen -t ed25519 (the client's session key)": (
             "node1", ["sh", "-c", 'k=$(mktemp -u); ssh-keygen -q -t ed25519 -N "" -f "$k" '
                       '&& rm -f "$k" "$k.pub"']),

@@ -180,7 +180,7 @@ def test_a_corrupt_database_at_start_is_rebuilt_from_the_cgroup_tree(lab: Any) -
         # One clear line; the file is kept aside for a post-mortem.
         log = log_since(lab, "node1", mark)
         [aside] = [p for p in db.parent.glob("jobs.sqlite.corrupt-*") if p.name[-1].isdigit()]
-        line = (f"ERROR node_agent.registry: the job registry {DB} is corrupt (file is not a "
+        line = (f"ERROR node_agent.jobs.native: the job registry {DB} is corrupt (file is not a "
                 f"database): moved to {aside.name}; rebuilding it from the cgroup tree")
         errors = [x for x in log.splitlines() if " ERROR " in x or "Traceback" in x]
         assert len(errors) == 1 and errors[0].endswith(line), log

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from node_agent.limits import DEFAULT_MAX_SESSIONS_PER_USER
+from node_agent.config import DEFAULT_MAX_SESSIONS_PER_USER
 from tests.integration.helpers import adoptctl, process_alive
 
 pytestmark = pytest.mark.root

@@ -4,7 +4,7 @@ The jobs are alice's own doing, as a job container's: the main process is
 ``unshare -Urm`` (a user namespace, so no privilege is involved) that mounts a private tmpfs
 over /run, and for one job over /tmp too, then execs sleep. The agent's session directory
 (/run/callerid-adopt/sessions/...) is then not visible in the job's mount namespace, so the
-launcher makes the session's files, as alice, inside the job's view (node_agent/jobshell.py):
+launcher makes the session's files, as alice, inside the job's view (node_agent/agent/sessions.py):
 in /tmp when the job's /tmp is the node's, in the job's private /tmp otherwise. A third job
 has only its own network namespace (``unshare -Urn``) and keeps the simple path.
 """

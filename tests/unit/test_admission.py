@@ -1,4 +1,4 @@
-"""The agent's admission decisions (node_agent.admission) and its root-only socket.
+"""The agent's admission decisions (node_agent.agent.admission) and its root-only socket.
 
 A real JobRegistry on a fake cgroup tree; a fake caller-ID function instead of the
 source node's agent; real Unix sockets. Stale requests (deadline passed, connection
@@ -26,10 +26,9 @@ import grpc
 import pytest
 from google.protobuf import json_format
 
-import node_agent.admission as admission_mod
+import node_agent.agent.admission as admission_mod
 from callerid import CgroupLayout, Hierarchy
-from node_agent.admission import (
-    ADOPTED_LEAF,
+from node_agent.agent.admission import (
     MSG_BUSY,
     MSG_NO_JOBS,
     MSG_UNKNOWN,
@@ -41,9 +40,9 @@ from node_agent.admission import (
     Peer,
     parse_ssh_connection,
 )
+from node_agent.jobs.native import ADOPTED_LEAF, JobRecord, JobRegistry
 from node_agent.proto.v1 import admission_pb2 as apb
 from node_agent.proto.v1 import agent_pb2 as pb
-from node_agent.registry import JobRecord, JobRegistry
 
 PEER = Peer(pid=4321, uid=0, gid=0)
 SSH = "10.0.0.1 40000 10.0.0.2 22"
@@ -78,7 +77,7 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobReg
         uid = {"alice": 1001, "bob": 1002}[name]
         return pwd_mod.struct_passwd((name, "x", uid, uid, "", f"/home/{name}", "/bin/sh"))
 
-    monkeypatch.setattr("node_agent.registry.pwd.getpwnam", getpwnam)
+    monkeypatch.setattr("node_agent.jobs.native.pwd.getpwnam", getpwnam)
     root = tmp_path / "cg"
     hier = (Hierarchy("freezer", 1, root / "freezer"), Hierarchy("unified", 2, root / "unified"))
     for h in hier:
@@ -196,7 +195,7 @@ def test_adoption_failure(registry: JobRegistry, monkeypatch: pytest.MonkeyPatch
     def boom(*a: object, **k: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(registry.layout, "attach", boom)
+    monkeypatch.setattr(registry, "adopt", boom)
     adm = Admission(registry, FakeCallerId())
     r = adm.decide(request(), PEER)
     assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "adopt-failed")

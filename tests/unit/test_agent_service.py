@@ -26,18 +26,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from callerid import CgroupLayout, Connection, Hierarchy, Resolution, Step
-from node_agent import metrics, shellwire
-from node_agent import ssh_to_job as stj
+from node_agent import shellwire
+from node_agent.agent import metrics
+from node_agent.agent.limits import SessionLimits
+from node_agent.agent.server import create_server
+from node_agent.agent.service import NodeAgentServicer
 from node_agent.auth import Claim, digest, reply_payload
-from node_agent.cli import adoptctl_main
+from node_agent.cli import ssh_to_job as stj
+from node_agent.cli.adoptctl import main as adoptctl_main
 from node_agent.client import AgentClient
 from node_agent.errors import AuthError, JobNotFound
-from node_agent.limits import SessionLimits
+from node_agent.jobs.native import JobRegistry
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
-from node_agent.registry import JobRegistry
-from node_agent.server import create_server
-from node_agent.service import NodeAgentServicer
 from tests.unit.fakes import FakeAuthenticator
 
 ALICE = 1001
@@ -102,7 +103,7 @@ def start_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, shells: Any 
             return pwd_mod.struct_passwd((name, "x", uid, uid, "", f"/home/{name}", "/bin/sh"))
         return real_getpwnam(name)
 
-    monkeypatch.setattr("node_agent.registry.pwd.getpwnam", getpwnam)
+    monkeypatch.setattr("node_agent.jobs.native.pwd.getpwnam", getpwnam)
     cgroot = tmp_path / "cgroup"
     hier = (Hierarchy("freezer", 1, cgroot / "freezer"),
             Hierarchy("unified", 2, cgroot / "unified"))
@@ -114,7 +115,7 @@ def start_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, shells: Any 
     registry.recover()
     resolver = FakeResolver()
     servicer = NodeAgentServicer(node="testnode", resolver=resolver,  # type: ignore[arg-type]
-                                 registry=registry, admin_uids=(1500,), shells=shells,
+                                 jobs=registry, admin_uids=(1500,), shells=shells,
                                  limits=limits)
     auth = FakeAuthenticator()
     sock = tmp_path / "agent.sock"
@@ -559,7 +560,7 @@ def end_all(streams: list[Stream], shells: FakeShells) -> None:
 
 def test_idle_streams_past_the_caps_are_refused_and_logged(
         capped: Agent, shells: FakeShells, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="node_agent.service")
+    caplog.set_level(logging.WARNING, logger="node_agent.agent.service")
     limiter = capped.servicer.sessions
     held = [open_stream(capped, ALICE), open_stream(capped, ALICE)]
     try:
@@ -594,7 +595,7 @@ def test_idle_streams_past_the_caps_are_refused_and_logged(
 def test_idle_stream_is_ended_after_the_open_deadline(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shells: FakeShells,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="node_agent.service")
+    caplog.set_level(logging.WARNING, logger="node_agent.agent.service")
     for agent in start_agent(tmp_path, monkeypatch, shells=shells,
                              limits=SessionLimits(4, 2, open_timeout=0.2)):
         idle = open_stream(agent, ALICE)

@@ -29,7 +29,6 @@ from callerid._ifaddr import (
     parse_addr_messages,
 )
 from node_agent import shellwire
-from node_agent import ssh_to_job as stj
 from node_agent.auth import (
     REPLY_KEY,
     AuthInterceptor,
@@ -39,6 +38,7 @@ from node_agent.auth import (
     reply_payload,
     target_claim,
 )
+from node_agent.cli import ssh_to_job as stj
 from node_agent.client import AgentClient
 from node_agent.errors import AuthError, ImpostorError
 from node_agent.proto.v1 import agent_pb2 as pb

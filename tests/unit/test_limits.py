@@ -1,4 +1,4 @@
-"""The session caps (node_agent.limits): counting per uid and in total, the exemption of
+"""The session caps (node_agent.agent.limits): counting per uid and in total, the exemption of
 root and admins from the per-user cap, idempotent release, and the refusal log's
 throttle (with a fake clock)."""
 
@@ -10,14 +10,14 @@ import threading
 import grpc
 import pytest
 
-from node_agent.errors import status_for
-from node_agent.limits import (
+from node_agent.agent.limits import (
     SPARE_WORKERS,
     RefusalLog,
     SessionLimiter,
     SessionLimits,
     TooManySessions,
 )
+from node_agent.errors import status_for
 
 ALICE, BOB, CAROL = 1001, 1002, 1003
 

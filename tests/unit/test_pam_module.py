@@ -202,7 +202,7 @@ def test_request_is_a_valid_admission_request() -> None:
 
 def test_options_and_defaults_match_the_agents() -> None:
     # One contract: the agent interprets what the module sends, with the same defaults.
-    from node_agent import admission
+    from node_agent.agent import admission
 
     for key, default in admission.DEFAULTS.items():
         assert pam_adopt.CHOICES[key][0] == default, key

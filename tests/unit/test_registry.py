@@ -24,9 +24,9 @@ import pytest
 
 import callerid
 from callerid import CgroupError, CgroupLayout, Hierarchy
-from node_agent import registry as registry_mod
 from node_agent.errors import JobNotRunning, RegistryFailure
-from node_agent.registry import END_RETRY_FIRST_S, END_RETRY_MAX_S, JobRegistry
+from node_agent.jobs import native as registry_mod
+from node_agent.jobs.native import END_RETRY_FIRST_S, END_RETRY_MAX_S, JobRegistry
 from tests.unit.conftest import FakeProc
 
 LATER = 10 ** 6  # seconds: "much later" for JobRegistry.maintain(now=...)
@@ -44,8 +44,8 @@ def layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> CgroupLayout:
             raise KeyError(uid)
         return pwd_mod.struct_passwd(("carol", "x", 1000, 100, "", "/home/c", "/bin/sh"))
 
-    monkeypatch.setattr("node_agent.registry.pwd.getpwnam", getpwnam)
-    monkeypatch.setattr("node_agent.registry.pwd.getpwuid", getpwuid)
+    monkeypatch.setattr("node_agent.jobs.native.pwd.getpwnam", getpwnam)
+    monkeypatch.setattr("node_agent.jobs.native.pwd.getpwuid", getpwuid)
     hier = (Hierarchy("freezer", 1, tmp_path / "cg" / "freezer"),
             Hierarchy("unified", 2, tmp_path / "cg" / "unified"))
     for h in hier:
@@ -196,7 +196,7 @@ def test_records_survive_and_orphans_are_reconciled(tmp_path: Path,
 def test_end_kills_first_when_the_database_cannot_be_written(
         tmp_path: Path, reg: JobRegistry, layout: CgroupLayout, kill: FakeKill,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "node_agent.registry")
+    caplog.set_level(logging.INFO, "node_agent.jobs.native")
     reg.start("A", "alice")
     reg.start("B", "alice")
     holds(layout, "B")
@@ -279,7 +279,7 @@ def test_a_later_start_rewrites_what_was_behind(
 def test_a_failed_end_stays_ending_and_is_tried_again(
         tmp_path: Path, reg: JobRegistry, layout: CgroupLayout, kill: FakeKill,
         caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "node_agent.registry")
+    caplog.set_level(logging.INFO, "node_agent.jobs.native")
     reg.start("A", "alice")
     holds(layout, "A")
     kill.failures = 2
@@ -307,7 +307,7 @@ def test_nothing_joins_an_ending_job(tmp_path: Path, reg: JobRegistry, layout: C
                                      kill: FakeKill) -> None:
     """A job whose end failed is still "ending": no process is attached to it, and no
     ssh-to-job session opens in it, until it is ended for good."""
-    from node_agent.jobshell import JobShellSessions
+    from node_agent.agent.sessions import JobShellSessions
 
     reg.start("A", "alice")
     holds(layout, "A")

@@ -26,9 +26,9 @@ from typing import Any
 import grpc
 import pytest
 
-from node_agent import ssh_to_job as stj
 from node_agent.auth import AuthInterceptor, current_identity
-from node_agent.cli import CliError
+from node_agent.cli import ssh_to_job as stj
+from node_agent.cli.adoptctl import CliError
 from node_agent.config import AgentConfig
 from node_agent.errors import AuthError
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -290,13 +290,6 @@ def fake_agent() -> Iterator[tuple[FakeAgent, str, FakeAuthenticator]]:
 
 # -- locating the job ---------------------------------------------------------------------
 
-def test_candidate_targets() -> None:
-    cfg = AgentConfig(socket="/run/a.sock", port=411)
-    assert stj.candidate_targets(cfg, None) == ["unix:/run/a.sock"]
-    assert stj.candidate_targets(cfg, "10.0.0.5") == ["ipv4:10.0.0.5:411"]
-    assert stj.candidate_targets(cfg, "10.0.0.5:9000") == ["ipv4:10.0.0.5:9000"]
-
-
 def test_locate_found_and_not_found(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
                                     ) -> None:
     servicer, target, auth = fake_agent
@@ -338,7 +331,7 @@ def test_main_unknown_job_is_one_clear_line(
         monkeypatch: pytest.MonkeyPatch) -> None:
     servicer, target, auth = fake_agent
     port = int(target.rsplit(":", 1)[1])
-    monkeypatch.setattr("node_agent.ssh_to_job.config_mod.find",
+    monkeypatch.setattr("node_agent.cli.ssh_to_job.config_mod.find",
                         lambda explicit=None: AgentConfig(port=port))
     err = io.StringIO()
     rc = stj.main(["-name", "127.0.0.1", "99"], out=io.StringIO(), err=err,
@@ -354,7 +347,7 @@ def test_main_unknown_job_is_one_clear_line(
 def session(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """main() up to ssh: a located job, the real ssh-keygen, a fake ssh."""
     state: dict[str, Any] = {"rc": 0, "raise": None, "error_line": None}
-    monkeypatch.setattr("node_agent.ssh_to_job.config_mod.find",
+    monkeypatch.setattr("node_agent.cli.ssh_to_job.config_mod.find",
                         lambda explicit=None: AgentConfig())
     monkeypatch.setattr(stj, "locate", lambda *a, **k: stj.Located(
         "unix:/run/a.sock", pb.Job(id="42", user="alice", state="running"), "n1"))
@@ -386,7 +379,7 @@ def session(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
             state["closed"] = True
             state.setdefault("graces", []).append(grace)
 
-    monkeypatch.setattr("node_agent.ssh_to_job.subprocess.run", fake_run)
+    monkeypatch.setattr("node_agent.cli.ssh_to_job.subprocess.run", fake_run)
     monkeypatch.setattr(stj, "Relay", FakeRelay)
     return state
 
@@ -681,7 +674,8 @@ def test_relay_class_hands_ssh_a_socket_through_fdpass(
 
 def test_version_of_the_three_clis(capsys: pytest.CaptureFixture[str]) -> None:
     import node_agent
-    from node_agent.cli import adoptctl_main, agent_main
+    from node_agent.cli.adoptctl import main as adoptctl_main
+    from node_agent.cli.daemon import main as agent_main
 
     out = io.StringIO()
     assert stj.main(["-version"], out=out, err=io.StringIO()) == 0

@@ -19,7 +19,7 @@ Root and the admin uids are not held to ``max_sessions_per_user`` (they may end 
 anyway, and a site's tools may open sessions into many jobs), but they count toward
 ``max_sessions`` like everybody: the total, and with it the number of threads sessions
 can hold, is bounded whoever opens them. The sessions run in a thread pool of their own,
-`SessionLimits.pool_size` threads (node_agent/server.py), so they never hold a thread
+`SessionLimits.pool_size` threads (node_agent/agent/server.py), so they never hold a thread
 that CallerId, ListJobs or the registry methods need.
 
 `RefusalLog` logs refusals without letting a user who retries in a loop flood the log
@@ -36,16 +36,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from node_agent.config import (
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_SESSIONS_PER_USER,
+    DEFAULT_OPEN_TIMEOUT,
+)
 from node_agent.errors import AgentError
-
-#: Defaults of the configuration keys max_sessions, max_sessions_per_user and
-#: session_open_timeout (node_agent/config.py). A session costs an sshd (a few MiB),
-#: two relay threads and a handful of descriptors: 64 stay far from a node's memory and
-#: from the 1024-descriptor soft limit; one user gets a quarter of them.
-DEFAULT_MAX_SESSIONS = 64
-DEFAULT_MAX_SESSIONS_PER_USER = 16
-#: ssh-to-job sends its `open` frame as soon as the stream starts; seconds are plenty.
-DEFAULT_OPEN_TIMEOUT = 5.0
 
 #: Threads of the session pool beyond max_sessions. While every slot is held, streams
 #: past a cap still need a thread to be authenticated and refused; these answer them at
@@ -61,6 +57,8 @@ class TooManySessions(AgentError):
 
 @dataclass(frozen=True)
 class SessionLimits:
+    """ssh-to-job's caps: sessions in total, per user, and the seconds a stream may take to
+    open."""
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
     # Seconds a stream may take to send its `open` frame.
@@ -91,6 +89,7 @@ class SessionSlot:
         self._held = True
 
     def release(self) -> None:
+        """Give the slot back (once the session's clean-up is done)."""
         self._limiter._release(self)
 
 
@@ -169,6 +168,8 @@ class RefusalLog:
         self._state: dict[tuple[int, str], tuple[float, int]] = {}
 
     def refused(self, uid: int, kind: str, message: str) -> None:
+        """Log a refusal, at most once per uid and kind every interval (the rest are
+        counted)."""
         now = self._clock()
         with self._lock:
             last, quiet = self._state.get((uid, kind), (None, 0))
