@@ -223,6 +223,8 @@ def test_parse_ssh_connection(text: str, ok: bool) -> None:
 
 
 # -- the socket ------------------------------------------------------------------------------
+# It answers root only (SO_PEERCRED): a test that expects any other answer than "not-root"
+# from it is marked `root`, and runs as root (`make test`, CI) or not at all.
 
 def exchange(path: Path, line: bytes, timeout: float = 5) -> bytes:
     """Send one request line, read the reply line (b"" if the agent closed first)."""
@@ -261,6 +263,7 @@ def server(registry: JobRegistry, tmp_path: Path) -> Iterator[tuple[AdmissionSer
     srv.close()
 
 
+@pytest.mark.root
 def test_socket_is_root_only_and_answers_json(server: tuple[AdmissionServer, Path],
                                               registry: JobRegistry) -> None:
     _, path = server
@@ -273,6 +276,7 @@ def test_socket_is_root_only_and_answers_json(server: tuple[AdmissionServer, Pat
     assert str(os.getpid()) in adopted_pids(registry, "42")[0]
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("line", [b"not json\n", b'{"user": 5}\n', b'{"nonsense": 1}\n',
                                   b"[]\n"])
 def test_malformed_requests_are_denied_clearly(server: tuple[AdmissionServer, Path],
@@ -281,6 +285,7 @@ def test_malformed_requests_are_denied_clearly(server: tuple[AdmissionServer, Pa
     assert reply["decision"] == "DENY" and reply["reason"] == "bad-request"
 
 
+@pytest.mark.root
 def test_connection_without_request_is_closed_quietly(server: tuple[AdmissionServer, Path],
                                                       registry: JobRegistry) -> None:
     # pam_adopt.py connects before it knows it will ask (root logins, other services).
@@ -294,6 +299,7 @@ def test_connection_without_request_is_closed_quietly(server: tuple[AdmissionSer
     assert ask(server[1], line.encode() + b"\n")["decision"] == "ALLOW"  # still serving
 
 
+@pytest.mark.root
 def test_a_silent_client_does_not_hold_up_the_others(registry: JobRegistry,
                                                      tmp_path: Path) -> None:
     # One worker, and a client that connects and says nothing (a PAM process the machine
@@ -317,6 +323,7 @@ def test_a_silent_client_does_not_hold_up_the_others(registry: JobRegistry,
         srv.close()
 
 
+@pytest.mark.root
 def test_a_request_sent_in_pieces_is_answered(server: tuple[AdmissionServer, Path],
                                               registry: JobRegistry) -> None:
     registry.start("42", "alice")
@@ -331,6 +338,7 @@ def test_a_request_sent_in_pieces_is_answered(server: tuple[AdmissionServer, Pat
         assert json.loads(s.recv(65536))["job_id"] == "42"
 
 
+@pytest.mark.root
 def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
                                                           tmp_path: Path) -> None:
     class Broken(Admission):
@@ -352,6 +360,7 @@ def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
         srv.close()
 
 
+@pytest.mark.root
 def test_a_connection_that_breaks_the_server_is_dropped_alone(
         server: tuple[AdmissionServer, Path], registry: JobRegistry,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,7 +395,7 @@ def test_an_oversized_request_is_dropped(server: tuple[AdmissionServer, Path]) -
         assert closed_without_answer(s)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+@pytest.mark.root  # connects as another uid
 def test_non_root_peer_is_refused(registry: JobRegistry) -> None:
     d = Path(tempfile.mkdtemp(prefix="admission-test-"))
     d.chmod(0o755)
@@ -526,6 +535,7 @@ def test_a_job_that_starts_ending_during_the_decision_is_not_joined(
     assert adopted_pids(registry, "A") == [set(), set()]
 
 
+@pytest.mark.root
 def test_socket_drops_an_expired_request_without_answer(server: tuple[AdmissionServer, Path],
                                                         registry: JobRegistry,
                                                         caplog: pytest.LogCaptureFixture,
@@ -570,6 +580,7 @@ class BlockingCallerId(FakeCallerId):
                 self.in_flight[conn.src_port] -= 1
 
 
+@pytest.mark.root
 def test_connection_closed_by_the_module_is_not_adopted(registry: JobRegistry, tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture,
                                                         ) -> None:
@@ -610,6 +621,7 @@ print(repr(s.recv(4096)), flush=True)
 """
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("from_socket", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
 def test_a_request_whose_caller_exited_is_not_adopted(registry: JobRegistry, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture,
@@ -661,6 +673,7 @@ class Client(threading.Thread):
         self.answered.set()
 
 
+@pytest.mark.root
 def test_one_users_slow_logins_do_not_hold_up_another_users(registry: JobRegistry,
                                                             tmp_path: Path) -> None:
     # alice's logins all wait on a silent source node; bob's login needs a worker too.
@@ -732,6 +745,7 @@ def test_fair_pool_takes_users_in_turn() -> None:
     assert order == ["alice", "bob", "carol", "alice", "alice", "alice", "alice", "alice"]
 
 
+@pytest.mark.root
 def test_a_request_that_waited_past_its_deadline_is_dropped(
         registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cid = BlockingCallerId()
@@ -761,6 +775,7 @@ def test_a_request_that_waited_past_its_deadline_is_dropped(
     assert "deadline passed" in caplog.text and "before deciding" in caplog.text
 
 
+@pytest.mark.root
 def test_past_its_waiting_limit_a_users_login_is_refused_and_logged(
         registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cid = BlockingCallerId()
@@ -788,6 +803,7 @@ def test_past_its_waiting_limit_a_users_login_is_refused_and_logged(
         srv.close()
 
 
+@pytest.mark.root
 def test_a_burst_of_one_users_logins_is_all_adopted(registry: JobRegistry,
                                                     tmp_path: Path) -> None:
     # 200 logins of one user at once (tests/benchmarks/bench_login_burst.py's size) are
