@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -395,27 +396,56 @@ def test_an_oversized_request_is_dropped(server: tuple[AdmissionServer, Path]) -
         assert closed_without_answer(s)
 
 
-@pytest.mark.root  # connects as another uid
-def test_non_root_peer_is_refused(registry: JobRegistry) -> None:
-    d = Path(tempfile.mkdtemp(prefix="admission-test-"))
+AS_NOBODY = """
+import os, socket, sys
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)  # before connecting: SO_PEERCRED is what the peer was at connect()
+assert (os.getuid(), os.geteuid(), os.getgid(), os.getgroups()) == (65534, 65534, 65534, [])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(sys.stdin.buffer.read())
+data = b""
+while not data.endswith(b"\\n"):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.buffer.write(data)
+"""
+
+
+@pytest.mark.root
+def test_the_socket_answers_root_and_refuses_any_other_uid(
+        registry: JobRegistry, caplog: pytest.LogCaptureFixture) -> None:
+    """The SO_PEERCRED rule both ways, with the same request line: from this process
+    (root) it is answered and the caller adopted; from a child that setuid()s to 65534
+    before it connects it is refused, and nothing is adopted. The socket's mode (0600)
+    is opened up first, so that only the peer check stands in the way."""
+    registry.start("42", "alice")
+    d = Path(tempfile.mkdtemp(prefix="admission-test-"))  # tmp_path is not nobody's to enter
     d.chmod(0o755)
     path = d / "admission.sock"
     srv = AdmissionServer(str(path), Admission(registry, FakeCallerId()))
     srv.start()
     try:
-        _ask_as_nobody(path)
+        path.chmod(0o666)
+        line = line_of(request())
+        child = subprocess.run([sys.executable, "-I", "-c", AS_NOBODY, str(path)], input=line,
+                               capture_output=True, timeout=20)
+        assert child.returncode == 0, child.stderr.decode()
+        reply = json.loads(child.stdout)
+        assert (reply["decision"], reply["reason"]) == ("DENY", "not-root")
+        assert adopted_pids(registry, "42") == [set(), set()]
+        assert "admission request from uid 65534 pid" in caplog.text
+        assert "refused: only root may ask" in caplog.text
+        reply = ask(path, line)
+        assert (reply["decision"], reply["job_id"]) == ("ALLOW", "42")
+        assert adopted_pids(registry, "42") == [{str(os.getpid())}] * 2
     finally:
         srv.close()
-        d.rmdir()
-
-
-def _ask_as_nobody(path: Path) -> None:
-    path.chmod(0o666)  # get past the file mode, to check the SO_PEERCRED rule behind it
-    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
-            "s.sendall(b'{}\\n'); print(s.recv(4096).decode())")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], user=65534,
-                         capture_output=True, text=True, timeout=20, check=True).stdout
-    assert json.loads(out)["reason"] == "not-root"
+        shutil.rmtree(d)
 
 
 # -- only while the module still waits -------------------------------------------------------
