@@ -30,7 +30,6 @@ from google.protobuf import json_format
 import node_agent.agent.admission as admission_mod
 from callerid import CgroupLayout, Hierarchy
 from node_agent.agent.admission import (
-    ADOPTED_LEAF,
     MSG_BUSY,
     MSG_NO_JOBS,
     MSG_UNKNOWN,
@@ -42,7 +41,7 @@ from node_agent.agent.admission import (
     Peer,
     parse_ssh_connection,
 )
-from node_agent.jobs.native import JobRecord, JobRegistry
+from node_agent.jobs.native import ADOPTED_LEAF, JobRecord, JobRegistry
 from node_agent.proto.v1 import admission_pb2 as apb
 from node_agent.proto.v1 import agent_pb2 as pb
 
@@ -197,7 +196,7 @@ def test_adoption_failure(registry: JobRegistry, monkeypatch: pytest.MonkeyPatch
     def boom(*a: object, **k: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(registry.layout, "attach", boom)
+    monkeypatch.setattr(registry, "adopt", boom)
     adm = Admission(registry, FakeCallerId())
     r = adm.decide(request(), PEER)
     assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "adopt-failed")
