@@ -28,6 +28,7 @@ proto: venv
 lint: venv
 	$(VENV)/bin/ruff check callerid node_agent pam tests deploy proto
 
+# mypy --strict over what pyproject.toml's [tool.mypy] files lists: the packages, the lab, the tests.
 typecheck: venv
 	$(VENV)/bin/mypy
 

@@ -71,6 +71,11 @@ def _lab_traces(lab: labmod.Lab) -> list[str]:
     return traces
 
 
+def _logged(lab: labmod.Lab, text: str) -> Callable[[], bool]:
+    """For _wait_for: has the lab's /dev/log listener got `text` yet?"""
+    return lambda: text in lab.syslog()
+
+
 def _wait_exec(pid: int, argv0: bytes) -> None:
     """Wait until pid runs argv0: the wrapper chain (sh, nsenter, setpriv, env) is over."""
     deadline = time.monotonic() + 5
@@ -597,7 +602,7 @@ def test_two_instances_in_parallel(lab: labmod.Lab) -> None:
                 assert pid is not None and labmod._pid_in_lab(pid, now["name"])
                 marker = f"MARK-after-{first.name}-down"
                 second.run("node2", ["python3", "-c", SAY, marker])
-                _wait_for(marker, lambda m=marker, s=second: m in s.syslog())
+                _wait_for(marker, _logged(second, marker))
         assert _lab_traces(other) == []
         assert lab.is_up() and lab.run("node1", lab.ssh_argv("node2", ["true"], port=2201))
     finally:

@@ -41,7 +41,8 @@ from node_agent.agent.admission import (
     Peer,
     parse_ssh_connection,
 )
-from node_agent.jobs.native import ADOPTED_LEAF, JobRecord, JobRegistry
+from node_agent.jobs import JobRecord
+from node_agent.jobs.native import ADOPTED_LEAF, JobRegistry
 from node_agent.proto.v1 import admission_pb2 as apb
 from node_agent.proto.v1 import agent_pb2 as pb
 
