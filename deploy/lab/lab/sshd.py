@@ -3,8 +3,8 @@
 keys, known_hosts and the ssh client config the nodes see, and ``ssh_argv`` to log in
 from node to node. ``Sshd`` is the daemon kind; ``SshdMixin`` the Lab's methods.
 
-The host's /etc/pam.d, /etc/ssh, home dirs and /root/.ssh are never written: the nodes
-see copies bound over them. See README.md, "ssh".
+The host's /etc/pam.d, /etc/ssh, home dirs and /root are never written: the nodes see
+copies bound over them (root's home: an empty directory of the lab's). See README.md, "ssh".
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ class SshdMixin(NodesMixin, ProcessesMixin):
         for sub in ("bin", "ssh", "ssh/keys", "ssh/authorized_keys", "ssh/ssh_config.d"):
             (d / sub).mkdir(mode=0o755, exist_ok=True)
             os.chmod(d / sub, 0o755)
+        (d / "root-home").mkdir(mode=0o700, exist_ok=True)
         for node in self.nodes:
             (self.node_dir(node) / "ssh").mkdir(mode=0o755, exist_ok=True)
             pam = self.node_dir(node) / "pam.d"
@@ -359,8 +360,13 @@ class Sshd(DaemonKind[SshdMixin]):
         return [PRIVSEP_DIR]
 
     def mounts(self, node: str) -> list[tuple[Path, Path]]:
+        # Root's logins in a node get an empty home of the lab's: the host's ~/.bashrc,
+        # which bash runs for every command sent over ssh, may write in the host's home
+        # (pyenv's `rehash` takes a lock there; a login killed at teardown left it behind
+        # and made every later root login wait 60 s).
         return [(self.lab.node_dir(node) / "pam.d", Path("/etc/pam.d")),
-                (self.lab.dir / "ssh" / "ssh_config.d", Path("/etc/ssh/ssh_config.d"))]
+                (self.lab.dir / "ssh" / "ssh_config.d", Path("/etc/ssh/ssh_config.d")),
+                (self.lab.dir / "root-home", Path(pwd.getpwuid(0).pw_dir))]
 
     def make_dirs(self) -> None:
         self.lab._make_ssh_dirs()
