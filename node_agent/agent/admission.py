@@ -68,7 +68,6 @@ from node_agent.agent.warmup import MigrationWarmer
 from node_agent.errors import ImpostorError
 from node_agent.jobs.native import JobRecord, JobRegistry
 from node_agent.proto.v1 import admission_pb2 as apb
-from node_agent.proto.v1 import agent_pb2 as pb
 
 log = logging.getLogger("node_agent.agent.admission")
 security = logging.getLogger("node_agent.security")
@@ -140,8 +139,9 @@ class Peer:
     pidfd: int | None = None
 
 
-# CallerIdFn(source_ip, connection, deadline_seconds) -> job id or None (raises grpc.RpcError)
-CallerIdFn = Callable[[str, pb.Connection, float], "str | None"]
+# CallerIdFn(source node, connection, deadline_seconds) -> job id or None (raises
+# grpc.RpcError): client.PeerPool.caller_id.
+CallerIdFn = Callable[[str, callerid.Connection, float], "str | None"]
 
 
 class Dropped(Exception):
@@ -166,8 +166,11 @@ def options_of(request: apb.AdmissionRequest) -> dict[str, str]:
     return opts
 
 
-def parse_ssh_connection(text: str) -> pb.Connection | None:
-    """"src_ip src_port dst_ip dst_port" -> Connection, or None when absent/garbled."""
+def parse_ssh_connection(text: str) -> callerid.Connection | None:
+    """"src_ip src_port dst_ip dst_port" -> the connection to look up on the source node
+    (the client's end is local there), or None when absent/garbled. From here to the
+    source node's lookup the connection stays a callerid.Connection (the client turns it
+    into the message once: node_agent/pbconv.py)."""
     parts = text.split()
     if len(parts) != 4:
         return None
@@ -176,8 +179,7 @@ def parse_ssh_connection(text: str) -> pb.Connection | None:
         dst = callerid.Endpoint(callerid.normalize_ip(parts[2]), int(parts[3]))
     except ValueError:
         return None
-    return pb.Connection(src_ip=str(src.ip), src_port=src.port, dst_ip=str(dst.ip),
-                         dst_port=dst.port)
+    return callerid.Connection.from_ssh_connection(src, dst)
 
 
 def _time_ns(pid: int | str) -> tuple[int, int] | None:
@@ -333,6 +335,8 @@ class Admission:
             return self._adopt(jobs[0], ask, opts, "one-job")
         conn = parse_ssh_connection(request.ssh_connection)
         detail = ""
+        # The source node: where the ssh client runs, the connection's local end there.
+        source = str(conn.local.ip) if conn is not None else ""
         # The call ends at 60 % of the module's timeout, counted on the module's own
         # clock: the rest is for the adoption, the reply, and a busy machine.
         now = time.monotonic()
@@ -341,31 +345,31 @@ class Admission:
         if conn is None:
             detail = f"no usable SSH_CONNECTION ({request.ssh_connection!r})"
         elif budget < MIN_CALL:
-            detail = (f"no time left to ask {conn.src_ip} for the caller's job (the request "
+            detail = (f"no time left to ask {source} for the caller's job (the request "
                       f"waited {waited * 1000:.0f} ms for the agent)")
         else:
-            ask.check(f"before asking {conn.src_ip}")
+            ask.check(f"before asking {source}")
             deadline = min(self.rpc_timeout, budget)
             if self.warmer is not None:
                 self.warmer.kick()  # overlap the kernel's migration toll with the call
             t_call = time.perf_counter()
             try:
-                job_id = self.caller_id(conn.src_ip, conn, deadline)
+                job_id = self.caller_id(source, conn, deadline)
             except grpc.RpcError as e:
-                detail = (f"caller ID from {conn.src_ip} failed: {e.code().name}: "
+                detail = (f"caller ID from {source} failed: {e.code().name}: "
                           f"{e.details()}")
             except ImpostorError as e:  # not the agent (auth.CredentialPlugin): ignore it
                 security.warning("SECURITY: caller ID for %s's login: %s", request.user, e)
-                detail = f"caller ID from {conn.src_ip} refused: {e}"
+                detail = f"caller ID from {source} refused: {e}"
             except Exception as e:  # a bug here must not become a hung or failed login
-                log.exception("admission: caller ID from %s", conn.src_ip)
-                detail = f"caller ID from {conn.src_ip} failed: {e}"
+                log.exception("admission: caller ID from %s", source)
+                detail = f"caller ID from {source} failed: {e}"
             else:
                 mine = {r.job.id: r for r in jobs}
                 if job_id in mine:
                     took = (time.perf_counter() - t_call) * 1000
                     return self._adopt(mine[job_id], ask, opts, "caller-id",
-                                       f"caller ID from {conn.src_ip}: {took:.1f} ms")
+                                       f"caller ID from {source}: {took:.1f} ms")
                 detail = (f"the source node says job {job_id}, not one of "
                           f"{request.user}'s running jobs here" if job_id
                           else "the source node knows no job for this connection")

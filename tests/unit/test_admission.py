@@ -27,7 +27,7 @@ import pytest
 from google.protobuf import json_format
 
 import node_agent.agent.admission as admission_mod
-from callerid import CgroupLayout, Hierarchy
+from callerid import CgroupLayout, Connection, Hierarchy
 from node_agent.agent.admission import (
     ADOPTED_LEAF,
     MSG_BUSY,
@@ -43,7 +43,6 @@ from node_agent.agent.admission import (
 )
 from node_agent.jobs.native import JobRecord, JobRegistry
 from node_agent.proto.v1 import admission_pb2 as apb
-from node_agent.proto.v1 import agent_pb2 as pb
 
 PEER = Peer(pid=4321, uid=0, gid=0)
 SSH = "10.0.0.1 40000 10.0.0.2 22"
@@ -53,9 +52,9 @@ class FakeCallerId:
     def __init__(self) -> None:
         self.answer: str | None = None
         self.error: grpc.RpcError | None = None
-        self.calls: list[tuple[str, pb.Connection, float]] = []
+        self.calls: list[tuple[str, Connection, float]] = []
 
-    def __call__(self, host: str, conn: pb.Connection, deadline: float) -> str | None:
+    def __call__(self, host: str, conn: Connection, deadline: float) -> str | None:
         self.calls.append((host, conn, deadline))
         if self.error is not None:
             raise self.error
@@ -142,7 +141,8 @@ def test_several_jobs_ask_the_source_node(registry: JobRegistry) -> None:
     r = adm.decide(request(timeout=2.0), PEER)
     assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "caller-id", "A")
     host, conn, deadline = cid.calls[0]
-    assert host == "10.0.0.1" and (conn.src_port, conn.dst_port) == (40000, 22)
+    # The source node's view: the ssh client's end is local there.
+    assert host == "10.0.0.1" and (conn.local.port, conn.remote.port) == (40000, 22)
     assert deadline <= 2.0 * 0.6 + 1e-9  # inside the module's timeout
     assert adopted_pids(registry, "A") == [{"4321"}, {"4321"}]
 
@@ -219,7 +219,8 @@ def test_parse_ssh_connection(text: str, ok: bool) -> None:
     conn = parse_ssh_connection(text)
     assert (conn is not None) == ok
     if conn is not None:
-        assert not conn.src_ip.startswith("::ffff:")
+        assert conn.local.port == 40000 and conn.remote.port == 22
+        assert not str(conn.local.ip).startswith("::ffff:")
 
 
 # -- the socket ------------------------------------------------------------------------------
@@ -514,7 +515,7 @@ def test_a_job_that_starts_ending_during_the_decision_is_not_joined(
     adm = Admission(registry, cid)
     real_call = cid.__call__
 
-    def call_then_end(host: str, conn: pb.Connection, deadline: float) -> str | None:
+    def call_then_end(host: str, conn: Connection, deadline: float) -> str | None:
         answer = real_call(host, conn, deadline)
         ending(registry, monkeypatch, "A")  # `adoptctl job end A` while we asked
         return answer
@@ -556,18 +557,18 @@ class BlockingCallerId(FakeCallerId):
         self.most: collections.Counter[int] = collections.Counter()
         self.started = threading.Semaphore(0)
 
-    def __call__(self, host: str, conn: pb.Connection, deadline: float) -> str | None:
+    def __call__(self, host: str, conn: Connection, deadline: float) -> str | None:
         with self.lock:
-            self.in_flight[conn.src_port] += 1
-            self.most[conn.src_port] = max(self.most[conn.src_port],
-                                           self.in_flight[conn.src_port])
+            self.in_flight[conn.local.port] += 1
+            self.most[conn.local.port] = max(self.most[conn.local.port],
+                                           self.in_flight[conn.local.port])
         self.started.release()
         try:
             assert self.release.wait(30)
             return super().__call__(host, conn, deadline)
         finally:
             with self.lock:
-                self.in_flight[conn.src_port] -= 1
+                self.in_flight[conn.local.port] -= 1
 
 
 def test_connection_closed_by_the_module_is_not_adopted(registry: JobRegistry, tmp_path: Path,
