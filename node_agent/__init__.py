@@ -17,6 +17,8 @@ The command-line tools:
 Shared by both:
   auth        MUNGE credentials, both ways; client  calls to an agent; config  agent.toml;
   errors      the error catalog; jobenv  the variables a job's processes get;
+  pamcontract the contract with pam_adopt: options, defaults, socket, wire format;
+  pbconv      callerid's types to and from the gRPC messages (one place);
   shellwire, relaybuf  the ssh-to-job stream on the wire
 """
 
