@@ -132,10 +132,12 @@ class Claim:
     body: str
 
     def payload(self) -> bytes:
+        """The credential's payload: protocol, method, target and request digest."""
         return f"{PROTOCOL} {self.method} {self.target} {self.body}".encode()
 
     @classmethod
     def parse(cls, payload: bytes) -> Claim:
+        """The claim in a payload; AuthError when it is not one of ours."""
         try:
             version, method, target, body = payload.decode("ascii").split(" ")
         except (UnicodeDecodeError, ValueError):
@@ -244,6 +246,7 @@ class MungeAuthenticator:
 
     def encode(self, payload: bytes, *, restrict_uid: int | None = None,
                ttl: int | None = None) -> str:
+        """A credential for `payload`, restricted to `uid` when given."""
         ctx = self._ctx()
         try:
             for opt, value in ((_MUNGE_OPT_UID_RESTRICTION, restrict_uid), (_MUNGE_OPT_TTL, ttl)):
@@ -264,6 +267,7 @@ class MungeAuthenticator:
             self._lib.munge_ctx_destroy(ctx)
 
     def decode(self, credential: str) -> tuple[Identity, bytes]:
+        """Who made the credential and its payload; AuthError when munged refuses it."""
         try:
             cred = credential.encode("ascii")
         except UnicodeEncodeError:
@@ -400,6 +404,7 @@ class AuthInterceptor(ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
+        """The handler, wrapped to verify the caller's credential first."""
         handler = continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or method.startswith(EXEMPT_PREFIXES):
@@ -543,10 +548,12 @@ class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):
                                 "request; ignored")
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Sign a single call and verify its answer."""
         new, cred = self._details(details, digest(request))
         return _VerifiedOutcome(continuation(new, request), self, details.method, cred)
 
     def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        """Sign a call with a streamed answer and verify the stream."""
         new, cred = self._details(details, digest(request))
         return _VerifiedStream(continuation(new, request), self, details.method, cred)
 
@@ -559,10 +566,12 @@ class CredentialPlugin(_UUClient, _USClient, _SUClient, _SSClient):
         return new, cred, rest
 
     def intercept_stream_unary(self, continuation: Any, details: Any, request_iter: Any) -> Any:
+        """Sign a streaming call and verify its answer."""
         new, cred, requests = self._first(details, request_iter)
         return _VerifiedOutcome(continuation(new, requests), self, details.method, cred)
 
     def intercept_stream_stream(self, continuation: Any, details: Any, request_iter: Any) -> Any:
+        """Sign a bidirectional stream and verify the agent's answer."""
         new, cred, requests = self._first(details, request_iter)
         return _VerifiedStream(continuation(new, requests), self, details.method, cred)
 

@@ -1,69 +1,24 @@
 """A client of the node agent, used by the CLIs and by other agents.
 
+Typed calls over a channel from node_agent.dial (targets, MUNGE both ways, keepalives).
 Every call carries a fresh MUNGE credential bound to the method, the node meant and the
-request, and every answer is checked for the agent's own credential
-(node_agent.auth.CredentialPlugin: an impostor raises ImpostorError); every call has a
-deadline, and the channel sends keepalive pings so that a dead agent ends a long stream
-(an ssh-to-job session) within seconds. Targets are "unix:/path", an IP literal with a
-port, or a host name that is resolved here with the system resolver (/etc/hosts first),
-so that gRPC never does a DNS lookup of its own.
+request, and every answer is checked for the agent's own credential (an impostor raises
+ImpostorError); every call has a deadline.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-import grpc
-
 import callerid
-from node_agent import shellwire
-from node_agent.auth import Authenticator, CredentialPlugin
+from node_agent import dial, shellwire
+from node_agent.auth import Authenticator
 from node_agent.pbconv import connection_to_pb
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
-
-
-def grpc_target(host: str, port: int) -> str:
-    """An explicit ipv4:/ipv6: target for a host name or IP literal (no DNS from gRPC)."""
-    host = host.strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as e:
-            raise ValueError(f"cannot resolve node name {host!r}: {e.strerror}") from None
-        ip = ipaddress.ip_address(infos[0][4][0])
-    if ip.version == 6:
-        return f"ipv6:[{ip}]:{port}"
-    return f"ipv4:{ip}:{port}"
-
-
-def target_of(spec: str, default_port: int) -> str:
-    """'unix:/p', 'HOST', 'HOST:PORT', '[v6]:PORT' or 'v6' -> a gRPC target."""
-    if spec.startswith("unix:"):
-        return spec
-    if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        return grpc_target(host, int(rest[1:]) if rest.startswith(":") else default_port)
-    if spec.count(":") == 1:
-        host, port = spec.split(":")
-        return grpc_target(host, int(port))
-    return grpc_target(spec, default_port)
-
-
-# Keepalive: a ping every 5 s while a call is open, the connection declared dead when one
-# goes unanswered for 5 s (the agent's server accepts pings this often: server.py).
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 5000),
-    ("grpc.keepalive_timeout_ms", 5000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 
 class AgentClient:
@@ -77,11 +32,7 @@ class AgentClient:
                  local_node: str | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.intercept_channel(
-            grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0),
-                                                   *KEEPALIVE_OPTIONS]),
-            CredentialPlugin(authenticator, target, local_node or socket.gethostname()),
-        )
+        self._channel = dial.channel(target, authenticator, local_node)
         self.stub = agent_pb2_grpc.NodeAgentStub(self._channel)
 
     def __enter__(self) -> AgentClient:
@@ -92,6 +43,7 @@ class AgentClient:
         self.close()
 
     def close(self) -> None:
+        """Close the channel."""
         self._channel.close()
 
     @staticmethod
@@ -105,29 +57,34 @@ class AgentClient:
 
     def caller_id(self, conn: callerid.Connection, want_pid: bool = False,
                   timeout: float | None = None) -> pb.CallerIdReply:
-        """`conn` as seen from the node asked (local = the ssh client's end)."""
+        """Which job on the agent's node owns `conn` (as seen from that node: local = the
+        ssh client's end)."""
         request = pb.CallerIdRequest(connection=connection_to_pb(conn), want_pid=want_pid)
         return self.stub.CallerId(request, timeout=timeout or self.timeout)
 
     def whois(self, conn: callerid.Connection,
               timeout: float | None = None) -> pb.CallerIdReply:
+        """CallerId with every step of the agent's resolution."""
         request = pb.CallerIdRequest(connection=connection_to_pb(conn), want_pid=True)
         return self.stub.Whois(request, timeout=timeout or self.timeout)
 
     def list_jobs(self, user: str = "", job_id: str = "", with_pids: bool = False,
                   ) -> pb.ListJobsReply:
+        """Jobs of the agent's node the caller may see (of `user`, or one job)."""
         return self.stub.ListJobs(
             pb.ListJobsRequest(user=user, job_id=job_id, with_pids=with_pids),
             timeout=self.timeout)
 
     def start_job(self, job_id: str, user: str, argv: Sequence[str] = (), *, cwd: str = "",
                   env: Mapping[str, str] | None = None, output: str = "") -> pb.Job:
+        """Start a job (root and admins)."""
         return self.stub.StartJob(
             pb.StartJobRequest(job_id=job_id, user=user, argv=list(argv), cwd=cwd,
                                env=dict(env or {}), output=output),
             timeout=self.timeout).job
 
     def attach(self, job_id: str, pid: int) -> pb.Job:
+        """Move process `pid` into a job (root and admins)."""
         return self.stub.AttachToJob(pb.AttachToJobRequest(job_id=job_id, pid=pid),
                                      timeout=self.timeout).job
 
@@ -141,6 +98,7 @@ class AgentClient:
         return method(frames)
 
     def end_job(self, job_id: str, timeout: float = 10.0) -> pb.EndJobReply:
+        """End a job, waiting up to `timeout` seconds for its processes to die."""
         return self.stub.EndJob(pb.EndJobRequest(job_id=job_id, timeout=timeout),
                                 timeout=max(self.timeout, timeout + 5))
 
@@ -156,7 +114,8 @@ class PeerPool:
         self._lock = threading.Lock()
 
     def client(self, host: str) -> AgentClient:
-        target = grpc_target(host, self._port)
+        """The client of `host`'s agent (made once, then reused)."""
+        target = dial.grpc_target(host, self._port)
         with self._lock:
             c = self._clients.get(target)
             if c is None:
@@ -169,6 +128,7 @@ class PeerPool:
         return reply.job_id if reply.outcome == pb.CallerIdReply.FOUND else None
 
     def close(self) -> None:
+        """Close every channel."""
         with self._lock:
             for c in self._clients.values():
                 c.close()

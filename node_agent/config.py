@@ -47,12 +47,14 @@ DEFAULT_OPEN_TIMEOUT = 5.0
 
 @dataclass(frozen=True)
 class MungeConfig:
+    """Where munged's socket and libmunge are."""
     socket: str = "/run/munge/munge.socket.2"
     library: str = "libmunge.so.2"
 
 
 @dataclass(frozen=True)
 class AgentConfig:
+    """The agent's configuration (agent.toml); the CLIs read it too."""
     node_name: str = field(default_factory=socket.gethostname)
     # TCP addresses the gRPC service listens on ("10.0.0.1:411", "[fd00::1]:411").
     listen: tuple[str, ...] = ()

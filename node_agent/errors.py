@@ -40,14 +40,17 @@ class ImpostorError(AuthError):
 
 
 class InvalidRequest(AgentError):
+    """A request that makes no sense (a bad connection, job id or key)."""
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
 class PermissionDenied(AgentError):
+    """Something only root and admins may do."""
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class JobNotFound(AgentError):
+    """No such job here, or not the caller's (the two are answered alike)."""
     code = grpc.StatusCode.NOT_FOUND
 
     def __init__(self, job_id: str, node: str) -> None:
@@ -55,6 +58,7 @@ class JobNotFound(AgentError):
 
 
 class JobExists(AgentError):
+    """A job with this id already runs here."""
     code = grpc.StatusCode.ALREADY_EXISTS
 
     def __init__(self, job_id: str, node: str) -> None:
@@ -70,7 +74,14 @@ class JobNotRunning(AgentError):
         super().__init__(f"job {job_id} on {node} is {state}, not running")
 
 
+class NotSupported(AgentError):
+    """The job backend does not do this (a scheduler's jobs are started by the scheduler)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class JobStartFailed(AgentError):
+    """A job's main command, or a session's sshd, could not be started."""
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 

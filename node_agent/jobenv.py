@@ -9,6 +9,8 @@ repository is one of these (or one of the few that are not a job's).
 
 from __future__ import annotations
 
+import os
+
 JOB_ID = "CALLERID_JOB_ID"       # the job the process belongs to
 NODE = "CALLERID_NODE"           # the node's name, as the agent knows it
 JOB_PIDS = "CALLERID_JOB_PIDS"   # ssh-to-job: the job's processes, main one first
@@ -18,3 +20,15 @@ NAMES = (JOB_ID, NODE, JOB_PIDS)
 def of_job(job_id: str, node: str) -> dict[str, str]:
     """What a job's main command and an adopted login get."""
     return {JOB_ID: job_id, NODE: node}
+
+
+def read_environ(pid: int, procfs: str = "/proc") -> dict[str, str]:
+    """A process's environment from ``<procfs>/<pid>/environ`` (OSError if unreadable)."""
+    with open(f"{procfs}/{pid}/environ", "rb") as f:
+        raw = f.read()
+    env: dict[str, str] = {}
+    for item in raw.split(b"\0"):
+        name, sep, value = item.partition(b"=")
+        if sep and name:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return env

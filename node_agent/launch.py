@@ -179,6 +179,8 @@ def _clear(dir_fd: int, depth: int) -> None:
 
 
 def main() -> None:
+    """Run the spec read from fd argv[1], report on fd argv[2], exec (see the module
+    docstring)."""
     spec_fd, status_fd = int(sys.argv[1]), int(sys.argv[2])
     os.set_inheritable(status_fd, False)
     try:

@@ -39,8 +39,8 @@ root-only Unix socket. Each is UTF-8 text: lines of `key=value`, the first line
 - The reader splits with the standard library alone (`str.split`, `str.partition`):
   the module needs no parser, and `import json` would cost ~8 ms in every login.
 
-Versions. Before this format (callerid-adopt up to the 0.2.0 development versions) the
-module sent one line of JSON. Whichever side meets a message whose first line is not
+Versions. Before this format (callerid-adopt 0.2.0 and earlier) the module sent one
+line of JSON. Whichever side meets a message whose first line is not
 `protocol=2` does not guess:
 
 - the agent answers `VERSION_MISMATCH_ANSWER` (one line, no reply in any version: an

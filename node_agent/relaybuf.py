@@ -66,10 +66,12 @@ class Pacer:
         self._bulk_at = float("-inf")
 
     def saw(self, size: int) -> None:
+        """Note a write of `size` bytes (a bulk one starts the lingering)."""
         if size >= BULK:
             self._bulk_at = time.monotonic()
 
     def linger(self) -> float:
+        """How long a small read may wait for more now (0 unless bulk went by lately)."""
         return self._linger if time.monotonic() - self._bulk_at < self._recent else 0.0
 
 

@@ -66,7 +66,7 @@ from node_agent import jobenv, pamcontract
 from node_agent.agent import metrics
 from node_agent.agent.warmup import MigrationWarmer
 from node_agent.errors import ImpostorError
-from node_agent.jobs.native import JobRecord, JobRegistry
+from node_agent.jobs.base import RUNNING, JobBackend, JobRecord
 from node_agent.pamcontract import (
     ALLOW,
     DENY,
@@ -86,7 +86,6 @@ security = logging.getLogger("node_agent.security")
 MAX_REQUEST = 64 * 1024
 CALL_SHARE = 0.6  # of the module's timeout, for the caller-ID call
 MIN_CALL = 0.05  # seconds: less than that left, and the call is not even tried
-ADOPTED_LEAF = "adopted"
 
 # The admission pool. A decision is either quick (the registry, then one cgroup write per
 # hierarchy: well under a millisecond, up to ~1 s when the kernel's cgroup lock waits
@@ -257,9 +256,9 @@ class _Ask:
 class Admission:
     """Decides one login (see the module docstring); thread-safe."""
 
-    def __init__(self, registry: JobRegistry, caller_id: CallerIdFn, *,
+    def __init__(self, jobs: JobBackend, caller_id: CallerIdFn, *,
                  rpc_timeout: float = 2.0, warmer: MigrationWarmer | None = None) -> None:
-        self.registry = registry
+        self.jobs = jobs
         self.caller_id = caller_id
         self.rpc_timeout = rpc_timeout
         self.warmer = warmer
@@ -308,6 +307,8 @@ class Admission:
     @staticmethod
     def log_dropped(request: Request, peer: Peer, received: float,
                     e: Dropped) -> None:
+        """Log (and count) a request dropped unanswered: its deadline passed or its module
+        gave up."""
         elapsed = time.monotonic() - received
         metrics.ADMISSIONS.labels("DROPPED", e.tag).observe(elapsed)
         log.warning("admission: %s from %s (%s) pid %d: dropped, nothing done: %s "
@@ -321,7 +322,7 @@ class Admission:
         opts = options_of(request)
         # An ending job must attract no login: its processes are being killed, and one
         # adopted now would escape that or keep the job from going away.
-        jobs = [r for r in self.registry.list_jobs(request.user) if r.state == "running"]
+        jobs = [r for r in self.jobs.list_jobs(request.user) if r.state == RUNNING]
         if not jobs:
             if opts["action_no_jobs"] == "ignore":
                 return Reply(decision=IGNORE, reason="no-jobs")
@@ -383,7 +384,7 @@ class Admission:
         peer = ask.peer
         ask.check(f"before adopting into job {job.id}")
         # Race: the job may have started ending since the list was read.
-        now = self.registry.get(job.id)
+        now = self.jobs.get(job.id)
         failure = "" if now is not None and now.state == "running" else (
             f"job {job.id} is {now.state if now else 'gone'}")
         t0 = time.perf_counter()
@@ -398,7 +399,7 @@ class Admission:
             # does only after going round all of pid_max (at least 32768) in that time.
             # The check after the move below proves it for the common case.
             try:
-                self.registry.layout.attach(job.id, peer.pid, leaf=ADOPTED_LEAF)
+                self.jobs.adopt(job.id, peer.pid)
             except (callerid.CgroupError, OSError, ValueError) as e:
                 failure = str(e)
         if failure:
@@ -421,7 +422,7 @@ class Admission:
         return Reply(
             decision=ALLOW, reason=reason, job_id=job.id,
             detail=f"{detail}; {took}" if detail else took,
-            env=jobenv.of_job(job.id, self.registry.node))
+            env=jobenv.of_job(job.id, self.jobs.node))
 
 
 def _peercred(conn: socket.socket) -> Peer:
@@ -536,6 +537,7 @@ class FairPool:
                          for i in range(workers)]
 
     def start(self) -> None:
+        """Start the workers."""
         for t in self._threads:
             t.start()
 
@@ -661,6 +663,7 @@ class AdmissionServer:
         self._closing = False
 
     def start(self) -> None:
+        """Start serving the socket (the workers and the I/O thread)."""
         self._pool.start()
         self._thread.start()
 
@@ -878,6 +881,7 @@ class AdmissionServer:
             log.warning("admission: connection dropped: the answer did not fit its buffer")
 
     def close(self) -> None:
+        """Stop serving: close the socket and every connection, join the threads."""
         self._closing = True
         try:
             os.write(self._wake_w, b"x")

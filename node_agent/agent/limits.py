@@ -57,6 +57,8 @@ class TooManySessions(AgentError):
 
 @dataclass(frozen=True)
 class SessionLimits:
+    """ssh-to-job's caps: sessions in total, per user, and the seconds a stream may take to
+    open."""
     max_sessions: int = DEFAULT_MAX_SESSIONS
     max_sessions_per_user: int = DEFAULT_MAX_SESSIONS_PER_USER
     # Seconds a stream may take to send its `open` frame.
@@ -87,6 +89,7 @@ class SessionSlot:
         self._held = True
 
     def release(self) -> None:
+        """Give the slot back (once the session's clean-up is done)."""
         self._limiter._release(self)
 
 
@@ -165,6 +168,8 @@ class RefusalLog:
         self._state: dict[tuple[int, str], tuple[float, int]] = {}
 
     def refused(self, uid: int, kind: str, message: str) -> None:
+        """Log a refusal, at most once per uid and kind every interval (the rest are
+        counted)."""
         now = self._clock()
         with self._lock:
             last, quiet = self._state.get((uid, kind), (None, 0))

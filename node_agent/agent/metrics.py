@@ -41,8 +41,10 @@ def serve(listen: str) -> None:
 
 
 class MetricsInterceptor(ServerInterceptor):
+    """Counts and times every call, by method and status code."""
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
+        """The handler, wrapped to record the call's metrics."""
         handler = continuation(handler_call_details)
         if handler is None:
             return None

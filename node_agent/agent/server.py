@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from callerid import CgroupLayout, Resolver
+from callerid import Resolver
 from node_agent import relaybuf, shellwire
 from node_agent.agent import metrics
 from node_agent.agent.admission import Admission, AdmissionServer
@@ -43,7 +43,7 @@ from node_agent.auth import (
 from node_agent.client import PeerPool
 from node_agent.config import AgentConfig
 from node_agent.errors import StartupError
-from node_agent.jobs.native import JobRegistry
+from node_agent.jobs import open_backend
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("node_agent")
@@ -51,7 +51,7 @@ log = logging.getLogger("node_agent")
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
 
 
-# Clients ping every 5 s (client.KEEPALIVE_OPTIONS), also while an ssh-to-job session is
+# Clients ping every 5 s (dial.KEEPALIVE_OPTIONS), also while an ssh-to-job session is
 # idle: accept that instead of answering with GOAWAY ("too many pings"). The server pings
 # too, so a client that vanished ends its session within seconds.
 SERVER_OPTIONS = [
@@ -100,6 +100,8 @@ class OwnThreadPool(ServerInterceptor):
 
     def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Any],
                           handler_call_details: grpc.HandlerCallDetails) -> Any:
+        """The handler, run in this interceptor's pool when its method is one of the
+        pool's."""
         handler = continuation(handler_call_details)
         pool = self._pools.get(handler_call_details.method)
         if handler is None or pool is None:
@@ -249,30 +251,23 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
     auth = authenticator or MungeAuthenticator(config.munge.socket, config.munge.library)
     if isinstance(auth, MungeAuthenticator):
         auth.self_test()
-    try:
-        layout = CgroupLayout.discover(config.cgroup, procfs=config.procfs)
-    except Exception as e:
-        raise StartupError(f"cgroups: {e}") from None
     # Everything made from here on is undone in reverse order, on a start-up failure
     # too (a helper process or a socket must not outlive a failed start).
     with contextlib.ExitStack() as undo:
-        registry = JobRegistry(config.state_dir, layout, node=config.node_name,
-                               procfs=config.procfs)
-        undo.callback(registry.close)
-        registry.recover()
-        registry.start_watcher()
+        jobs = open_backend(config)
+        undo.callback(jobs.close)
         # Read at scrape time: jobs also end on their own (main process exit).
-        metrics.JOBS.set_function(lambda: len(registry.list_jobs()))
-        resolver = Resolver(registry, procfs=config.procfs, use_netlink=config.use_netlink)
+        metrics.JOBS.set_function(lambda: len(jobs.list_jobs()))
+        resolver = Resolver(jobs, procfs=config.procfs, use_netlink=config.use_netlink)
         undo.callback(resolver.close)
-        warmer = MigrationWarmer(layout)
+        warmer = MigrationWarmer(jobs.scratch_cgroups())
         undo.callback(warmer.close)
-        shells = JobShellSessions(registry, config.session_dir, config.node_name,
+        shells = JobShellSessions(jobs, config.session_dir, config.node_name,
                                   procfs=config.procfs, warmer=warmer)
         shells.recover()   # no session survives a restart: remove what earlier ones left
         relaybuf.keep_buffers_in_heap()  # ssh-to-job's relay: no page fault per byte
         servicer = NodeAgentServicer(
-            node=config.node_name, resolver=resolver, registry=registry,
+            node=config.node_name, resolver=resolver, jobs=jobs,
             admin_uids=config.admin_uids, shells=shells,
             limits=SessionLimits(config.max_sessions, config.max_sessions_per_user,
                                  config.session_open_timeout))
@@ -288,7 +283,7 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         undo.callback(watch.close)
         admission = AdmissionServer(
             config.admission_socket,
-            Admission(registry, peers.caller_id, rpc_timeout=config.rpc_timeout,
+            Admission(jobs, peers.caller_id, rpc_timeout=config.rpc_timeout,
                       warmer=warmer))
         undo.callback(admission.close)
         stop = threading.Event()
@@ -306,9 +301,9 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
                     f"cannot serve metrics on {config.metrics_listen}: {e}") from None
         log.info("node agent for %s serving on %s, admission on %s (%d jobs)%s",
                  config.node_name, ", ".join(addresses), config.admission_socket,
-                 len(registry.list_jobs()),
+                 len(jobs.list_jobs()),
                  f", metrics on {config.metrics_listen}" if config.metrics_listen else "")
-        sd_notify(f"READY=1\nSTATUS=serving {len(registry.list_jobs())} jobs\n"
+        sd_notify(f"READY=1\nSTATUS=serving {len(jobs.list_jobs())} jobs\n"
                   f"MAINPID={os.getpid()}")
         undo.callback(log.info, "stopping")
         undo.callback(sd_notify, "STOPPING=1")

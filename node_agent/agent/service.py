@@ -33,8 +33,8 @@ from node_agent.agent.limits import (
 from node_agent.agent.sessions import JobShellSessions
 from node_agent.agent.sessions import Session as JobShellSession
 from node_agent.auth import Identity, current_identity
-from node_agent.errors import InvalidRequest, PermissionDenied, status_for
-from node_agent.jobs.native import JobRecord, JobRegistry
+from node_agent.errors import InvalidRequest, NotSupported, PermissionDenied, status_for
+from node_agent.jobs.base import JobBackend, JobControl, JobRecord
 from node_agent.pbconv import connection_from_pb
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
@@ -64,31 +64,40 @@ def _serve(fn: Callable[..., R]) -> Callable[..., R]:
     return wrapper
 
 
-def job_to_pb(rec: JobRecord, registry: JobRegistry, with_pids: bool = False) -> pb.Job:
+def job_to_pb(rec: JobRecord, jobs: JobBackend, with_pids: bool = False) -> pb.Job:
+    """A job as the API shows it (its pids only when asked: reading them costs)."""
     j = rec.job
     return pb.Job(
         id=j.id, user=j.user, uid=j.uid, gid=j.gid, start_time=j.start_time,
-        main_pid=j.main_pid or 0, state=rec.state, node=registry.node,
-        cgroups=registry.cgroup_names(j.id),
-        pids=registry.pids(j.id) if with_pids else [],
+        main_pid=j.main_pid or 0, state=rec.state, node=jobs.node,
+        cgroups=jobs.cgroup_names(j.id),
+        pids=jobs.pids(j.id) if with_pids else [],
     )
 
 
 class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
-    def __init__(self, *, node: str, resolver: Resolver, registry: JobRegistry,
+    """The NodeAgent service: caller ID, jobs and ssh-to-job streams, over a job backend."""
+    def __init__(self, *, node: str, resolver: Resolver, jobs: JobBackend,
                  admin_uids: tuple[int, ...] = (),
                  shells: JobShellSessions | None = None,
                  limits: SessionLimits | None = None) -> None:
         self.node = node
         self.shells = shells
         self.resolver = resolver
-        self.registry = registry
+        self.jobs = jobs
         self.admin_uids = frozenset((0, *admin_uids))
         # ssh-to-job's caps (node_agent/agent/limits.py); create_server sizes the sessions'
         # own thread pool from them.
         self.limits = limits or SessionLimits()
         self.sessions = SessionLimiter(self.limits, node)
         self._refusals = RefusalLog(log)
+
+    def _control(self) -> JobControl:
+        """The backend, when it starts and ends jobs on request (the native registry)."""
+        if not isinstance(self.jobs, JobControl):
+            raise NotSupported(f"jobs on {self.node} are started and ended by the "
+                                     "scheduler, not by the agent")
+        return self.jobs
 
     def _privileged(self, ident: Identity) -> bool:
         return ident.uid in self.admin_uids
@@ -105,7 +114,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         conn = connection_from_pb(request.connection)
         t0 = time.perf_counter()
         res: Resolution = self.resolver.resolve(conn, want_pid=explain or request.want_pid)
-        rec = self.registry.get(res.job_id) if res.job_id else None
+        rec = self.jobs.get(res.job_id) if res.job_id else None
         metrics.RESOLVE_SECONDS.observe(time.perf_counter() - t0)
         owner_uid = rec.job.uid if rec else res.uid
         if not self._privileged(ident) and owner_uid != ident.uid:
@@ -144,43 +153,48 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     @_serve
     def CallerId(self, request: pb.CallerIdRequest,
                  context: grpc.ServicerContext) -> pb.CallerIdReply:
+        """Which job owns a connection whose local end is on this node."""
         return self._answer(request, explain=False)
 
     @_serve
     def Whois(self, request: pb.CallerIdRequest,
               context: grpc.ServicerContext) -> pb.CallerIdReply:
+        """CallerId with every step of the resolution, for `adoptctl whois`."""
         return self._answer(request, explain=True)
 
     # -- jobs ----------------------------------------------------------------------------
     @_serve
     def ListJobs(self, request: pb.ListJobsRequest,
                  context: grpc.ServicerContext) -> pb.ListJobsReply:
+        """The jobs of this node the caller may see (root and admins: all)."""
         ident = current_identity()
-        recs = self.registry.list_jobs(request.user or None)
+        recs = self.jobs.list_jobs(request.user or None)
         if request.job_id:
             recs = [r for r in recs if r.job.id == request.job_id]
         if not self._privileged(ident):
             recs = [r for r in recs if r.job.uid == ident.uid]
         return pb.ListJobsReply(
-            node=self.node, jobs=[job_to_pb(r, self.registry, request.with_pids) for r in recs])
+            node=self.node, jobs=[job_to_pb(r, self.jobs, request.with_pids) for r in recs])
 
     @_serve
     def StartJob(self, request: pb.StartJobRequest,
                  context: grpc.ServicerContext) -> pb.StartJobReply:
+        """Start a job (root and admins; backends that start jobs themselves)."""
         self._require_admin(current_identity(), "start jobs")
         if not request.user:
             raise InvalidRequest("a job needs a user")
-        rec = self.registry.start(request.job_id, request.user, list(request.argv),
+        rec = self._control().start(request.job_id, request.user, list(request.argv),
                                   cwd=request.cwd, env=dict(request.env), output=request.output)
-        return pb.StartJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
+        return pb.StartJobReply(job=job_to_pb(rec, self.jobs, with_pids=True))
 
     @_serve
     def AttachToJob(self, request: pb.AttachToJobRequest,
                     context: grpc.ServicerContext) -> pb.AttachToJobReply:
+        """Move a process into a job (root and admins; backends that control jobs)."""
         self._require_admin(current_identity(), "attach processes to jobs")
         callerid.validate_job_id(request.job_id)
-        rec = self.registry.attach(request.job_id, request.pid)
-        return pb.AttachToJobReply(job=job_to_pb(rec, self.registry, with_pids=True))
+        rec = self._control().attach(request.job_id, request.pid)
+        return pb.AttachToJobReply(job=job_to_pb(rec, self.jobs, with_pids=True))
 
     def OpenJobShell(  # type: ignore[override]  # shellwire frames, not only ShellFrame
             self, request_iterator: Iterator[shellwire.Frame],
@@ -218,7 +232,7 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         # Ctrl-C on the client, or a broken connection, cancels the call: end the session.
         # grpc runs this callback in the server's one polling thread, which every call of
         # every method needs to be dispatched at all; killing a session's cgroup can take
-        # seconds (up to layout.kill's timeout), so it runs in a thread of its own.
+        # seconds (up to the kill's timeout), so it runs in a thread of its own.
         context.add_callback(lambda: threading.Thread(
             target=session.kill, name=f"shell-kill-{session.session_id}").start())
         return self._relay(session, request_iterator, slot)
@@ -309,7 +323,8 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     @_serve
     def EndJob(self, request: pb.EndJobRequest,
                context: grpc.ServicerContext) -> pb.EndJobReply:
+        """End a job: kill its processes and forget it (root and admins)."""
         self._require_admin(current_identity(), "end jobs")
         callerid.validate_job_id(request.job_id)
-        rec, killed = self.registry.end(request.job_id, timeout=request.timeout or 10.0)
-        return pb.EndJobReply(job=job_to_pb(rec, self.registry), killed=killed)
+        rec, killed = self._control().end(request.job_id, timeout=request.timeout or 10.0)
+        return pb.EndJobReply(job=job_to_pb(rec, self.jobs), killed=killed)

@@ -66,10 +66,11 @@ agent runs for a job: it joins a cgroup before it enters the job's namespace, im
 nothing after (launch.py), and is bounded by a timeout past which its whole cgroup is
 killed. While the job runs, that cgroup is the session's own leaf. Once the job has ended
 (``adoptctl job end``, or its main process exited) its cgroups are gone, and the helper
-gets a transient cgroup of the agent's, ``<subtree>/ssh-to-job-cleanup/job_<session
-id>/remove`` in every hierarchy, removed after it: a place that is still killed as a whole
-and that nothing mistakes for a job (the registry looks only at ``<subtree>/job_*``), and
-not a new directory under the ended job's path, which would bring the job's cgroups back.
+gets a transient cgroup of the agent's outside every job (the backend's `helper_cgroup`;
+the native registry's is ``<subtree>/ssh-to-job-cleanup/job_<session id>/remove``),
+removed after it: a place that is still killed as a whole and that nothing mistakes for a
+job, and not a new directory under the ended job's path, which would bring the job's
+cgroups back.
 """
 
 from __future__ import annotations
@@ -91,23 +92,20 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from callerid import CgroupError, CgroupLayout, InvalidJobId, Job
+from callerid import CgroupError, Job
 from node_agent import jobenv, shellwire, spawn
 from node_agent.agent.warmup import MigrationWarmer
 from node_agent.errors import InvalidRequest, JobNotFound, JobNotRunning, JobStartFailed
-from node_agent.jobs.native import JobRegistry
+from node_agent.jobs.base import JobBackend, JobCgroup
 from node_agent.relaybuf import FRAME, Pacer, read_gathered
 
 log = logging.getLogger("node_agent.agent.sessions")
 security = logging.getLogger("node_agent.security")
 
-SSH_LEAF = "ssh-to-job"
 PIPE_SIZE = 1 << 20   # sshd's stdin/stdout pipes
 NSS_WRAPPER = "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 NAMESPACES = ("net", "pid", "mnt")    # setns order: mnt last (paths change after it)
-CLEANUP_SUBTREE = "ssh-to-job-cleanup"   # under the cgroup subtree; see the module doc
-CLEANUP_LEAF = "remove"
 SSHD_START_TIMEOUT = 20.0   # the launcher, from start to exec'ing sshd (spawn.start)
 CLEANUP_TIMEOUT = 10.0      # a clean-up helper, from start to exit
 KEY_TYPES = frozenset({
@@ -154,17 +152,6 @@ def env_file_text(env: dict[str, str]) -> str:
         if _VAR_NAME.match(name) and not _SESSION_VARS.match(name) and "\0" not in env[name]:
             lines.append(f"export {name}={sh_quote(env[name])}")
     return "\n".join(lines) + "\n"
-
-
-def read_environ(pid: int, procfs: str = "/proc") -> dict[str, str]:
-    with open(f"{procfs}/{pid}/environ", "rb") as f:
-        raw = f.read()
-    env: dict[str, str] = {}
-    for item in raw.split(b"\0"):
-        name, sep, value = item.partition(b"=")
-        if sep and name:
-            env[os.fsdecode(name)] = os.fsdecode(value)
-    return env
 
 
 def namespaces_to_enter(pid: int, procfs: str = "/proc") -> list[str]:
@@ -229,6 +216,7 @@ def devpts_gives_tty_group(pid: int | str = "self", procfs: str = "/proc") -> bo
 
 
 def sshd_config_text(d: Path) -> str:
+    """The configuration of a session's `sshd -i`, all of its files in `d`."""
     return "\n".join([
         "# a private sshd -i for one ssh-to-job session (node_agent.agent.sessions)",
         f"HostKey {d}/host_key",
@@ -293,21 +281,15 @@ exec "$shell" -l
 """
 
 
-def session_leaf(session_id: str) -> str:
-    """The cgroup leaf (under the job) of one session: everything it starts stays there."""
-    return f"{SSH_LEAF}/{session_id}"
-
-
 class Session:
     """One running ``sshd -i``; the caller relays bytes with write/read. Always call
     :meth:`cleanup` at the end (idempotent; kills sshd if alive, removes the directory)."""
 
     def __init__(self, session_id: str, directory: Path, proc: subprocess.Popen[bytes],
-                 host_key: str, user: str, job_id: str, layout: CgroupLayout,
+                 host_key: str, user: str, job_id: str, cgroup: JobCgroup,
                  job_view: JobViewDir | None = None) -> None:
         self.session_id = session_id
-        self.layout = layout
-        self.leaf = session_leaf(session_id)
+        self.cgroup = cgroup
         self.directory = directory
         self.job_view = job_view
         self.host_key = host_key
@@ -348,6 +330,7 @@ class Session:
             yield parts
 
     def wait(self, timeout: float | None = None) -> int:
+        """Wait for sshd to exit; its exit status."""
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
@@ -359,8 +342,8 @@ class Session:
         with self._lock:
             if not self._killed:
                 try:
-                    self.layout.kill(self.job_id, timeout=10.0, leaf=self.leaf)
-                except (CgroupError, InvalidJobId) as e:
+                    self.cgroup.kill(timeout=10.0)
+                except CgroupError as e:
                     log.warning("job %s: ssh session %s: %s", self.job_id, self.session_id, e)
                 if self.proc.poll() is None:  # not in the cgroup after all (a failed start)
                     self.proc.kill()
@@ -371,11 +354,12 @@ class Session:
 
     def _remove_leaf(self) -> None:
         try:
-            self.layout.remove(self.job_id, leaf=self.leaf)
-        except (CgroupError, InvalidJobId) as e:
+            self.cgroup.remove()
+        except CgroupError as e:
             log.debug("job %s: ssh session %s: %s", self.job_id, self.session_id, e)
 
     def cleanup(self) -> None:
+        """Kill what the session runs, remove its files and cgroup (idempotent)."""
         try:
             self.kill()
         finally:
@@ -392,32 +376,26 @@ class Session:
 
 
 class _HelperCgroup:
-    """Where a clean-up helper runs: a cgroup (one leaf in every hierarchy) that it joins
-    before it touches anything, and that is killed as a whole. Either an existing leaf of
-    the job (``transient`` false: left to its owner) or one made here for the helper and
-    removed after it (``transient``)."""
+    """Where a clean-up helper runs: a cgroup that it joins before it touches anything,
+    and that is killed as a whole. Either the session's own leaf in the job (`transient`
+    false: left to its owner) or one outside every job, made for the helper and removed
+    after it (`transient`)."""
 
-    def __init__(self, layout: CgroupLayout, job_id: str, leaf: str, transient: bool) -> None:
-        self.layout, self.job_id, self.leaf, self.transient = layout, job_id, leaf, transient
+    def __init__(self, cgroup: JobCgroup, transient: bool) -> None:
+        self.cgroup, self.transient = cgroup, transient
 
     def __str__(self) -> str:
-        return str(self.layout.leaf_path(self.layout.hierarchies[0], self.job_id, self.leaf))
+        return str(self.cgroup)
 
     def enter(self) -> list[str]:
         """The ``cgroup.procs`` files to join; CgroupError when the cgroup is not there
-        (an existing leaf) or cannot be made (a transient one)."""
-        paths = [self.layout.leaf_path(h, self.job_id, self.leaf)
-                 for h in self.layout.hierarchies]
-        if self.transient:
-            self.layout.create_job(self.job_id, leaves=(self.leaf,))
-        elif not all(p.is_dir() for p in paths):
-            raise CgroupError(f"{self} is gone")
-        return [str(p / "cgroup.procs") for p in paths]
+        (the session's leaf) or cannot be made (a transient one)."""
+        return self.cgroup.create() if self.transient else self.cgroup.join()
 
     def kill(self) -> None:
         try:
-            self.layout.kill(self.job_id, timeout=5.0, leaf=self.leaf)
-        except (CgroupError, InvalidJobId) as e:
+            self.cgroup.kill(timeout=5.0)
+        except CgroupError as e:
             log.warning("cannot kill the clean-up helper's cgroup %s: %s", self, e)
 
     def release(self) -> None:
@@ -425,17 +403,9 @@ class _HelperCgroup:
             return
         self.kill()   # nothing should be left; if anything is, it does not outlive this
         try:
-            self.layout.remove(self.job_id)
-        except (CgroupError, InvalidJobId) as e:
+            self.cgroup.remove()
+        except CgroupError as e:
             log.warning("cannot remove the clean-up helper's cgroup %s: %s", self, e)
-
-
-def cleanup_layout(layout: CgroupLayout) -> CgroupLayout:
-    """The layout of the transient cgroups of clean-up helpers: the job layout's, one level
-    down (``<subtree>/ssh-to-job-cleanup``), where the registry never looks for jobs (it
-    lists ``<subtree>/job_*`` only). Same class, so tests' fake trees behave alike."""
-    return type(layout)(layout.hierarchies, f"{layout.subtree}/{CLEANUP_SUBTREE}",
-                        layout.v2_controllers)
 
 
 class JobViewDir:
@@ -445,14 +415,14 @@ class JobViewDir:
 
     *job_running* tells whether the job still runs (its cgroups are there and are not
     being removed): then the clean-up helper runs in the session's leaf, else in a
-    transient cgroup (:func:`cleanup_layout`)."""
+    transient cgroup outside the job (`JobBackend.helper_cgroup`)."""
 
     def __init__(self, agent_dir: Path, bases: list[str], mnt_ns: str, uid: int, gid: int,
-                 groups: list[int], *, layout: CgroupLayout, job_id: str, session_id: str,
+                 groups: list[int], *, jobs: JobBackend, job_id: str, session_id: str,
                  job_running: Callable[[], bool]) -> None:
         self.session: dict[str, object] = {"dir": str(agent_dir), "bases": bases}
         self._ids = {"uid": uid, "gid": gid, "groups": groups}
-        self._layout, self._job_id, self._sid = layout, job_id, session_id
+        self._jobs, self._job_id, self._sid = jobs, job_id, session_id
         self._job_running = job_running
         self.removed = False
         self._fd = os.open(mnt_ns, os.O_RDONLY | os.O_CLOEXEC)
@@ -473,13 +443,12 @@ class JobViewDir:
             done = False
             if self._job_running():
                 done = self._run(spec, fd, _HelperCgroup(
-                    self._layout, self._job_id, session_leaf(self._sid), transient=False),
+                    self._jobs.session_cgroup(self._job_id, self._sid), transient=False),
                     timeout)
             if not done:
                 # The job ended before or while the helper ran (it was killed with it).
                 self._run(spec, fd, _HelperCgroup(
-                    cleanup_layout(self._layout), self._sid, CLEANUP_LEAF, transient=True),
-                    timeout)
+                    self._jobs.helper_cgroup(self._sid), transient=True), timeout)
         finally:
             os.close(fd)
             self.removed = True
@@ -491,7 +460,7 @@ class JobViewDir:
         what = f"session directory {self.session['dir']} in a job's mount namespace"
         try:
             procs = where.enter()
-        except (CgroupError, InvalidJobId) as e:
+        except CgroupError as e:
             log.debug("%s: no clean-up helper in %s: %s", what, where, e)
             return False
         try:
@@ -574,13 +543,13 @@ class HostKeys:
 
 
 class JobShellSessions:
-    """Opens ssh-to-job sessions for the jobs of one JobRegistry."""
+    """Opens ssh-to-job sessions for the jobs of one backend."""
 
-    def __init__(self, registry: JobRegistry, run_dir: str | os.PathLike[str], node: str, *,
+    def __init__(self, jobs: JobBackend, run_dir: str | os.PathLike[str], node: str, *,
                  sshd: str = "/usr/sbin/sshd", ssh_keygen: str = "/usr/bin/ssh-keygen",
                  nss_wrapper: str = NSS_WRAPPER, procfs: str = "/proc",
                  warmer: MigrationWarmer | None = None) -> None:
-        self.registry = registry
+        self.jobs = jobs
         self.warmer = warmer
         self.run_dir = Path(run_dir)
         self.node = node
@@ -609,29 +578,27 @@ class JobShellSessions:
                 dirs += 1
             except OSError as e:
                 log.warning("cannot remove %s, left by an earlier run: %s", entry.path, e)
-        layout = self.registry.layout
         leaves = killed = 0
-        for rec in self.registry.list_jobs():
+        for rec in self.jobs.list_jobs():
             job_id = rec.job.id
+            sessions = self.jobs.session_cgroup(job_id)
             try:
-                if not any(layout.leaf_path(h, job_id, SSH_LEAF).is_dir()
-                           for h in layout.hierarchies):
+                if not sessions.exists():
                     continue
-                killed += layout.kill(job_id, timeout=10.0, leaf=SSH_LEAF)
-                layout.remove(job_id, leaf=SSH_LEAF)
+                killed += sessions.kill(timeout=10.0)
+                sessions.remove()
                 leaves += 1
-            except (CgroupError, InvalidJobId) as e:
-                # Race: the job may end meanwhile (the registry's watcher already runs).
+            except CgroupError as e:
+                # Race: the job may end meanwhile (the backend's watcher already runs).
                 log.warning("job %s: cannot remove the ssh-to-job sessions left by an "
                             "earlier run: %s", job_id, e)
-        helpers = cleanup_layout(layout)
-        for sid in sorted(helpers.existing_jobs()):
+        for helper in self.jobs.leftover_helper_cgroups():
             try:
-                killed += helpers.kill(sid, timeout=10.0)
-                helpers.remove(sid)
-            except (CgroupError, InvalidJobId) as e:
+                killed += helper.kill(timeout=10.0)
+                helper.remove()
+            except CgroupError as e:
                 log.warning("cannot remove a clean-up helper's cgroup left by an earlier "
-                            "run (%s): %s", sid, e)
+                            "run (%s): %s", helper, e)
         if dirs or leaves or killed:
             log.info("ssh-to-job: removed what sessions of an earlier run left: %d session "
                      "directories, the sessions of %d jobs, %d processes killed",
@@ -646,7 +613,7 @@ class JobShellSessions:
         """A session in the job for the caller. Someone else's job is answered exactly
         like a job that does not exist (JobNotFound, "no job X on NODE"): nobody learns
         which jobs others run here, or whose they are; the refusal is logged."""
-        rec = self.registry.get(job_id)
+        rec = self.jobs.get(job_id)
         if rec is not None and not (admin or caller_uid == 0 or caller_uid == rec.job.uid):
             security.warning("SECURITY: uid %d asked %s for a shell in job %s of uid %d: "
                              "refused, answered as for a missing job", caller_uid, self.node,
@@ -676,20 +643,20 @@ class JobShellSessions:
         and JobViewDir then retries elsewhere; one that kills before the helper joins and
         removes the leaf after it finds the leaf busy, a window of the kill loop's last
         pass, and fails as an ending that found a process fails.)"""
-        rec = self.registry.get(job_id)
+        rec = self.jobs.get(job_id)
         return rec is not None and rec.state == "running"
 
     def _open(self, job: Job, caller_uid: int, key: str, shells: list[str]) -> Session:
         """The session, once the caller may have it and its key and shells are valid."""
         job_id = job.id
         pids = self.job_pids(job_id)
-        main = job.main_pid if job.main_pid in pids else (pids[0] if pids else None)
+        main = self.jobs.main_pid(job_id)
         env: dict[str, str] = {}
         cwd = ""
         namespaces: list[str] = []
         if main is not None:
             try:
-                env = read_environ(main, self.procfs)
+                env = self.jobs.environment(job_id)
                 cwd = os.readlink(f"{self.procfs}/{main}/cwd")
             except OSError as e:
                 log.warning("job %s: cannot read environment/cwd of pid %d: %s", job_id, main, e)
@@ -750,7 +717,7 @@ class JobShellSessions:
                     not session_dir_visible(main, d, self.procfs):
                 # the launcher writes them, as the user, in the job's view (module docstring)
                 job_view = JobViewDir(d, session_bases(self.run_dir, env), mnt, job.uid,
-                                      job.gid, groups, layout=self.registry.layout,
+                                      job.gid, groups, jobs=self.jobs,
                                       job_id=job_id, session_id=sid,
                                       job_running=lambda: self._job_running(job_id))
                 files["host_key"] = (d / "host_key").read_text()
@@ -760,7 +727,7 @@ class JobShellSessions:
                 _write_session_files(d, files, job.uid, job.gid)
             proc = self._launch(spec, job_id)
             session = Session(sid, d, proc, " ".join(host_key), user, job_id,
-                              self.registry.layout, job_view)
+                              self.jobs.session_cgroup(job_id, sid), job_view)
         except BaseException:
             self._undo_open(job_id, sid, d, proc, job_view)
             raise
@@ -772,10 +739,10 @@ class JobShellSessions:
     def _undo_open(self, job_id: str, sid: str, d: Path, proc: subprocess.Popen[bytes] | None,
                    job_view: JobViewDir | None) -> None:
         """A session that failed to open: what it started is killed, what it made removed."""
-        layout, leaf = self.registry.layout, session_leaf(sid)
+        cgroup = self.jobs.session_cgroup(job_id, sid)
         try:
-            layout.kill(job_id, timeout=10.0, leaf=leaf)
-        except (CgroupError, InvalidJobId) as e:
+            cgroup.kill(timeout=10.0)
+        except CgroupError as e:
             log.warning("job %s: ssh session %s: %s", job_id, sid, e)
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -784,17 +751,14 @@ class JobShellSessions:
         if job_view is not None:
             job_view.remove()
         try:
-            layout.remove(job_id, leaf=leaf)
-        except (CgroupError, InvalidJobId):
+            cgroup.remove()
+        except CgroupError:
             pass
 
     def job_pids(self, job_id: str) -> list[int]:
         """The job's pids, main first, without the processes of ssh-to-job sessions."""
-        try:
-            sessions = self.registry.layout.procs(job_id, SSH_LEAF)
-        except OSError:
-            sessions = set()
-        return [p for p in self.registry.pids(job_id) if p not in sessions]
+        sessions = self.jobs.session_cgroup(job_id).procs()
+        return [p for p in self.jobs.pids(job_id) if p not in sessions]
 
     def _host_key(self, d: Path) -> None:
         """d/host_key and d/host_key.pub: a fresh pair, made ahead of need if one is
@@ -818,13 +782,7 @@ class JobShellSessions:
             raise JobStartFailed(f"ssh-keygen failed: {r.stderr.decode(errors='replace')}")
 
     def _cgroup_procs(self, job_id: str, sid: str) -> list[str]:
-        layout = self.registry.layout
-        if not all(layout.job_path(h, job_id).is_dir() for h in layout.hierarchies):
-            raise JobNotFound(job_id, self.node)   # ended meanwhile
-        leaf = session_leaf(sid)
-        layout.create_job(job_id, leaves=(SSH_LEAF, leaf))   # idempotent; v1 cpuset-aware
-        return [str(layout.leaf_path(h, job_id, leaf) / "cgroup.procs")
-                for h in layout.hierarchies]
+        return self.jobs.session_cgroup(job_id, sid).create()
 
     def _launch(self, spec: dict[str, object], job_id: str) -> subprocess.Popen[bytes]:
         try:

@@ -38,15 +38,15 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from callerid import CgroupLayout
-
 log = logging.getLogger("node_agent.agent.warmup")
 
 DIR = ".warmup"
 
 
 class MigrationWarmer:
-    """Moves a helper process of the agent's between two cgroups of the agent's.
+    """Moves a helper process of the agent's between two cgroups of the agent's, made in
+    `scratch` (a cgroup directory of the agent's own: the job backend's `scratch_cgroups`;
+    None turns the warmer off).
 
     `kick` moves it once, in the background. `expect_login` keeps moving it every
     `interval` seconds (shorter than a grace period, so the lock never switches back)
@@ -61,7 +61,7 @@ class MigrationWarmer:
     6 of 12 bursts with the keeping, in 1 of 10 without.)
     """
 
-    def __init__(self, layout: CgroupLayout, *, interval: float = 0.002,
+    def __init__(self, scratch: str | os.PathLike[str] | None, *, interval: float = 0.002,
                  hold: float = 1.0, burst: int = 4) -> None:
         self.interval = interval
         self.hold = hold
@@ -73,10 +73,9 @@ class MigrationWarmer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._dirs: list[Path] = []
         self._turn = 0
-        if not layout.hierarchies:
+        if scratch is None:
             return
-        h = layout.hierarchies[0]
-        top = layout.subtree_path(h) / DIR
+        top = Path(scratch) / DIR
         try:
             self._clear(top)
             self._dirs = [top / "a", top / "b"]
@@ -106,6 +105,7 @@ class MigrationWarmer:
 
     @property
     def enabled(self) -> bool:
+        """Whether the warmer runs (its helper and cgroups could be made)."""
         return self._proc is not None
 
     def kick(self) -> None:
@@ -181,6 +181,7 @@ class MigrationWarmer:
                 self._busy = False
 
     def close(self) -> None:
+        """Stop moving, kill the helper, remove the warmer's cgroups."""
         proc, self._proc = self._proc, None
         if proc is not None:
             proc.kill()
@@ -252,6 +253,7 @@ class LoginWatch:
 
     @property
     def active(self) -> bool:
+        """Whether the watch runs (inotify could watch the PAM files)."""
         return self._thread is not None
 
     def _run(self) -> None:
@@ -275,6 +277,7 @@ class LoginWatch:
                 self._on_login()
 
     def close(self) -> None:
+        """Stop watching."""
         if self._thread is not None:
             os.write(self._wake_w, b"x")
             self._thread.join()

@@ -1,134 +1,26 @@
-"""Command-line entry points: `node-agent` and `adoptctl`.
+"""`adoptctl`: jobs of the native registry and caller ID, from the command line.
 
-Both are thin `main(argv)` functions over node_agent.agent.server and node_agent.client.
-One error handler (`_cli`) prints `prog: Category: message` and maps errors to exit
-codes: 1 for an operational failure, 2 for bad arguments or configuration, 130 on
-Ctrl-C; a closed pipe (`adoptctl jobs | head`) is silent.
+A thin `main(argv)` over node_agent.client; errors go through the CLIs' one handler
+(node_agent.cli.common).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TextIO
 
-import grpc
-
 from callerid import Connection, Endpoint
-from node_agent import __version__
+from node_agent import __version__, dial
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
-from node_agent.client import AgentClient, target_of
-from node_agent.errors import AuthError, ImpostorError, StartupError
+from node_agent.cli.common import EXIT_FAILURE, CliError, UsageError, run
+from node_agent.client import AgentClient
 from node_agent.proto.v1 import agent_pb2 as pb
-
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 128 + 2
-
-_CATEGORIES = {
-    grpc.StatusCode.UNAVAILABLE: "Agent unreachable",
-    grpc.StatusCode.DEADLINE_EXCEEDED: "Timeout",
-    grpc.StatusCode.PERMISSION_DENIED: "Permission denied",
-    grpc.StatusCode.UNAUTHENTICATED: "Authentication failed",
-    grpc.StatusCode.NOT_FOUND: "Not found",
-    grpc.StatusCode.ALREADY_EXISTS: "Already exists",
-    grpc.StatusCode.INVALID_ARGUMENT: "Invalid argument",
-    grpc.StatusCode.FAILED_PRECONDITION: "Failed",
-    # The agent's caps (ssh-to-job sessions), and grpc's own limits (a message too large).
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "Limit reached",
-}
-
-
-class UsageError(Exception):
-    pass
-
-
-class CliError(Exception):
-    """An operational failure detected by the CLI itself: `prog: category: message`."""
-
-    def __init__(self, category: str, message: str) -> None:
-        super().__init__(message)
-        self.category = category
-
-
-def _cli(prog: str, body: Callable[[], int], err: TextIO) -> int:
-    """Run a CLI body with the shared error handling."""
-    try:
-        return body()
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # Silence the flush at exit too.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_FAILURE
-    except (UsageError, config_mod.ConfigError) as e:
-        print(f"{prog}: {'Configuration' if isinstance(e, config_mod.ConfigError) else 'Usage'}:"
-              f" {e}", file=err)
-        return EXIT_USAGE
-    except grpc.RpcError as e:
-        code = e.code()
-        details = e.details() or code.name
-        if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
-            details = f"no agent answers ({details})"
-        print(f"{prog}: {_CATEGORIES.get(code, 'Error')}: {details}", file=err)
-        return EXIT_FAILURE
-    except CliError as e:
-        print(f"{prog}: {e.category}: {e}", file=err)
-        return EXIT_FAILURE
-    except ImpostorError as e:
-        print(f"{prog}: Authentication failed: {e}", file=err)
-        return EXIT_FAILURE
-    except AuthError as e:
-        print(f"{prog}: MUNGE: {e}", file=err)
-        return EXIT_FAILURE
-    except StartupError as e:
-        print(f"{prog}: Cannot start: {e}", file=err)
-        return EXIT_FAILURE
-    except ValueError as e:
-        print(f"{prog}: Invalid argument: {e}", file=err)
-        return EXIT_USAGE
-
-
-# -- node-agent ---------------------------------------------------------------------------
-
-def agent_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="node-agent",
-        description="The callerid-adopt node agent: answers caller-ID questions, keeps the "
-                    "native job registry, admits ssh logins into jobs (for pam_adopt) and "
-                    "serves ssh-to-job sessions. Runs as root, one per compute node.",
-    )
-    parser.add_argument("--config", default=config_mod.DEFAULT_PATH,
-                        help="configuration file (default: %(default)s)")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--check", action="store_true",
-                        help="check the configuration and munged, then exit")
-    args = parser.parse_args(argv)
-
-    def body() -> int:
-        from node_agent.agent import server
-
-        cfg = config_mod.load(args.config)
-        logging.basicConfig(
-            level=cfg.log_level.upper(), stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if args.check:
-            MungeAuthenticator(cfg.munge.socket, cfg.munge.library).self_test()
-            print(f"node-agent: {args.config}: OK")
-            return 0
-        server.run(cfg)
-        return 0
-
-    return _cli("node-agent", body, sys.stderr)
-
 
 # -- adoptctl -----------------------------------------------------------------------------
 
@@ -148,13 +40,8 @@ the agent on the source node answers, or the one given with --node.
 def _client(args: argparse.Namespace, cfg: config_mod.AgentConfig,
             node: str | None = None, auth: Authenticator | None = None) -> AgentClient:
     auth = auth or MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
-    if node:
-        target = target_of(node, cfg.port)
-    elif args.agent:
-        target = target_of(args.agent, cfg.port)
-    else:
-        target = f"unix:{cfg.socket}"
-    return AgentClient(target, auth, timeout=args.timeout, local_node=cfg.node_name)
+    return AgentClient(dial.agent_target(cfg, node or args.agent), auth,
+                       timeout=args.timeout, local_node=cfg.node_name)
 
 
 def _fmt_time(t: float) -> str:
@@ -217,6 +104,7 @@ def _parse_env(items: Sequence[str]) -> dict[str, str]:
 
 
 def adoptctl_parser() -> argparse.ArgumentParser:
+    """The command line of `adoptctl` and its subcommands."""
     p = argparse.ArgumentParser(
         prog="adoptctl",
         description="Talk to the callerid-adopt node agent: jobs of the native registry, "
@@ -275,7 +163,7 @@ def adoptctl_parser() -> argparse.ArgumentParser:
     return p
 
 
-def adoptctl_main(argv: Sequence[str] | None = None, out: TextIO | None = None,
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
                   err: TextIO | None = None, authenticator: Authenticator | None = None) -> int:
     """`adoptctl`; tests pass argv, streams and a fake authenticator."""
     out = out or sys.stdout
@@ -342,4 +230,4 @@ def adoptctl_main(argv: Sequence[str] | None = None, out: TextIO | None = None,
                         out.write(f"cgroup      {cg}\n")
         return 0
 
-    return _cli("adoptctl", body, err)
+    return run("adoptctl", body, err)

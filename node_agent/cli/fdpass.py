@@ -15,6 +15,7 @@ BUFFER = 1 << 20  # ask for large socket buffers: bulk copies move in bigger fra
 
 
 def main() -> int:
+    """Connect to SOCKET and hand the connection to ssh (ProxyUseFdpass); the exit status."""
     if len(sys.argv) != 2:
         sys.stderr.write("usage: fdpass.py SOCKET (ssh-to-job's ProxyCommand)\n")
         return 2

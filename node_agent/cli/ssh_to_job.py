@@ -37,11 +37,11 @@ from typing import Any, TextIO
 
 import grpc
 
-from node_agent import __version__, relaybuf, shellwire
+from node_agent import __version__, dial, relaybuf, shellwire
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
-from node_agent.cli.adoptctl import _CATEGORIES, CliError, UsageError, _cli
-from node_agent.client import AgentClient, target_of
+from node_agent.cli.common import CATEGORIES, CliError, UsageError, run
+from node_agent.client import AgentClient
 from node_agent.errors import AuthError, ImpostorError, InvalidRequest
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.relaybuf import Pacer, read_gathered
@@ -107,6 +107,7 @@ _SHORT_IGNORED = {"4", "6"}
 
 @dataclass(frozen=True)
 class Args:
+    """ssh-to-job's command line, parsed."""
     job_id: str = ""
     remote: tuple[str, ...] = ()
     ssh: tuple[str, ...] = ("ssh",)
@@ -313,16 +314,10 @@ def proxy_argv(sock: str, python: str | None = None) -> list[str]:
 
 @dataclass(frozen=True)
 class Located:
+    """Where a job was found: the agent's target, the job, its node."""
     target: str
     job: pb.Job
     node: str
-
-
-def candidate_targets(cfg: Any, name: str | None) -> list[str]:
-    """The agents to ask for the job: NODE's (-name), else this node's."""
-    if name:
-        return [target_of(name, cfg.port)]
-    return [f"unix:{cfg.socket}"]
 
 
 def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_retry: bool,
@@ -414,6 +409,7 @@ def start_keygen(tmp: str, options: Sequence[str]) -> subprocess.Popen[str]:
 
 
 def finish_keygen(proc: subprocess.Popen[str]) -> None:
+    """Wait for ssh-keygen started by `start_keygen`; CliError when it failed."""
     _, stderr = proc.communicate()
     if proc.returncode != 0:
         why = (stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
@@ -422,6 +418,7 @@ def finish_keygen(proc: subprocess.Popen[str]) -> None:
 
 def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
                 sleep: Callable[[float], None] = time.sleep) -> int:
+    """Find the job, open a session and run ssh through it; ssh's exit status."""
     handlers = _Handlers()
     handlers.install()
     tmp = tempfile.mkdtemp(prefix="ssh-to-job.")  # mode 0700
@@ -429,7 +426,7 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
     key: subprocess.Popen[str] | None = None
     try:
         key = start_keygen(tmp, args.keygen_options)
-        where = locate(candidate_targets(cfg, args.name), args.job_id, auth,
+        where = locate([dial.agent_target(cfg, args.name)], args.job_id, auth,
                        auto_retry=args.auto_retry, err=err, sleep=sleep,
                        local_node=cfg.node_name)
         finish_keygen(key)
@@ -539,6 +536,7 @@ class Relay:
         self._held: socket.socket | None = None
 
     def start(self) -> None:
+        """Start relaying in a thread of its own."""
         self._thread = threading.Thread(target=self._run, name="relay", daemon=True)
         self._thread.start()
 
@@ -739,7 +737,7 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and end is None:
             # Before `opened`, this is the agent's cap on sessions; its message names it.
             return fail("Too many sessions", e.details() or code.name)
-        return fail(_CATEGORIES.get(code, "Error"), e.details() or code.name)
+        return fail(CATEGORIES.get(code, "Error"), e.details() or code.name)
     finally:
         finished.set()
         client.close()
@@ -766,7 +764,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
         auth = authenticator or MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
         return run_session(args, cfg, auth, err)
 
-    return _cli(PROG, body, err)
+    return run(PROG, body, err)
 
 
 def entry() -> None:

@@ -74,6 +74,7 @@ from typing import Any
 import callerid
 from callerid import CgroupLayout, Job, ProcCgroup
 from node_agent import jobenv, spawn
+from node_agent.config import AgentConfig
 from node_agent.errors import (
     AgentError,
     InvalidRequest,
@@ -82,9 +83,22 @@ from node_agent.errors import (
     JobNotRunning,
     JobStartFailed,
     RegistryFailure,
+    StartupError,
 )
+from node_agent.jobs.base import JobCgroup, JobRecord
 
 log = logging.getLogger("node_agent.jobs.native")
+
+#: The job's cgroup layout (the module docstring): processes of `adoptctl job run` live in
+#: `main/`, adopted ssh logins in `adopted/`, ssh-to-job sessions in
+#: `ssh-to-job/<session id>/`. Helpers of the agent's that run outside every job (the
+#: clean-up of a session whose job ended) get `<subtree>/ssh-to-job-cleanup/job_<name>/
+#: remove/`, one level below the jobs, where recovery never takes them for jobs (it lists
+#: `<subtree>/job_*` only); the migration warm-up uses `<subtree>/` itself.
+ADOPTED_LEAF = "adopted"
+SSH_LEAF = "ssh-to-job"
+CLEANUP_SUBTREE = "ssh-to-job-cleanup"
+CLEANUP_LEAF = "remove"
 
 JOB_START_TIMEOUT = 20.0   # the launcher, from start to exec'ing a job's main command
 
@@ -111,13 +125,6 @@ END_RETRY_MAX_S = 60.0
 
 # (id, user, uid, gid, start_time, main_pid, main_start, state), as stored.
 Row = tuple[Any, ...]
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    job: Job
-    state: str              # "starting", "running", "ending"
-    main_start: int | None = None
 
 
 @dataclass(frozen=True)
@@ -256,8 +263,87 @@ class _Store:
             self._db = None
 
 
+class LayoutCgroup:
+    """A `JobCgroup` of the native layout: the leaf `leaf` of job `job_id` in `layout`
+    (`leaf` empty: the job's whole directory). `whole` (a helper's transient cgroup):
+    remove() takes the job directory with it."""
+
+    def __init__(self, layout: CgroupLayout, job_id: str, leaf: str, *, node: str,
+                 whole: bool = False) -> None:
+        self.layout, self.job_id, self.leaf, self.node, self.whole = (
+            layout, job_id, leaf, node, whole)
+
+    def __str__(self) -> str:
+        if not self.layout.hierarchies:
+            return f"job {self.job_id}: {self.leaf}"
+        return str(self.layout.leaf_path(self.layout.hierarchies[0], self.job_id, self.leaf))
+
+    def _paths(self) -> list[Path]:
+        try:
+            return [self.layout.leaf_path(h, self.job_id, self.leaf)
+                    for h in self.layout.hierarchies]
+        except callerid.InvalidJobId as e:
+            raise callerid.CgroupError(str(e)) from None
+
+    def create(self) -> list[str]:
+        """Make the leaf (idempotent); its cgroup.procs files. JobNotFound when the job
+        ended."""
+        paths = self._paths()
+        if not self.whole:
+            if not all(self.layout.job_path(h, self.job_id).is_dir()
+                       for h in self.layout.hierarchies):
+                raise JobNotFound(self.job_id, self.node)   # ended meanwhile
+            parent, _, _ = self.leaf.rpartition("/")
+            leaves: tuple[str, ...] = (parent, self.leaf) if parent else (self.leaf,)
+        else:
+            leaves = (self.leaf,)
+        self.layout.create_job(self.job_id, leaves=leaves)   # idempotent; v1 cpuset-aware
+        return [str(p / "cgroup.procs") for p in paths]
+
+    def join(self) -> list[str]:
+        """The cgroup.procs files of the existing leaf; CgroupError when it is gone."""
+        paths = self._paths()
+        if not all(p.is_dir() for p in paths):
+            raise callerid.CgroupError(f"{self} is gone")
+        return [str(p / "cgroup.procs") for p in paths]
+
+    def exists(self) -> bool:
+        """Whether the leaf exists in any hierarchy."""
+        return any(p.is_dir() for p in self._paths())
+
+    def procs(self) -> set[int]:
+        """The pids in the leaf and below."""
+        try:
+            return self.layout.procs(self.job_id, self.leaf or None)
+        except (OSError, ValueError):
+            return set()
+
+    def kill(self, timeout: float) -> int:
+        """SIGKILL everything in the leaf until empty; how many."""
+        try:
+            return self.layout.kill(self.job_id, timeout=timeout, leaf=self.leaf or None)
+        except callerid.InvalidJobId as e:
+            raise callerid.CgroupError(str(e)) from None
+
+    def remove(self) -> None:
+        """Remove the leaf (a helper's: its whole directory) once empty."""
+        try:
+            if self.whole:
+                self.layout.remove(self.job_id)
+            else:
+                self.layout.remove(self.job_id, leaf=self.leaf)
+        except callerid.InvalidJobId as e:
+            raise callerid.CgroupError(str(e)) from None
+
+
+def session_leaf(session_id: str) -> str:
+    """The cgroup leaf (under the job) of one ssh-to-job session."""
+    return f"{SSH_LEAF}/{session_id}"
+
+
 class JobRegistry:
-    """Jobs of this node; thread-safe. Also the `callerid.JobLocator` for this node."""
+    """Jobs of this node; thread-safe. A `JobBackend` and a `JobControl`
+    (node_agent.jobs.base), and so the `callerid.JobLocator` for this node."""
 
     def __init__(self, state_dir: str | os.PathLike[str], layout: CgroupLayout, *,
                  node: str, procfs: str = "/proc") -> None:
@@ -486,30 +572,83 @@ class JobRegistry:
 
     # -- queries -------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord | None:
+        """One job, or None."""
         with self._lock:
             return self._jobs.get(job_id)
 
     def list_jobs(self, user: str | None = None) -> list[JobRecord]:
+        """The jobs (of `user` only, when given), oldest first."""
         with self._lock:
             recs = list(self._jobs.values())
         return sorted((r for r in recs if user is None or r.job.user == user),
                       key=lambda r: (r.job.start_time, r.job.id))
 
     def pids(self, job_id: str) -> list[int]:
+        """The job's processes, its main process first."""
         rec = self.get(job_id)
         procs = self.layout.procs(job_id)
         main = rec.job.main_pid if rec else None
         return ([main] if main in procs else []) + sorted(procs - {main})
 
+    def main_pid(self, job_id: str) -> int | None:
+        """The job's main process, else its first that is no session's."""
+        rec = self.get(job_id)
+        if rec is None:
+            return None
+        pids = [p for p in self.pids(job_id) if p not in self.session_cgroup(job_id).procs()]
+        main = rec.job.main_pid
+        return main if main in pids else (pids[0] if pids else None)
+
+    def environment(self, job_id: str) -> dict[str, str]:
+        """The environment of the job's main process."""
+        main = self.main_pid(job_id)
+        if main is None:
+            return {}
+        return jobenv.read_environ(main, self.procfs)
+
     def cgroup_names(self, job_id: str) -> list[str]:
+        """`hierarchy:path` of the job's cgroups."""
         return [f"{h.name}:{self.layout.job_path(h, job_id)}" for h in self.layout.hierarchies]
+
+    def adopt(self, job_id: str, pid: int) -> None:
+        """Put an ssh login's process into the job's `adopted` leaf."""
+        self.layout.attach(job_id, pid, leaf=ADOPTED_LEAF)
+
+    def session_cgroup(self, job_id: str, session: str | None = None) -> JobCgroup:
+        """`ssh-to-job/<session>` in the job (without a session: `ssh-to-job`)."""
+        return LayoutCgroup(self.layout, job_id,
+                            session_leaf(session) if session else SSH_LEAF, node=self.node)
+
+    def helper_layout(self) -> CgroupLayout:
+        """The layout of the helpers' cgroups (`<subtree>/ssh-to-job-cleanup`)."""
+        return type(self.layout)(self.layout.hierarchies,
+                                 f"{self.layout.subtree}/{CLEANUP_SUBTREE}",
+                                 self.layout.v2_controllers)
+
+    def helper_cgroup(self, name: str) -> JobCgroup:
+        """`<subtree>/ssh-to-job-cleanup/job_<name>/remove`."""
+        return LayoutCgroup(self.helper_layout(), name, CLEANUP_LEAF, node=self.node, whole=True)
+
+    def leftover_helper_cgroups(self) -> list[JobCgroup]:
+        """Helpers' cgroups an earlier run left."""
+        helpers = self.helper_layout()
+        return [LayoutCgroup(helpers, name, "", node=self.node, whole=True)
+                for name in sorted(helpers.existing_jobs())]
+
+    def scratch_cgroups(self) -> str | None:
+        """`<subtree>` of the first hierarchy."""
+        if not self.layout.hierarchies:
+            return None
+        return str(self.layout.subtree_path(self.layout.hierarchies[0]))
 
     # JobLocator: only jobs this registry knows count, whatever directories exist.
     def job_for_cgroup_id(self, cgroup_id: int) -> str | None:
+        """The job of a cgroup id (v2), if this registry knows it."""
         jid = self.layout.job_for_cgroup_id(cgroup_id)
         return jid if jid is not None and jid in self._jobs else None
 
     def job_for_proc_cgroups(self, entries: Sequence[ProcCgroup]) -> str | None:
+        """The job of a process's cgroups, if this registry knows it."""
         jid = self.layout.job_for_proc_cgroups(entries)
         return jid if jid is not None and jid in self._jobs else None
 
@@ -606,6 +745,7 @@ class JobRegistry:
         return proc.pid, start
 
     def attach(self, job_id: str, pid: int) -> JobRecord:
+        """Move a running process into the job's `main` leaf."""
         rec = self.get(job_id)
         if rec is None:
             raise JobNotFound(job_id, self.node)
@@ -779,6 +919,7 @@ class JobRegistry:
                 self._finish_async(job_id, f"main process {pid} exited{status}")
 
     def close(self) -> None:
+        """Stop the watcher and the keeper, close the database."""
         self._closing = True
         os.write(self._wake_w, b"x")
         self._poke.set()
@@ -794,3 +935,21 @@ class JobRegistry:
                           "next start reconciles what it holds with the cgroup tree",
                           self._store.path, len(self._jobs))
             self._store.close()
+
+
+def open_registry(config: AgentConfig) -> JobRegistry:
+    """The registry of `config`'s node: its cgroups discovered, recovered, its watcher
+    running (call close() when done); StartupError when the cgroups are unusable."""
+    try:
+        layout = CgroupLayout.discover(config.cgroup, procfs=config.procfs)
+    except Exception as e:
+        raise StartupError(f"cgroups: {e}") from None
+    registry = JobRegistry(config.state_dir, layout, node=config.node_name,
+                           procfs=config.procfs)
+    try:
+        registry.recover()
+        registry.start_watcher()
+    except BaseException:
+        registry.close()
+        raise
+    return registry

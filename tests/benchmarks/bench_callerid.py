@@ -340,7 +340,8 @@ def grpc_main(args: argparse.Namespace) -> int:
         request_credential,
         target_claim,
     )
-    from node_agent.client import AgentClient, target_of
+    from node_agent.client import AgentClient
+    from node_agent.dial import target_of
     from node_agent.proto.v1 import agent_pb2 as pb
     from node_agent.proto.v1 import agent_pb2_grpc
 

@@ -17,14 +17,15 @@ import grpc
 
 from node_agent import config as config_mod
 from node_agent.auth import MungeAuthenticator
-from node_agent.client import AgentClient, target_of
+from node_agent.client import AgentClient
+from node_agent.dial import agent_target
 from node_agent.proto.v1 import agent_pb2 as pb
 
 
 def main() -> None:
     cfg = config_mod.find()
     auth = MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
-    with AgentClient(target_of(sys.argv[1], cfg.port), auth, timeout=10) as client:
+    with AgentClient(agent_target(cfg, sys.argv[1]), auth, timeout=10) as client:
         for line in sys.stdin:
             n, src_ip, src_port, dst_ip, dst_port = line.split()
             conn = AgentClient.connection(src_ip, int(src_port), dst_ip, int(dst_port))

@@ -85,7 +85,7 @@ for c in conns:
 '''
 
 DECISION = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ node_agent\.admission: admission: (\S+) "
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ node_agent\.agent\.admission: admission: (\S+) "
     r"from \S+ \(([^)]*)\) pid (\d+): (?:(ALLOW|DENY|IGNORE) (\S+)(?: job (\S+))?|dropped)"
     r".*?\((\d+\.\d) ms(?: after it was read)?\).*$", re.M)
 

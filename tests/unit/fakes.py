@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import itertools
 import threading
+import time
+from collections.abc import Mapping, Sequence
 
+from callerid import CgroupError, Job, ProcCgroup
 from node_agent.auth import Identity
-from node_agent.errors import AuthError
+from node_agent.errors import AuthError, JobNotFound
+from node_agent.jobs.base import JobCgroup, JobRecord
 
 
 class FakeAuthenticator:
@@ -53,3 +57,127 @@ class FakeAuthenticator:
                 raise AuthError("MUNGE decode failed: Replayed credential", replayed=True)
             self._seen.add(credential)
         return ident, data
+
+
+class FakeCgroup:
+    """A `JobCgroup` in memory: what was done to it is recorded in `ops`."""
+
+    def __init__(self, name: str, ops: list[tuple[str, str]], *, job_alive: bool = True,
+                 node: str = "fake") -> None:
+        self.name, self.ops, self.job_alive, self.node = name, ops, job_alive, node
+        self.made = False
+        self.pids: set[int] = set()
+
+    def __str__(self) -> str:
+        return self.name
+
+    def create(self) -> list[str]:
+        if not self.job_alive:
+            raise JobNotFound(self.name.split("/")[0], self.node)
+        self.ops.append(("create", self.name))
+        self.made = True
+        return [f"/fake/{self.name}/cgroup.procs"]
+
+    def join(self) -> list[str]:
+        if not self.made:
+            raise CgroupError(f"{self.name} is gone")
+        return [f"/fake/{self.name}/cgroup.procs"]
+
+    def exists(self) -> bool:
+        return self.made
+
+    def procs(self) -> set[int]:
+        return set(self.pids)
+
+    def kill(self, timeout: float) -> int:
+        self.ops.append(("kill", self.name))
+        killed, self.pids = len(self.pids), set()
+        return killed
+
+    def remove(self) -> None:
+        self.ops.append(("remove", self.name))
+        self.made = False
+
+
+class FakeBackend:
+    """A `JobBackend` in memory, for unit tests of the daemon's parts: jobs are added with
+    `add`; adoptions and cgroup operations are recorded (`adopted`, `ops`). It is not a
+    `JobControl`: like a scheduler's backend, it neither starts nor ends jobs."""
+
+    def __init__(self, node: str = "fake") -> None:
+        self.node = node
+        self.jobs: dict[str, JobRecord] = {}
+        self.job_pids: dict[str, list[int]] = {}
+        self.env: dict[str, dict[str, str]] = {}
+        self.cgroups: dict[str, FakeCgroup] = {}
+        self.adopted: list[tuple[str, int]] = []
+        self.ops: list[tuple[str, str]] = []
+        self.adopt_error: OSError | None = None
+
+    def add(self, job_id: str, user: str, uid: int, *, state: str = "running",
+            pids: Sequence[int] = (), env: Mapping[str, str] | None = None,
+            start_time: float | None = None) -> JobRecord:
+        job = Job(job_id, user, uid, uid, start_time or time.time(),
+                  pids[0] if pids else None)
+        rec = self.jobs[job_id] = JobRecord(job, state)
+        self.job_pids[job_id] = list(pids)
+        self.env[job_id] = dict(env or {})
+        return rec
+
+    def get(self, job_id: str) -> JobRecord | None:
+        return self.jobs.get(job_id)
+
+    def list_jobs(self, user: str | None = None) -> list[JobRecord]:
+        return sorted((r for r in self.jobs.values() if user is None or r.job.user == user),
+                      key=lambda r: (r.job.start_time, r.job.id))
+
+    def pids(self, job_id: str) -> list[int]:
+        return list(self.job_pids.get(job_id, []))
+
+    def main_pid(self, job_id: str) -> int | None:
+        pids = self.pids(job_id)
+        return pids[0] if pids else None
+
+    def environment(self, job_id: str) -> dict[str, str]:
+        return dict(self.env.get(job_id, {}))
+
+    def cgroup_names(self, job_id: str) -> list[str]:
+        return [f"fake:/jobs/{job_id}"]
+
+    def adopt(self, job_id: str, pid: int) -> None:
+        if self.adopt_error is not None:
+            raise self.adopt_error
+        self.adopted.append((job_id, pid))
+
+    def _cgroup(self, name: str, job_id: str | None) -> FakeCgroup:
+        cg = self.cgroups.get(name)
+        if cg is None:
+            cg = self.cgroups[name] = FakeCgroup(name, self.ops, node=self.node)
+        cg.job_alive = job_id is None or job_id in self.jobs
+        return cg
+
+    def session_cgroup(self, job_id: str, session: str | None = None) -> FakeCgroup:
+        return self._cgroup(f"{job_id}/sessions" + (f"/{session}" if session else ""), job_id)
+
+    def helper_cgroup(self, name: str) -> FakeCgroup:
+        return self._cgroup(f"helpers/{name}", None)
+
+    def leftover_helper_cgroups(self) -> list[JobCgroup]:
+        return [cg for name, cg in sorted(self.cgroups.items())
+                if name.startswith("helpers/") and cg.made]
+
+    def scratch_cgroups(self) -> str | None:
+        return None
+
+    def job_for_cgroup_id(self, cgroup_id: int) -> str | None:
+        return None
+
+    def job_for_proc_cgroups(self, entries: Sequence[ProcCgroup]) -> str | None:
+        for e in entries:
+            for job_id in self.jobs:
+                if e.path.endswith(f"/jobs/{job_id}"):
+                    return job_id
+        return None
+
+    def close(self) -> None:
+        pass

@@ -29,7 +29,6 @@ import node_agent.agent.admission as admission_mod
 from callerid import CgroupLayout, Connection, Hierarchy
 from node_agent import jobenv, pamcontract
 from node_agent.agent.admission import (
-    ADOPTED_LEAF,
     PER_USER,
     Admission,
     AdmissionServer,
@@ -38,7 +37,7 @@ from node_agent.agent.admission import (
     Peer,
     parse_ssh_connection,
 )
-from node_agent.jobs.native import JobRecord, JobRegistry
+from node_agent.jobs.native import ADOPTED_LEAF, JobRecord, JobRegistry
 from node_agent.pamcontract import (
     ALLOW,
     DENY,
@@ -204,7 +203,7 @@ def test_adoption_failure(registry: JobRegistry, monkeypatch: pytest.MonkeyPatch
     def boom(*a: object, **k: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(registry.layout, "attach", boom)
+    monkeypatch.setattr(registry, "adopt", boom)
     adm = Admission(registry, FakeCallerId())
     r = adm.decide(request(), PEER)
     assert (r.decision, r.reason) == (DENY, "adopt-failed")

@@ -33,7 +33,7 @@ from node_agent.agent.server import create_server
 from node_agent.agent.service import NodeAgentServicer
 from node_agent.auth import Claim, digest, reply_payload
 from node_agent.cli import ssh_to_job as stj
-from node_agent.cli.adoptctl import adoptctl_main
+from node_agent.cli.adoptctl import main as adoptctl_main
 from node_agent.client import AgentClient
 from node_agent.errors import AuthError, JobNotFound
 from node_agent.jobs.native import JobRegistry
@@ -116,7 +116,7 @@ def start_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, shells: Any 
     registry.recover()
     resolver = FakeResolver()
     servicer = NodeAgentServicer(node="testnode", resolver=resolver,  # type: ignore[arg-type]
-                                 registry=registry, admin_uids=(1500,), shells=shells,
+                                 jobs=registry, admin_uids=(1500,), shells=shells,
                                  limits=limits)
     auth = FakeAuthenticator()
     sock = tmp_path / "agent.sock"

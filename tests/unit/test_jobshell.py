@@ -30,6 +30,7 @@ from node_agent import jobenv, launch, shellwire, spawn
 from node_agent.agent import sessions as jobshell
 from node_agent.agent.sessions import JobShellSessions, Session
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed
+from node_agent.jobs import native
 from node_agent.jobs.native import JobRegistry
 
 ED_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGVtdmrVZmpHYDyJfdKD6WIOI1yQBmz2gWfCJHO7E1Jv "
@@ -162,7 +163,7 @@ def test_unknown_job_and_other_user_are_refused_and_nothing_is_made(
     assert len(security) == 1 and security[0].startswith(
         "SECURITY: uid 4242 asked n1 for a shell in job 7 of uid ")
     assert not run.exists()
-    assert not any(p.name == jobshell.SSH_LEAF for p in (tmp_path / "cg").rglob("*"))
+    assert not any(p.name == native.SSH_LEAF for p in (tmp_path / "cg").rglob("*"))
 
 
 @pytest.mark.parametrize("key", [
@@ -311,7 +312,7 @@ def test_job_pids_leave_out_session_processes(registry: JobRegistry, tmp_path: P
     layout = registry.layout
     for h in layout.hierarchies:
         (layout.leaf_path(h, "7") / "cgroup.procs").write_text("30\n10\n")
-        leaf = layout.leaf_path(h, "7", jobshell.SSH_LEAF)
+        leaf = layout.leaf_path(h, "7", native.SSH_LEAF)
         leaf.mkdir()
         (leaf / "cgroup.procs").write_text("20\n")
     assert registry.pids("7") == [10, 20, 30]
@@ -653,7 +654,8 @@ def test_real_session_in_a_job_that_hides_the_session_dir(registry: JobRegistry,
         session.cleanup()
     assert not session.directory.exists()
     assert list(job_tmp.iterdir()) == []
-    leaf = [str(registry.layout.leaf_path(h, "j1", session.leaf) / "cgroup.procs")
+    sid = native.session_leaf(session.session_id)
+    leaf = [str(registry.layout.leaf_path(h, "j1", sid) / "cgroup.procs")
             for h in registry.layout.hierarchies]
     assert [(x["cgroup_procs"], bool(x.get("remove"))) for x in spawned if "session" in x] \
         == [(leaf, False), (leaf, True)]    # sshd, then the clean-up helper
@@ -707,8 +709,8 @@ def test_cleanup_after_the_job_ended_runs_in_a_transient_cgroup(
     finally:
         session.cleanup()
     assert not in_tmp.exists()
-    helpers = jobshell.cleanup_layout(registry.layout)
-    transient = [str(helpers.leaf_path(h, session.session_id, jobshell.CLEANUP_LEAF) /
+    helpers = registry.helper_layout()
+    transient = [str(helpers.leaf_path(h, session.session_id, native.CLEANUP_LEAF) /
                      "cgroup.procs") for h in helpers.hierarchies]
     assert [x["cgroup_procs"] for x in spawned if x.get("remove")] == [transient]
     assert not any(p.name.startswith("job_") for h in helpers.hierarchies
@@ -721,8 +723,8 @@ def test_a_helper_past_its_timeout_is_killed_with_its_whole_cgroup(
         registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Everything in the helper's cgroup dies, not only the process the agent started."""
-    layout = jobshell.cleanup_layout(registry.layout)
-    where = jobshell._HelperCgroup(layout, "abc", jobshell.CLEANUP_LEAF, transient=True)
+    layout = registry.helper_layout()
+    where = jobshell._HelperCgroup(registry.helper_cgroup("abc"), transient=True)
     bystander = subprocess.Popen(["sleep", "60"])
     real = spawn.start
 
@@ -735,7 +737,7 @@ def test_a_helper_past_its_timeout_is_killed_with_its_whole_cgroup(
 
     monkeypatch.setattr(spawn, "start", start)
     view = jobshell.JobViewDir(tmp_path, [], "/proc/self/ns/mnt", os.getuid(), os.getgid(),
-                               [], layout=registry.layout, job_id="7", session_id="abc",
+                               [], jobs=registry, job_id="7", session_id="abc",
                                job_running=lambda: False)
     spec = {"namespaces": [], "uid": os.getuid(), "gid": os.getgid(), "groups": [],
             "cwd": "/", "argv": ["sleep", "60"], "env": {"PATH": "/usr/bin:/bin"},
@@ -790,15 +792,15 @@ def test_recover_removes_what_an_earlier_run_left(registry: JobRegistry, tmp_pat
     (run / "stray").write_text("x")
     run.chmod(0o777)
     layout = registry.layout
-    helpers = jobshell.cleanup_layout(layout)
-    helpers.create_job("fedcba9876543210", leaves=(jobshell.CLEANUP_LEAF,))
+    helpers = registry.helper_layout()
+    helpers.create_job("fedcba9876543210", leaves=(native.CLEANUP_LEAF,))
     orphans = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
-    layout.create_job("7", leaves=(jobshell.session_leaf("0123456789abcdef"),))
+    layout.create_job("7", leaves=(native.session_leaf("0123456789abcdef"),))
     for h in layout.hierarchies:
-        (layout.leaf_path(h, "7", jobshell.session_leaf("0123456789abcdef")) /
+        (layout.leaf_path(h, "7", native.session_leaf("0123456789abcdef")) /
          "cgroup.procs").write_text(f"{orphans[0].pid}\n")
     for h in helpers.hierarchies:
-        (helpers.leaf_path(h, "fedcba9876543210", jobshell.CLEANUP_LEAF) /
+        (helpers.leaf_path(h, "fedcba9876543210", native.CLEANUP_LEAF) /
          "cgroup.procs").write_text(f"{orphans[1].pid}\n")
     try:
         JobShellSessions(registry, run, "n1").recover()
@@ -812,7 +814,7 @@ def test_recover_removes_what_an_earlier_run_left(registry: JobRegistry, tmp_pat
     assert stat.S_IMODE(run.stat().st_mode) == 0o711
     assert (keep / "file").read_text() == "not the session's"
     for h in layout.hierarchies:
-        assert not layout.leaf_path(h, "7", jobshell.SSH_LEAF).exists()
+        assert not layout.leaf_path(h, "7", native.SSH_LEAF).exists()
         assert layout.leaf_path(h, "7").is_dir()      # the job itself is not touched
     assert not helpers.existing_jobs()
     assert layout.existing_jobs() == {"7"}

@@ -290,13 +290,6 @@ def fake_agent() -> Iterator[tuple[FakeAgent, str, FakeAuthenticator]]:
 
 # -- locating the job ---------------------------------------------------------------------
 
-def test_candidate_targets() -> None:
-    cfg = AgentConfig(socket="/run/a.sock", port=411)
-    assert stj.candidate_targets(cfg, None) == ["unix:/run/a.sock"]
-    assert stj.candidate_targets(cfg, "10.0.0.5") == ["ipv4:10.0.0.5:411"]
-    assert stj.candidate_targets(cfg, "10.0.0.5:9000") == ["ipv4:10.0.0.5:9000"]
-
-
 def test_locate_found_and_not_found(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
                                     ) -> None:
     servicer, target, auth = fake_agent
@@ -681,7 +674,8 @@ def test_relay_class_hands_ssh_a_socket_through_fdpass(
 
 def test_version_of_the_three_clis(capsys: pytest.CaptureFixture[str]) -> None:
     import node_agent
-    from node_agent.cli.adoptctl import adoptctl_main, agent_main
+    from node_agent.cli.adoptctl import main as adoptctl_main
+    from node_agent.cli.daemon import main as agent_main
 
     out = io.StringIO()
     assert stj.main(["-version"], out=out, err=io.StringIO()) == 0

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from callerid import CgroupLayout, Hierarchy
 from node_agent.agent.warmup import IN_OPEN, LoginWatch, MigrationWarmer, parse_events
 
 
@@ -79,8 +78,8 @@ def test_login_watch_missing_dir_is_a_warning_not_an_error(
 
 
 class CountingWarmer(MigrationWarmer):
-    def __init__(self, layout: CgroupLayout, **kw: float) -> None:
-        super().__init__(layout, **kw)
+    def __init__(self, scratch: Path | None, **kw: float) -> None:
+        super().__init__(scratch, **kw)
         self.moves = 0
 
     def _move(self) -> None:
@@ -89,13 +88,14 @@ class CountingWarmer(MigrationWarmer):
 
 
 @pytest.fixture
-def layout(tmp_path: Path) -> CgroupLayout:
-    return CgroupLayout([Hierarchy("unified", 2, tmp_path)], "callerid")
+def scratch(tmp_path: Path) -> Path:
+    """The agent's own cgroup directory (a fake tree: cgroup.procs are plain files)."""
+    return tmp_path / "callerid"
 
 
-def test_warmer_keeps_moving_until_the_login_arrives(layout: CgroupLayout,
+def test_warmer_keeps_moving_until_the_login_arrives(scratch: Path,
                                                      tmp_path: Path) -> None:
-    w = CountingWarmer(layout, interval=0.005, hold=30.0)
+    w = CountingWarmer(scratch, interval=0.005, hold=30.0)
     try:
         assert w.enabled
         helper = (tmp_path / "callerid" / ".warmup" / "a" / "cgroup.procs").read_text()
@@ -114,8 +114,8 @@ def test_warmer_keeps_moving_until_the_login_arrives(layout: CgroupLayout,
     assert not Path(f"/proc/{helper.strip()}").exists()  # the helper is gone
 
 
-def test_warmer_waits_for_every_expected_login(layout: CgroupLayout) -> None:
-    w = CountingWarmer(layout, interval=0.005, hold=30.0)
+def test_warmer_waits_for_every_expected_login(scratch: Path) -> None:
+    w = CountingWarmer(scratch, interval=0.005, hold=30.0)
     try:
         w.expect_login()
         w.expect_login()
@@ -128,8 +128,8 @@ def test_warmer_waits_for_every_expected_login(layout: CgroupLayout) -> None:
         w.close()
 
 
-def test_warmer_gives_up_after_hold(layout: CgroupLayout) -> None:
-    w = CountingWarmer(layout, interval=0.005, hold=0.1)
+def test_warmer_gives_up_after_hold(scratch: Path) -> None:
+    w = CountingWarmer(scratch, interval=0.005, hold=0.1)
     try:
         w.expect_login()  # and the login never comes (failed auth, a stray open)
         assert _wait(pred=lambda: w.moves >= 1)
@@ -141,8 +141,8 @@ def test_warmer_gives_up_after_hold(layout: CgroupLayout) -> None:
         w.close()
 
 
-def test_a_burst_of_logins_pauses_the_keeping(layout: CgroupLayout) -> None:
-    w = CountingWarmer(layout, interval=0.005, hold=0.3, burst=3)
+def test_a_burst_of_logins_pauses_the_keeping(scratch: Path) -> None:
+    w = CountingWarmer(scratch, interval=0.005, hold=0.3, burst=3)
     try:
         w.expect_login()
         w.expect_login()
@@ -169,8 +169,8 @@ def test_a_burst_of_logins_pauses_the_keeping(layout: CgroupLayout) -> None:
         w.close()
 
 
-def test_warmer_without_hierarchies_does_nothing() -> None:
-    w = CountingWarmer(CgroupLayout([], "callerid"))
+def test_warmer_without_a_scratch_cgroup_does_nothing() -> None:
+    w = CountingWarmer(None)
     assert not w.enabled
     w.expect_login()
     w.kick()

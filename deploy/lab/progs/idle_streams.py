@@ -39,7 +39,7 @@ from node_agent.auth import (
     request_credential,
     target_claim,
 )
-from node_agent.cli.ssh_to_job import candidate_targets
+from node_agent.dial import agent_target
 from node_agent.proto.v1 import agent_pb2 as pb
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = config_mod.find()
     auth = MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
-    target = candidate_targets(cfg, args.name)[0]
+    target = agent_target(cfg, args.name)
     channel = grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)])
     open_shell = channel.stream_stream(shellwire.METHOD, request_serializer=shellwire.serialize,
                                        response_deserializer=shellwire.parse)

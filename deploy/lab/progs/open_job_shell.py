@@ -15,7 +15,8 @@ import grpc
 
 from node_agent import config as config_mod
 from node_agent.auth import MungeAuthenticator
-from node_agent.client import AgentClient, target_of
+from node_agent.client import AgentClient
+from node_agent.dial import agent_target
 from node_agent.proto.v1 import agent_pb2 as pb
 
 KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGVtdmrVZmpHYDyJfdKD6WIOI1yQBmz2gWfCJHO7E1Jv "
@@ -31,7 +32,7 @@ def main() -> None:
         yield pb.ShellFrame(open=pb.ShellOpen(job_id=job_id, public_key=KEY, shells=[],
                                               client="open_job_shell probe"))
 
-    with AgentClient(target_of(node, cfg.port), auth) as client:
+    with AgentClient(agent_target(cfg, node), auth) as client:
         call = client.open_job_shell(frames())
         try:
             next(call)
