@@ -15,23 +15,33 @@ The wire format (admission protocol 2)
 
 One request from the module, then one reply from the agent, on a fresh connection to the
 root-only Unix socket. Each is UTF-8 text: lines of `key=value`, the first line
-`protocol=2`, an empty line at the end::
+`protocol=2`, an empty line at the end. A request, then its reply::
 
-    protocol=2                          protocol=2
-    user=alice                          decision=ALLOW
-    service=sshd                        reason=one-job
-    rhost=10.0.0.1                      job_id=42
+    protocol=2
+    user=alice
+    service=sshd
+    rhost=10.0.0.1
     ssh_connection=10.0.0.1 40000 10.0.0.2 22
-    action_no_jobs=deny                 detail=adopt 0.3 ms
-    action_unknown=newest               env=CALLERID_JOB_ID=42
-    action_adopt_failure=deny           env=CALLERID_NODE=node2
+    action_no_jobs=deny
+    action_unknown=newest
+    action_adopt_failure=deny
     timeout=5.0
-    deadline=81236.512804               (empty line)
+    deadline=81236.512804
+    (empty line)
+
+    protocol=2
+    decision=ALLOW
+    reason=one-job
+    job_id=42
+    detail=adopt 0.3 ms
+    env=CALLERID_JOB_ID=42
+    env=CALLERID_NODE=node2
     (empty line)
 
 - Keys are the names of the fields of `Request` and `Reply` below; a key appears at most
   once, except `env` (one line per variable: `env=NAME=VALUE`). A key that is not listed
-  is an error, and so is a line without `=`. A missing key means its empty value.
+  is an error, and so is a line without `=`. A missing key means its empty value (the
+  sender leaves empty values out).
 - A value is everything after the first `=`. Two characters are escaped in it, nothing
   else: a backslash is sent as two backslashes, a line feed as backslash + `n`. So a
   value never holds a line feed, and the empty line can only be the end.
@@ -39,17 +49,19 @@ root-only Unix socket. Each is UTF-8 text: lines of `key=value`, the first line
 - The reader splits with the standard library alone (`str.split`, `str.partition`):
   the module needs no parser, and `import json` would cost ~8 ms in every login.
 
-Versions. Before this format (callerid-adopt 0.2.0 and earlier) the module sent one
-line of JSON. Whichever side meets a message whose first line is not
-`protocol=2` does not guess:
+Versions. Before this format (callerid-adopt 0.2.0 and earlier) the module and the
+agent sent one line of JSON each. Neither side guesses at a message in another protocol
+(a first line that is JSON, or another `protocol=`):
 
 - the agent answers `VERSION_MISMATCH_ANSWER` (one line, no reply in any version: an
   older module logs it as a garbled answer, with its text, and applies
   `action_generic_failure`) and logs the mismatch;
-- the module logs `version mismatch: ...` and applies `action_generic_failure`.
+- the module logs `version mismatch: ...` (for an older agent's JSON answer, or this
+  one) and applies `action_generic_failure`.
 
-Both sides read up to the first line feed when the first line is not theirs, so a
-mismatch is answered at once instead of after a timeout.
+The agent reads a request only up to its first line feed when that line is not
+`protocol=2`, and an older agent reads one line, so a mismatch is answered at once
+instead of after the module's timeout.
 """
 
 from __future__ import annotations
