@@ -28,17 +28,20 @@ proto: venv
 lint: venv
 	$(VENV)/bin/ruff check callerid node_agent pam tests deploy proto
 
+# mypy --strict over what pyproject.toml's [tool.mypy] files lists: the packages, the lab, the tests.
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# Unit tests. Those marked `root` run only as root; as another user they are left out and
+# counted in the summary (with CI set, that is an error: CI runs as root).
 unit: venv
 	$(VPY) tests/run_pytest.py tests/unit
 
 integration: deps venv
 	$(VPY) tests/run_pytest.py tests/integration
 
-# The test command (.ci/run calls exactly this): installs everything, then lint,
-# type check, unit tests and the root-only lab integration tests.
+# The test command (.ci/run calls exactly this), as root: installs everything, then lint,
+# type check, unit tests (root-only ones too) and the lab integration tests.
 test: deps venv
 	$(MAKE) lint typecheck
 	$(VPY) tests/run_pytest.py tests/unit tests/integration

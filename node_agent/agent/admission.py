@@ -87,7 +87,7 @@ MAX_REQUEST = 64 * 1024
 CALL_SHARE = 0.6  # of the module's timeout, for the caller-ID call
 MIN_CALL = 0.05  # seconds: less than that left, and the call is not even tried
 
-# The admission pool. A decision is either quick (the registry, then one cgroup write per
+# The admission pool. A decision is either quick (the job backend, then one cgroup write per
 # hierarchy: well under a millisecond, up to ~1 s when the kernel's cgroup lock waits
 # behind a burst's forks) or waits on the source node's agent, up to
 # min(rpc_timeout, 60 % of the module's timeout): 2 s by default.

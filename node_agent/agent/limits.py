@@ -20,7 +20,7 @@ anyway, and a site's tools may open sessions into many jobs), but they count tow
 ``max_sessions`` like everybody: the total, and with it the number of threads sessions
 can hold, is bounded whoever opens them. The sessions run in a thread pool of their own,
 `SessionLimits.pool_size` threads (node_agent/agent/server.py), so they never hold a thread
-that CallerId, ListJobs or the registry methods need.
+that CallerId, ListJobs or the job methods need.
 
 `RefusalLog` logs refusals without letting a user who retries in a loop flood the log
 (and with it the journal's rate limit, which would drop everyone's lines).

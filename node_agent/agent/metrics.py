@@ -31,7 +31,7 @@ ADMISSIONS = Histogram("callerid_agent_admission_seconds",
                        ["decision", "reason"],
                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
                                 0.5, 1.0, 2.0, 5.0))
-JOBS = Gauge("callerid_agent_jobs", "jobs in the native registry")
+JOBS = Gauge("callerid_agent_jobs", "jobs of this node (from the job backend)")
 
 
 def serve(listen: str) -> None:

@@ -2,7 +2,7 @@
 
 `create_server()` builds a gRPC server with every service and interceptor and binds it;
 it does not start it (tests bind port 0 and start/stop it themselves). `run()` is the
-daemon: it checks the configuration and munged, recovers the job registry, serves,
+daemon: it checks the configuration and munged, opens the job backend, serves,
 tells systemd it is ready (Type=notify) and stops cleanly on SIGTERM/SIGINT.
 """
 
@@ -68,7 +68,7 @@ SERVER_OPTIONS = [
 # whole call (interceptors' wrappers, handler, every response of a stream) to an executor
 # before the handler has seen a byte, and a plain ThreadPoolExecutor queues what it cannot
 # run yet. With one pool for every method, 64 streams that never send anything held all 64
-# threads, and CallerId, ListJobs and the registry methods queued behind them until they
+# threads, and CallerId, ListJobs and the job methods queued behind them until they
 # timed out (another user's login then landed in the wrong job).
 #
 # So ssh-to-job streams run in a pool of their own, the control methods in the server's

@@ -1,7 +1,7 @@
-"""The NodeAgent gRPC servicer: thin over the callerid resolver and the job registry.
+"""The NodeAgent gRPC servicer: thin over the callerid resolver and the job backend.
 
 Authorization follows slurmd's caller-ID handler: root and the configured admin uids
-may learn about any connection and manage the registry; anyone else learns only about
+may learn about any connection and manage jobs; anyone else learns only about
 connections and jobs of their own. A question about somebody else's connection is
 answered UNKNOWN, exactly as a connection that does not exist, and the agent logs a
 security line. Domain errors become gRPC statuses in one place (`_serve`).

@@ -61,7 +61,8 @@ def run_from(lab: Any, node: str, user: str, argv: Sequence[str], job: str | Non
 
 
 def ssh(lab: Any, to: str, command: str, *, family: int = 4, port: int = 22) -> list[str]:
-    return lab.ssh_argv(to, ["/bin/sh", "-c", command], family=family, port=port)
+    argv: list[str] = lab.ssh_argv(to, ["/bin/sh", "-c", command], family=family, port=port)
+    return argv
 
 
 def landed_in(output: str) -> str | None:

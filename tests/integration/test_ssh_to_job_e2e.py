@@ -49,8 +49,9 @@ def stj(lab: Any, node: str, *argv: str, user: str = "alice", cwd: str | None = 
 
 
 def sessions_left(lab: Any) -> list[str]:
-    return lab.run("node1", ["sh", "-c", "ls /run/callerid-adopt/sessions 2>/dev/null || true"]
-                   ).stdout.split()
+    out: str = lab.run("node1", ["sh", "-c", "ls /run/callerid-adopt/sessions 2>/dev/null || true"]
+                       ).stdout
+    return out.split()
 
 
 def test_command_runs_inside_the_job(lab: Any, job: dict[str, Any]) -> None:
@@ -222,7 +223,9 @@ def test_ctrl_c_leaves_nothing_behind(lab: Any, job: dict[str, Any], shared_dir:
                  lab.venv_bin("ssh-to-job"), JOB, "echo up; exec sleep 1000000"],
                 env={"TMPDIR": str(tmp)})
         t.wait(lambda: "up" in t.screen().split(), why="the remote command")
-        assert len(job_pids(lab, JOB)) > 1 and sessions_left(lab) and list(tmp.iterdir())
+        assert len(job_pids(lab, JOB)) > 1
+        assert sessions_left(lab)
+        assert list(tmp.iterdir())
         t.keys("C-c")
         t.wait(lambda: "STATUS=" in t.screen(), why="ssh-to-job to end")
         assert "STATUS=130" in t.screen(), t.screen()

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,7 +38,8 @@ from node_agent.agent.admission import (
     Peer,
     parse_ssh_connection,
 )
-from node_agent.jobs.native import ADOPTED_LEAF, JobRecord, JobRegistry
+from node_agent.jobs import JobRecord
+from node_agent.jobs.native import ADOPTED_LEAF, JobRegistry
 from node_agent.pamcontract import (
     ALLOW,
     DENY,
@@ -231,6 +233,8 @@ def test_parse_ssh_connection(text: str, ok: bool) -> None:
 
 
 # -- the socket ------------------------------------------------------------------------------
+# It answers root only (SO_PEERCRED): a test that expects any other answer than "not-root"
+# from it is marked `root`, and runs as root (`make test`, CI) or not at all.
 
 def exchange(path: Path, data: bytes, timeout: float = 5) -> bytes:
     """Send one request, read the answer up to the agent's close (b"": none)."""
@@ -269,6 +273,7 @@ def server(registry: JobRegistry, tmp_path: Path) -> Iterator[tuple[AdmissionSer
     srv.close()
 
 
+@pytest.mark.root
 def test_socket_is_root_only_and_answers(server: tuple[AdmissionServer, Path],
                                          registry: JobRegistry) -> None:
     _, path = server
@@ -281,6 +286,7 @@ def test_socket_is_root_only_and_answers(server: tuple[AdmissionServer, Path],
     assert str(os.getpid()) in adopted_pids(registry, "42")[0]
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("line, why", [
     (b"not a request\n", "the first line is 'not a request'"),
     (b"protocol=2\nuser\n\n", "is not key=value"),
@@ -301,6 +307,7 @@ OLD_MODULE_REQUEST = (b'{"user": "alice", "service": "sshd", "rhost": "10.0.0.1"
                       b'{"action_no_jobs": "deny", "timeout": 5.0}, "deadline": 1.0}\n')
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("line", [OLD_MODULE_REQUEST, b"protocol=3\nuser=alice\n"])
 def test_a_module_of_another_version_gets_a_clear_mismatch_at_once(
         server: tuple[AdmissionServer, Path], registry: JobRegistry, line: bytes,
@@ -324,6 +331,7 @@ def test_a_module_of_another_version_gets_a_clear_mismatch_at_once(
         caplog.text
 
 
+@pytest.mark.root
 def test_connection_without_request_is_closed_quietly(server: tuple[AdmissionServer, Path],
                                                       registry: JobRegistry) -> None:
     # pam_adopt.py connects before it knows it will ask (root logins, other services).
@@ -337,6 +345,7 @@ def test_connection_without_request_is_closed_quietly(server: tuple[AdmissionSer
     assert ask(server[1], line).decision == "ALLOW"  # still serving
 
 
+@pytest.mark.root
 def test_a_silent_client_does_not_hold_up_the_others(registry: JobRegistry,
                                                      tmp_path: Path) -> None:
     # One worker, and a client that connects and says nothing (a PAM process the machine
@@ -360,6 +369,7 @@ def test_a_silent_client_does_not_hold_up_the_others(registry: JobRegistry,
         srv.close()
 
 
+@pytest.mark.root
 def test_a_request_sent_in_pieces_is_answered(server: tuple[AdmissionServer, Path],
                                               registry: JobRegistry) -> None:
     registry.start("42", "alice")
@@ -373,6 +383,7 @@ def test_a_request_sent_in_pieces_is_answered(server: tuple[AdmissionServer, Pat
         assert decode_reply(read_to_end(s)).job_id == "42"
 
 
+@pytest.mark.root
 def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
                                                           tmp_path: Path) -> None:
     class Broken(Admission):
@@ -393,6 +404,7 @@ def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
         srv.close()
 
 
+@pytest.mark.root
 def test_a_connection_that_breaks_the_server_is_dropped_alone(
         server: tuple[AdmissionServer, Path], registry: JobRegistry,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -426,29 +438,53 @@ def test_an_oversized_request_is_dropped(server: tuple[AdmissionServer, Path]) -
         assert closed_without_answer(s)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
-def test_non_root_peer_is_refused(registry: JobRegistry) -> None:
-    d = Path(tempfile.mkdtemp(prefix="admission-test-"))
+AS_NOBODY = """
+import os, socket, sys
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)  # before connecting: SO_PEERCRED is what the peer was at connect()
+assert (os.getuid(), os.geteuid(), os.getgid(), os.getgroups()) == (65534, 65534, 65534, [])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(10)
+s.connect(sys.argv[1])
+s.sendall(sys.stdin.buffer.read())
+data = b""
+while chunk := s.recv(4096):  # the agent closes after its answer
+    data += chunk
+sys.stdout.buffer.write(data)
+"""
+
+
+@pytest.mark.root
+def test_the_socket_answers_root_and_refuses_any_other_uid(
+        registry: JobRegistry, caplog: pytest.LogCaptureFixture) -> None:
+    """The SO_PEERCRED rule both ways, with the same request line: from this process
+    (root) it is answered and the caller adopted; from a child that setuid()s to 65534
+    before it connects it is refused, and nothing is adopted. The socket's mode (0600)
+    is opened up first, so that only the peer check stands in the way."""
+    registry.start("42", "alice")
+    d = Path(tempfile.mkdtemp(prefix="admission-test-"))  # tmp_path is not nobody's to enter
     d.chmod(0o755)
     path = d / "admission.sock"
     srv = AdmissionServer(str(path), Admission(registry, FakeCallerId()))
     srv.start()
     try:
-        _ask_as_nobody(path)
+        path.chmod(0o666)
+        line = line_of(request())
+        child = subprocess.run([sys.executable, "-I", "-c", AS_NOBODY, str(path)], input=line,
+                               capture_output=True, timeout=20)
+        assert child.returncode == 0, child.stderr.decode()
+        reply = decode_reply(child.stdout)
+        assert (reply.decision, reply.reason) == ("DENY", "not-root")
+        assert adopted_pids(registry, "42") == [set(), set()]
+        assert "admission request from uid 65534 pid" in caplog.text
+        assert "refused: only root may ask" in caplog.text
+        reply = ask(path, line)
+        assert (reply.decision, reply.job_id) == ("ALLOW", "42")
+        assert adopted_pids(registry, "42") == [{str(os.getpid())}] * 2
     finally:
         srv.close()
-        d.rmdir()
-
-
-def _ask_as_nobody(path: Path) -> None:
-    path.chmod(0o666)  # get past the file mode, to check the SO_PEERCRED rule behind it
-    code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
-            "s.sendall(sys.stdin.buffer.read()); sys.stdout.buffer.write(s.recv(4096))")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], user=65534,
-                         input=line_of(request()), capture_output=True, timeout=20,
-                         check=True).stdout
-    reply = decode_reply(out)
-    assert (reply.decision, reply.reason) == ("DENY", "not-root")
+        shutil.rmtree(d)
 
 
 # -- only while the module still waits -------------------------------------------------------
@@ -565,6 +601,7 @@ def test_a_job_that_starts_ending_during_the_decision_is_not_joined(
     assert adopted_pids(registry, "A") == [set(), set()]
 
 
+@pytest.mark.root
 def test_socket_drops_an_expired_request_without_answer(server: tuple[AdmissionServer, Path],
                                                         registry: JobRegistry,
                                                         caplog: pytest.LogCaptureFixture,
@@ -608,6 +645,7 @@ class BlockingCallerId(FakeCallerId):
                 self.in_flight[conn.local.port] -= 1
 
 
+@pytest.mark.root
 def test_connection_closed_by_the_module_is_not_adopted(registry: JobRegistry, tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture,
                                                         ) -> None:
@@ -648,6 +686,7 @@ print(repr(s.recv(4096)), flush=True)
 """
 
 
+@pytest.mark.root
 @pytest.mark.parametrize("from_socket", [True, False], ids=["SO_PEERPIDFD", "pidfd_open"])
 def test_a_request_whose_caller_exited_is_not_adopted(registry: JobRegistry, tmp_path: Path,
                                                       caplog: pytest.LogCaptureFixture,
@@ -699,6 +738,7 @@ class Client(threading.Thread):
         self.answered.set()
 
 
+@pytest.mark.root
 def test_one_users_slow_logins_do_not_hold_up_another_users(registry: JobRegistry,
                                                             tmp_path: Path) -> None:
     # alice's logins all wait on a silent source node; bob's login needs a worker too.
@@ -770,6 +810,7 @@ def test_fair_pool_takes_users_in_turn() -> None:
     assert order == ["alice", "bob", "carol", "alice", "alice", "alice", "alice", "alice"]
 
 
+@pytest.mark.root
 def test_a_request_that_waited_past_its_deadline_is_dropped(
         registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cid = BlockingCallerId()
@@ -798,6 +839,7 @@ def test_a_request_that_waited_past_its_deadline_is_dropped(
     assert "deadline passed" in caplog.text and "before deciding" in caplog.text
 
 
+@pytest.mark.root
 def test_past_its_waiting_limit_a_users_login_is_refused_and_logged(
         registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cid = BlockingCallerId()
@@ -825,6 +867,7 @@ def test_past_its_waiting_limit_a_users_login_is_refused_and_logged(
         srv.close()
 
 
+@pytest.mark.root
 def test_a_burst_of_one_users_logins_is_all_adopted(registry: JobRegistry,
                                                     tmp_path: Path) -> None:
     # 200 logins of one user at once (tests/benchmarks/bench_login_burst.py's size) are

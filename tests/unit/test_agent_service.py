@@ -220,7 +220,7 @@ def test_malformed_connection_is_invalid_argument(agent: Agent, conn: pb.Connect
     with agent.client(0) as c, pytest.raises(grpc.RpcError) as e:
         c.stub.CallerId(pb.CallerIdRequest(connection=conn), timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert needle in e.value.details()
+    assert needle in (e.value.details() or "")
 
 
 def test_ipv4_mapped_is_normalised(agent: Agent) -> None:
@@ -245,16 +245,16 @@ def test_calls_without_valid_credentials_are_refused(
 
     def refused(cred: str) -> str:
         with pytest.raises(grpc.RpcError) as e:
-            stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", cred)])
+            stub.CallerId(req, timeout=5, metadata=(("x-munge-cred", cred),))
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        return e.value.details()
+        return e.value.details() or ""
 
     with pytest.raises(grpc.RpcError) as e:
         stub.CallerId(req, timeout=5)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "no MUNGE credential" in e.value.details()
+    assert "no MUNGE credential" in (e.value.details() or "")
     cred = agent.auth.encode(_claim(method, req), restrict_uid=0)
-    stub.CallerId(req, timeout=5, metadata=[("x-munge-cred", cred)])
+    stub.CallerId(req, timeout=5, metadata=(("x-munge-cred", cred),))
     assert "Replayed" in refused(cred)   # the same credential again
     assert "not minted for this method" in refused(
         agent.auth.encode(_claim("/callerid_adopt.v1.NodeAgent/ListJobs", req)))
@@ -283,8 +283,9 @@ def test_answers_carry_the_agents_credential(agent: Agent) -> None:
     method = "/callerid_adopt.v1.NodeAgent/ListJobs"
     alice = agent.auth.as_uid(ALICE)
     cred = alice.encode(_claim(method, req), restrict_uid=0)
-    _, call = stub.ListJobs.with_call(req, timeout=5, metadata=[("x-munge-cred", cred)])
+    _, call = stub.ListJobs.with_call(req, timeout=5, metadata=(("x-munge-cred", cred),))
     reply = dict(call.trailing_metadata())["x-munge-reply"]
+    assert isinstance(reply, str)
     with pytest.raises(AuthError, match="Unauthorized"):
         agent.auth.as_uid(BOB).decode(reply)  # for alice only
     ident, payload = alice.decode(reply)
@@ -325,7 +326,7 @@ def test_hostile_job_ids_never_become_paths(agent: Agent, job_id: str) -> None:
     with agent.client(0) as c, pytest.raises(grpc.RpcError) as e:
         c.start_job(job_id, "alice")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "job id" in e.value.details().lower()
+    assert "job id" in (e.value.details() or "").lower()
     created = sorted(str(p.relative_to(agent.cgroot)) for p in agent.cgroot.rglob("*"))
     assert all(p in ("freezer", "unified") for p in created), created
     assert agent.registry.list_jobs() == []
@@ -341,7 +342,7 @@ def test_job_lifecycle_and_listing(agent: Agent) -> None:
         with pytest.raises(grpc.RpcError) as e:
             c.start_job("44", "no-such-user-here")
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "unknown user" in e.value.details()
+        assert "unknown user" in (e.value.details() or "")
         assert [j.id for j in c.list_jobs().jobs] == ["42", "43"]
         for h in ("freezer", "unified"):
             assert (agent.cgroot / h / "callerid" / "job_42" / "main").is_dir()
@@ -522,7 +523,7 @@ def open_stream(agent: Agent, uid: int, open_frame: pb.ShellFrame | None = None)
         Claim(shellwire.METHOD, "ip:127.0.0.1", digest(OPEN_42)).payload(), restrict_uid=0)
     call = channel.stream_stream(shellwire.METHOD, request_serializer=shellwire.serialize,
                                  response_deserializer=shellwire.parse)
-    return Stream(call(frames(), metadata=[("x-munge-cred", cred)]), send, stop, channel)
+    return Stream(call(frames(), metadata=(("x-munge-cred", cred),)), send, stop, channel)
 
 
 OPEN_42 = pb.ShellFrame(open=pb.ShellOpen(job_id="42", public_key="ssh-ed25519 AAAA k"))
@@ -762,7 +763,7 @@ def test_a_stream_credential_for_another_first_frame_opens_nothing(
                                          request_serializer=shellwire.serialize,
                                          response_deserializer=shellwire.parse)
             with pytest.raises(grpc.RpcError) as e:
-                next(call(iter([forged]), metadata=[("x-munge-cred", cred)], timeout=WAIT))
+                next(iter(call(iter([forged]), metadata=(("x-munge-cred", cred),), timeout=WAIT)))
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert e.value.details() == "MUNGE credential was not minted for this request"
         assert shells.opened == []

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -46,6 +46,11 @@ from node_agent.proto.v1 import agent_pb2_grpc
 from tests.unit.fakes import FakeAuthenticator
 
 ALICE, BOB = 1001, 1002
+
+if TYPE_CHECKING:   # generic in grpc-stubs only: at run time the class takes no parameters
+    GenericRpcHandler = grpc.GenericRpcHandler[bytes, bytes]
+else:
+    GenericRpcHandler = grpc.GenericRpcHandler
 WAIT = 30.0  # generous: only reached when something is wrong
 SERVICE = "callerid_adopt.v1.NodeAgent"
 LIST_JOBS = f"/{SERVICE}/ListJobs"
@@ -58,6 +63,7 @@ class Squatter:
 
     def __init__(self) -> None:
         self.captured: list[tuple[str, dict[str, str]]] = []
+        self.captured_open: pb.ShellFrame | None = None   # the first frame of an OpenJobShell
         self.reply_metadata: Callable[[dict[str, str]], list[tuple[str, str]]] = lambda md: []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         self.server.add_generic_rpc_handlers((_SquatHandler(self),))
@@ -79,7 +85,7 @@ class Squatter:
         self.server.stop(0)
 
 
-class _SquatHandler(grpc.GenericRpcHandler):
+class _SquatHandler(GenericRpcHandler):
     def __init__(self, squatter: Squatter) -> None:
         self.s = squatter
 
@@ -134,7 +140,8 @@ def make_agent() -> Iterator[Callable[[FakeAuthenticator, set[str]], tuple[RealA
     servers: list[grpc.Server] = []
 
     def make(auth: FakeAuthenticator, targets: set[str]) -> tuple[RealAgent, str]:
-        servicer = RealAgent()
+        # The stubs declare every method abstract; at run time the rest answer UNIMPLEMENTED.
+        servicer = RealAgent()  # type: ignore[abstract]
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                              interceptors=[AuthInterceptor(auth, targets)])
         agent_pb2_grpc.add_NodeAgentServicer_to_server(servicer, server)
@@ -179,8 +186,9 @@ def test_client_refuses_a_genuine_reply_credential_of_another_call(
     stub = agent_pb2_grpc.NodeAgentStub(channel)
     req = pb.ListJobsRequest()
     cred = bob.encode(Claim(LIST_JOBS, "ip:127.0.0.1", digest(req)).payload(), restrict_uid=0)
-    _, call = stub.ListJobs.with_call(req, timeout=5, metadata=[("x-munge-cred", cred)])
+    _, call = stub.ListJobs.with_call(req, timeout=5, metadata=(("x-munge-cred", cred),))
     genuine = dict(call.trailing_metadata())[REPLY_KEY]
+    assert isinstance(genuine, str)
     channel.close()
     squatter.reply_metadata = lambda md: [(REPLY_KEY, genuine)]
     with AgentClient(squatter.target, bob, timeout=5) as c, \
@@ -213,9 +221,9 @@ def test_captured_credentials_cannot_be_read_or_used_on_another_node(
     stub = agent_pb2_grpc.NodeAgentStub(channel)
     with pytest.raises(grpc.RpcError) as e:
         stub.ListJobs(pb.ListJobsRequest(job_id="b7"), timeout=5,
-                      metadata=[("x-munge-cred", stolen)])
+                      metadata=(("x-munge-cred", stolen),))
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "not for this node" in e.value.details()
+    assert "not for this node" in (e.value.details() or "")
     channel.close()
 
 
@@ -240,9 +248,9 @@ def test_squatted_ssh_to_job_is_one_line_and_its_open_frame_is_useless(
     call = channel.stream_stream(OPEN_SHELL, request_serializer=shellwire.serialize,
                                  response_deserializer=shellwire.parse)
     with pytest.raises(grpc.RpcError) as e:
-        list(call(iter([forged]), timeout=5, metadata=[("x-munge-cred", stolen)]))
+        list(call(iter([forged]), timeout=5, metadata=(("x-munge-cred", stolen),)))
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "not minted for this request" in e.value.details()
+    assert "not minted for this request" in (e.value.details() or "")
     assert agent.opened == []
     channel.close()
 
@@ -376,7 +384,12 @@ def test_futures_stay_asynchronous_and_are_verified(squatter: Squatter, make_age
     munge = FakeAuthenticator()
     _agent, real = make_agent(munge, {"ip:127.0.0.1"})
     gate = threading.Event()
-    squatter.reply_metadata = lambda md: gate.wait(WAIT) and []   # answers once let go
+
+    def once_let_go(md: dict[str, str]) -> list[tuple[str, str]]:
+        gate.wait(WAIT)   # answers once let go
+        return []
+
+    squatter.reply_metadata = once_let_go
     with AgentClient(squatter.target, munge.as_uid(BOB), timeout=WAIT) as c:
         pending = [c.stub.ListJobs.future(pb.ListJobsRequest(), timeout=WAIT)
                    for _ in range(3)]

@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -498,7 +499,7 @@ def test_kill_leaf_swept_while_freezing_is_not_an_error(
         shutil.rmtree(mount / "callerid" / "job_42")
 
     monkeypatch.setattr(_cgroup, "_write_state", write_state)
-    monkeypatch.setattr(_cgroup.time, "sleep", sweep)
+    monkeypatch.setattr(time, "sleep", sweep)  # the one _cgroup.kill waits with
     fake = FakeKernel(mount)
     monkeypatch.setattr(os, "kill", fake.kill)
     assert lay.kill("42", timeout=2, leaf="ssh-to-job/s1") == 0

@@ -82,7 +82,7 @@ def test_uid_filter_both_ways(fake_proc: FakeProc) -> None:
     assert stats.filtered == 1 and stats.processes == 0 and stats.fds == 0
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown of fake /proc dirs needs root")
+@pytest.mark.root  # chowns the fake /proc dirs
 def test_uid_filter_mixed_owners(fake_proc: FakeProc) -> None:
     fake_proc.add_process(5, sockets=[100], owner=1000)
     fake_proc.add_process(6, sockets=[100], owner=1001)  # same inode, other user

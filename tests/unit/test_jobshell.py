@@ -37,6 +37,9 @@ ED_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGVtdmrVZmpHYDyJfdKD6WIOI1yQBmz2g
           "me@client")
 
 
+LAB_USER_GECOS = "callerid-adopt lab user"  # as deploy/lab names the users it makes
+
+
 def _user(name: str) -> pwd.struct_passwd | None:
     try:
         return pwd.getpwnam(name)
@@ -44,10 +47,31 @@ def _user(name: str) -> pwd.struct_passwd | None:
         return None
 
 
-ALICE = _user("alice")
+def _lab_user(name: str) -> pwd.struct_passwd | None:
+    """A user of the lab's (alice, bob); made here when missing and we are root, as the
+    lab makes them: `make test` runs these tests before the lab's, and a root run must
+    not leave its tests out for want of a user the lab would have made."""
+    user = _user(name)
+    if user is None and os.geteuid() == 0:
+        subprocess.run(["useradd", "-m", "-s", "/bin/bash", "-c", LAB_USER_GECOS, name],
+                       check=True)
+        user = pwd.getpwnam(name)
+    return user
+
+
 NOBODY = _user("nobody")
-REAL = (os.geteuid() == 0 and ALICE is not None and os.path.exists("/usr/sbin/sshd")
-        and shutil.which("ssh") is not None)
+# Beside root (the `root` marker), the real sessions need the ssh programs (`make deps`).
+needs_ssh = pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd") or not shutil.which("ssh"),
+                               reason="needs sshd and ssh (`make deps` installs them)")
+needs_unshare = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")
+
+
+@pytest.fixture(scope="session")
+def alice() -> pwd.struct_passwd:
+    """The user the real sessions run as (root tests only: made when missing)."""
+    user = _lab_user("alice")
+    assert user is not None, "only tests marked `root` may use the fixture alice"
+    return user
 
 
 @pytest.fixture
@@ -139,8 +163,8 @@ def spawned(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
 
 
 def _job_without_process(reg: JobRegistry, job_id: str = "7", user: str = "alice") -> None:
-    if _user(user) is None:
-        pytest.skip(f"no user {user}")
+    if _lab_user(user) is None:
+        pytest.skip(f"no user {user} (a root run makes it)")
     reg.start(job_id, user)
 
 
@@ -442,7 +466,7 @@ class RecordingWarmer:
         self.calls.append("arrived")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="opening a session chowns its files")
+@pytest.mark.root  # opening a session chowns its files
 def test_opening_keeps_the_migration_lock_warm_also_when_it_fails(
         registry: JobRegistry, tmp_path: Path) -> None:
     _job_without_process(registry)
@@ -458,9 +482,8 @@ def test_opening_keeps_the_migration_lock_warm_also_when_it_fails(
     assert list((tmp_path / "s").iterdir()) == []  # and the session dir is gone
 
 
-def _as_alice(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
-    assert ALICE is not None
-    return subprocess.run(["setpriv", f"--reuid={ALICE.pw_uid}", f"--regid={ALICE.pw_gid}",
+def _as(user: pwd.struct_passwd, argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
                            "--clear-groups", "--", *argv], capture_output=True)
 
 
@@ -487,9 +510,11 @@ def _keypair(d: Path) -> str:
     return (d / "id.pub").read_text()
 
 
-@pytest.mark.skipif(not REAL, reason="needs root, user alice, sshd and ssh")
+@pytest.mark.root
+@needs_ssh
 def test_real_session_command_env_and_exit_status(registry: JobRegistry, shared_dir: Path,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path,
+                                                  alice: pwd.struct_passwd) -> None:
     sessions, session, client = _open(registry, shared_dir, tmp_path, "alice")
     d = session.directory
     try:
@@ -499,14 +524,14 @@ def test_real_session_command_env_and_exit_status(registry: JobRegistry, shared_
         assert stat.S_IMODE(st.st_mode) == 0o711 and st.st_uid == 0
         for f in d.iterdir():
             fst = f.stat()
-            assert fst.st_uid == ALICE.pw_uid, f  # type: ignore[union-attr]
+            assert fst.st_uid == alice.pw_uid, f
             mode = 0o700 if f.name == "session-setup" else \
                 0o644 if f.name == "host_key.pub" else 0o600
             assert stat.S_IMODE(fst.st_mode) == mode, f
         for cmd in (["touch", str(d / "mine")], ["mkdir", str(d / "mine")],
                     ["mv", str(d / "sshd.log"), str(d / "moved")],
                     ["rm", "-f", str(d / "environment")]):
-            assert _as_alice(cmd).returncode != 0, cmd
+            assert _as(alice, cmd).returncode != 0, cmd
         assert {p.name for p in d.iterdir()} - {"passwd", "group"} == {   # nss_wrapper's
             "authorized_keys", "environment", "host_key", "host_key.pub", "session-setup",
             "sshd.log", "sshd_config"}
@@ -528,7 +553,9 @@ def test_real_session_command_env_and_exit_status(registry: JobRegistry, shared_
     assert not d.exists()
 
 
-@pytest.mark.skipif(not REAL, reason="needs root, user alice, sshd and ssh")
+@pytest.mark.root
+@needs_ssh
+@pytest.mark.usefixtures("alice")
 def test_real_sftp_and_scp(registry: JobRegistry, shared_dir: Path, tmp_path: Path) -> None:
     sessions, session, client = _open(registry, shared_dir, tmp_path, "alice")
     try:
@@ -556,8 +583,10 @@ def _open_again(reg: JobRegistry, shared_dir: Path,
     return sessions, session, _Client(cdir, session)
 
 
-@pytest.mark.skipif(not REAL or NOBODY is None or not os.path.exists(jobshell.NSS_WRAPPER),
-                    reason="needs root, nobody, sshd, ssh and nss_wrapper")
+@pytest.mark.root
+@needs_ssh
+@pytest.mark.skipif(NOBODY is None or not os.path.exists(jobshell.NSS_WRAPPER),
+                    reason="needs user nobody and nss_wrapper")
 def test_real_session_for_a_nologin_user_uses_nss_wrapper(registry: JobRegistry,
                                                           shared_dir: Path,
                                                           tmp_path: Path) -> None:
@@ -573,7 +602,9 @@ def test_real_session_for_a_nologin_user_uses_nss_wrapper(registry: JobRegistry,
     assert not d.exists()
 
 
-@pytest.mark.skipif(not REAL, reason="needs root, user alice, sshd and ssh")
+@pytest.mark.root
+@needs_ssh
+@pytest.mark.usefixtures("alice")
 def test_cleanup_kills_a_running_session_and_tolerates_a_dead_sshd(
         registry: JobRegistry, shared_dir: Path, tmp_path: Path) -> None:
     sessions, session, client = _open(registry, shared_dir, tmp_path, "alice")
@@ -597,7 +628,9 @@ def test_cleanup_kills_a_running_session_and_tolerates_a_dead_sshd(
                 os.kill(pid, 9)
 
 
-@pytest.mark.skipif(not REAL, reason="needs root, user alice, sshd and ssh")
+@pytest.mark.root
+@needs_ssh
+@pytest.mark.usefixtures("alice")
 def test_real_session_with_a_pty(registry: JobRegistry, shared_dir: Path,
                                  tmp_path: Path) -> None:
     """sshd (not root) must chown the pty to the tty group; where /dev/pts does not give
@@ -611,12 +644,13 @@ def test_real_session_with_a_pty(registry: JobRegistry, shared_dir: Path,
         session.cleanup()
 
 
-@pytest.mark.skipif(not REAL or shutil.which("unshare") is None,
-                    reason="needs root, user alice, sshd, ssh and unshare")
+@pytest.mark.root
+@needs_ssh
+@needs_unshare
 def test_real_session_in_a_job_that_hides_the_session_dir(registry: JobRegistry,
                                                           shared_dir: Path, tmp_path: Path,
                                                           spawned: list[dict[str, object]],
-                                                          ) -> None:
+                                                          alice: pwd.struct_passwd) -> None:
     """The job's main process has its own mount namespace (in its own user namespace) with
     a private tmpfs over the agent's session directory; its $TMPDIR is on that tmpfs. The
     session's files are made there by the launcher, as alice, and removed there at the end,
@@ -632,8 +666,7 @@ def test_real_session_in_a_job_that_hides_the_session_dir(registry: JobRegistry,
     while not job_tmp.is_dir() and time.time() < deadline:
         time.sleep(0.05)
     sessions = JobShellSessions(registry, run / "sessions", "n1")
-    session = sessions.open("j1", ALICE.pw_uid, False, _keypair(tmp_path),  # type: ignore
-                            ["/bin/bash"])
+    session = sessions.open("j1", alice.pw_uid, False, _keypair(tmp_path), ["/bin/bash"])
     client = _Client(tmp_path, session)
     try:
         assert session.job_view is not None
@@ -646,7 +679,7 @@ def test_real_session_in_a_job_that_hides_the_session_dir(registry: JobRegistry,
             "alice", os.readlink(f"/proc/{main}/ns/mnt"), "j1", session.directory.name,
             "hidden"]
         inside = job_tmp / session.directory.name
-        assert inside.stat().st_uid == ALICE.pw_uid  # type: ignore[union-attr]
+        assert inside.stat().st_uid == alice.pw_uid
         assert (inside / "sshd_config").read_text().startswith("# a private sshd -i")
         assert f"HostKey {run}/tmp/{session.directory.name}/host_key" in \
             (inside / "sshd_config").read_text()
@@ -678,11 +711,12 @@ def test_devpts_tty_group_decision(tmp_path: Path) -> None:
     assert not jobshell.devpts_gives_tty_group(1, str(tmp_path))
 
 
-@pytest.mark.skipif(not REAL or shutil.which("unshare") is None,
-                    reason="needs root, user alice, sshd, ssh and unshare")
+@pytest.mark.root
+@needs_ssh
+@needs_unshare
 def test_cleanup_after_the_job_ended_runs_in_a_transient_cgroup(
         registry: JobRegistry, shared_dir: Path, tmp_path: Path,
-        spawned: list[dict[str, object]]) -> None:
+        spawned: list[dict[str, object]], alice: pwd.struct_passwd) -> None:
     """The job hides only /run: the session's files are in the node's /tmp. The job ends
     while the session runs; its cgroups are gone, so the clean-up helper runs in a cgroup
     of its own, below the agent's subtree but not where jobs live, removed after it."""
@@ -696,7 +730,7 @@ def test_cleanup_after_the_job_ended_runs_in_a_transient_cgroup(
     while os.readlink(f"/proc/{main}/exe") != "/usr/bin/sleep" and time.time() < deadline:
         time.sleep(0.05)
     session = JobShellSessions(registry, run / "sessions", "n1").open(
-        "j1", ALICE.pw_uid, False, ED_KEY, [])  # type: ignore[union-attr]
+        "j1", alice.pw_uid, False, ED_KEY, [])
     in_tmp = Path("/tmp") / session.directory.name
     try:
         assert session.job_view is not None and (in_tmp / "sshd_config").exists()
@@ -718,7 +752,7 @@ def test_cleanup_after_the_job_ended_runs_in_a_transient_cgroup(
     assert not registry.layout.existing_jobs()  # and nothing looks like a job
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the helper drops privileges (setgroups)")
+@pytest.mark.root  # the helper drops privileges (setgroups)
 def test_a_helper_past_its_timeout_is_killed_with_its_whole_cgroup(
         registry: JobRegistry, tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -821,10 +855,11 @@ def test_recover_removes_what_an_earlier_run_left(registry: JobRegistry, tmp_pat
     assert "2 session directories, the sessions of 1 jobs, 2 processes killed" in caplog.text
 
 
-@pytest.mark.skipif(not REAL, reason="needs root, user alice, sshd and ssh")
+@pytest.mark.root
+@needs_ssh
 def test_open_never_looks_at_the_clients_shells(registry: JobRegistry, shared_dir: Path,
-                                                tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                alice: pwd.struct_passwd) -> None:
     """No stat, access or open of a client's shell path by the agent (root): only the
     session's own script looks, as the user, in the job's view. A root-only executable
     listed first is then skipped as it would be in any login of the user's."""
@@ -847,7 +882,7 @@ def test_open_never_looks_at_the_clients_shells(registry: JobRegistry, shared_di
     for name in ("stat", "lstat", "access", "open"):
         monkeypatch.setattr(os, name, spy(getattr(os, name)))
     session = JobShellSessions(registry, shared_dir / "sessions", "n1").open(
-        "j1", ALICE.pw_uid, False, key, shells)  # type: ignore[union-attr]
+        "j1", alice.pw_uid, False, key, shells)
     monkeypatch.undo()
     try:
         assert looked, "the spy saw nothing at all"
@@ -865,21 +900,21 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
 @pytest.fixture
-def hostile_stdlib(shared_dir: Path) -> Iterator[tuple[int, Path, Path]]:
+def hostile_stdlib(shared_dir: Path,
+                   alice: pwd.struct_passwd) -> Iterator[tuple[int, Path, Path]]:
     """A mount namespace as a hostile job makes one: the standard library's directory is
     a tmpfs where every top-level module and package is a stub that records its import
     (and whose rmtree does nothing); ``base`` is a private tmpfs there, holding a session
-    directory of alice's. Yields (pid holding the namespace, base, marks directory)."""
-    if os.geteuid() != 0 or ALICE is None or shutil.which("unshare") is None:
-        pytest.skip("needs root, user alice and unshare")
+    directory of alice's. Yields (pid holding the namespace, base, marks directory).
+    Root only (the tests that use it are marked), with unshare."""
     marks = shared_dir / "marks"
     marks.mkdir()
     marks.chmod(0o1777)
     keep = shared_dir / "keep"                      # alice's, outside the session dir
     keep.mkdir()
     (keep / "file").write_text("keep me")
-    os.chown(keep, ALICE.pw_uid, ALICE.pw_gid)
-    os.chown(keep / "file", ALICE.pw_uid, ALICE.pw_gid)
+    os.chown(keep, alice.pw_uid, alice.pw_gid)
+    os.chown(keep / "file", alice.pw_uid, alice.pw_gid)
     base = shared_dir / "base"
     base.mkdir()
     stub = f"open({str(marks)!r} + '/' + __name__, 'w').close()\ndef rmtree(*a, **k): pass\n"
@@ -900,7 +935,7 @@ mkdir -p {d}/sub/deeper
 touch {d}/host_key {d}/sub/f {d}/sub/deeper/g
 ln -s {keep} {d}/link
 ln -s {keep}/file {d}/sub/flink
-chown -R {ALICE.pw_uid}:{ALICE.pw_gid} {d}
+chown -R {alice.pw_uid}:{alice.pw_gid} {d}
 echo ready
 exec sleep 120
 """
@@ -917,11 +952,13 @@ exec sleep 120
 
 
 def _launcher_spec(pid: int, procs: Path, **more: object) -> dict[str, object]:
-    assert ALICE is not None
+    alice = pwd.getpwnam("alice")  # there: hostile_stdlib needs it
     return {"cgroup_procs": [str(procs)], "namespaces": [f"/proc/{pid}/ns/mnt"],
-            "uid": ALICE.pw_uid, "gid": ALICE.pw_gid, "groups": [ALICE.pw_gid], **more}
+            "uid": alice.pw_uid, "gid": alice.pw_gid, "groups": [alice.pw_gid], **more}
 
 
+@pytest.mark.root
+@needs_unshare
 def test_the_removal_helper_imports_nothing_in_the_jobs_namespace(
         hostile_stdlib: tuple[int, Path, Path], tmp_path: Path) -> None:
     pid, base, marks = hostile_stdlib
@@ -935,6 +972,8 @@ def test_the_removal_helper_imports_nothing_in_the_jobs_namespace(
     assert os.listdir(f"/proc/{pid}/root{base}") == []   # removed, links not followed
 
 
+@pytest.mark.root
+@needs_unshare
 def test_the_sshd_launcher_imports_nothing_in_the_jobs_namespace(
         hostile_stdlib: tuple[int, Path, Path], tmp_path: Path) -> None:
     """The session path: make the files in the job's view, then exec (found in PATH)."""
@@ -953,6 +992,8 @@ def test_the_sshd_launcher_imports_nothing_in_the_jobs_namespace(
         f"HostKey {base}/j1-fedcba9876543210/host_key"
 
 
+@pytest.mark.root
+@needs_unshare
 def test_a_forgotten_import_after_setns_fails_instead_of_running(
         hostile_stdlib: tuple[int, Path, Path], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 from node_agent.auth import AuthInterceptor, current_identity
 from node_agent.cli import ssh_to_job as stj
-from node_agent.cli.adoptctl import CliError
+from node_agent.cli.common import CliError
 from node_agent.config import AgentConfig
 from node_agent.errors import AuthError
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -449,7 +449,7 @@ def test_key_dir_exists_while_locating_and_is_gone_when_the_job_is_not_found(
     def not_found(*a: Any, **k: Any) -> None:
         (tmp,) = os.listdir(tmp_path)  # the key's directory exists while locating
         seen.append(sorted(os.listdir(tmp_path / tmp)))
-        raise stj.CliError("Not found", "no job 42 on any agent")
+        raise CliError("Not found", "no job 42 on any agent")
 
     monkeypatch.setattr(stj, "locate", not_found)
     err = io.StringIO()
@@ -651,7 +651,7 @@ def test_relay_class_hands_ssh_a_socket_through_fdpass(
     relay.start()
     ssh_side, helper_side = socket.socketpair()
     try:
-        helper = subprocess.run(stj.proxy_argv(relay.sock_path), stdout=helper_side,
+        helper = subprocess.run(stj.proxy_argv(relay.sock_path), stdout=helper_side.fileno(),
                                 timeout=30)
         assert helper.returncode == 0
         _, fds, _, _ = socket.recv_fds(ssh_side, 1, 1)

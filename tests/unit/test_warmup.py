@@ -10,6 +10,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,8 @@ def test_parse_events_skips_nameless_and_truncated() -> None:
     assert parse_events(_event(b"sshd")[:-20]) == []
 
 
-def _wait(cond: threading.Event | None = None, pred=None, timeout: float = 5.0) -> bool:
+def _wait(cond: threading.Event | None = None, pred: Callable[[], object] | None = None,
+          timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if (cond is not None and cond.is_set()) or (pred is not None and pred()):
@@ -78,8 +80,9 @@ def test_login_watch_missing_dir_is_a_warning_not_an_error(
 
 
 class CountingWarmer(MigrationWarmer):
-    def __init__(self, scratch: Path | None, **kw: float) -> None:
-        super().__init__(scratch, **kw)
+    def __init__(self, scratch: Path | None, *, interval: float = 0.002, hold: float = 1.0,
+                 burst: int = 4) -> None:
+        super().__init__(scratch, interval=interval, hold=hold, burst=burst)
         self.moves = 0
 
     def _move(self) -> None:
