@@ -19,7 +19,15 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-venv: $(VENV)/.installed
+# The dev venv also imports the lab package (`lab`, in deploy/lab) and the checkout's
+# `tests` package, so the benchmarks run as plain scripts (`.venv/bin/python
+# tests/benchmarks/bench_logins.py`): one .pth file in its site-packages names both dirs.
+# pytest needs none of it: pyproject's pythonpath gives it the lab.
+$(VENV)/.dev-paths: $(VENV)/.installed
+	$(VPY) -c 'import sys, sysconfig; open(sysconfig.get_path("purelib") + "/callerid-adopt-dev.pth", "w").write("".join(p + "\n" for p in sys.argv[1:]))' "$(CURDIR)" "$(CURDIR)/deploy/lab"
+	touch $@
+
+venv: $(VENV)/.installed $(VENV)/.dev-paths
 
 # Regenerate the checked-in gRPC stubs (tests/unit/test_proto_stubs.py fails when they are stale).
 proto: venv

@@ -1,6 +1,6 @@
 """The demo: a 3-node lab, jobs, caller ID and ssh adoption across nodes, as a user sees it.
 
-    python3 deploy/lab/demo.py [--venv .venv] [--keep]
+    python3 deploy/lab/demo.py [--venv .venv] [--name NAME] [--keep]
 
 Brings the lab up (deploy/lab/lab.py), runs a job of alice on node1 that connects to
 node2 and node3, asks node2 "which job owns this connection?" with `adoptctl whois`
@@ -19,15 +19,13 @@ import argparse
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import lab as lab_mod
 
-import lab as lab_mod  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 
 def banner(text: str) -> None:
@@ -210,9 +208,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--venv", default=str(HERE.parents[1] / ".venv"))
+    parser.add_argument("--name", default=lab_mod.DEFAULT_NAME,
+                        help="lab instance name (default %(default)s)")
     parser.add_argument("--keep", action="store_true", help="leave the lab up at the end")
     args = parser.parse_args()
-    lab = lab_mod.Lab(nodes=3, venv=args.venv)
+    lab = lab_mod.Lab(nodes=3, venv=args.venv, name=args.name)
     work = Path(tempfile.mkdtemp(prefix="callerid-demo-"))
     work.chmod(0o1777)
     ok = False

@@ -27,10 +27,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "deploy" / "lab"))
+import lab as lab_mod
 
-import lab as lab_mod  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 # Runs inside node2 as root with the venv's Python; prints JSON.
 PROBE = r'''

@@ -86,11 +86,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import lab as lab_mod
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "deploy" / "lab"))
-
-import lab as lab_mod  # noqa: E402
 
 LAB_DIR = Path("/run/callerid-lab-bench")
 FARM = HERE / "socket_farm.py"

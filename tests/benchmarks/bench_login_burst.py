@@ -30,13 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import lab as lab_mod
+from tests.integration.helpers import adoptctl, login_burst
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "deploy" / "lab"))
-sys.path.insert(0, str(REPO))
-
-import lab as lab_mod  # noqa: E402
-
-from tests.integration.helpers import adoptctl, login_burst  # noqa: E402
 
 JOBS = {"A": "alice", "B": "alice", "C": "bob", "D": "bob"}
 VARIANTS = {"pam_adopt": 22, "no-op module": 2202}

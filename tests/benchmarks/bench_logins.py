@@ -43,10 +43,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "deploy" / "lab"))
+import lab as lab_mod
 
-import lab as lab_mod  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 VARIANTS = {  # name -> (driver, port)
     "none": ("alice", 2201),

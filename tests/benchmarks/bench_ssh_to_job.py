@@ -66,10 +66,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "deploy" / "lab"))
+import lab as lab_mod
 
-import lab as lab_mod  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 LAB_DIR = "/run/callerid-lab-bench-stj"
 LAB_NAME = "cidlab-bs"

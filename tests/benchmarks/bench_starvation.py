@@ -42,14 +42,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import lab as lab_mod
+from tests.benchmarks.bench_logins import adoptctl, pct
+
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "deploy" / "lab"))
-sys.path.insert(0, str(REPO))
-
-import lab as lab_mod  # noqa: E402
-
-from tests.benchmarks.bench_logins import adoptctl, pct  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
 CONDITIONS = ("0 streams", "200 streams")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Generator, Iterator
@@ -21,10 +20,9 @@ from pathlib import Path
 import pluggy
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "deploy" / "lab"))
+import lab as lab_mod
 
-import lab as lab_mod  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 PROGS = REPO / "deploy" / "lab" / "progs"
 
