@@ -10,6 +10,8 @@
       config      agent.toml              auth      MUNGE credentials, both ways
       dial        reaching an agent       client    typed calls to an agent
       errors      the error catalog       jobenv    the variables a job's processes get
+      pamcontract the contract with pam_adopt (options, socket, messages, wire format)
+      pbconv      callerid's types to and from the gRPC messages, in one place
       shellwire, relaybuf   the ssh-to-job stream on the wire and its buffers
       launch, spawn         the stdlib-only launcher that joins a job and drops to its
                             user, and the agent's side of it

@@ -13,8 +13,10 @@ from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+import callerid
 from node_agent import dial, shellwire
 from node_agent.auth import Authenticator
+from node_agent.pbconv import connection_to_pb
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 
@@ -45,20 +47,26 @@ class AgentClient:
         self._channel.close()
 
     @staticmethod
-    def connection(src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> pb.Connection:
-        """A connection as the API carries it, from its 4-tuple."""
-        return pb.Connection(src_ip=src_ip, src_port=src_port, dst_ip=dst_ip, dst_port=dst_port)
+    def connection(src_ip: str, src_port: int, dst_ip: str,
+                   dst_port: int) -> callerid.Connection:
+        """SSH_CONNECTION's four fields -> the connection to ask the client's node about
+        (raises ValueError)."""
+        return callerid.Connection.from_ssh_connection(
+            callerid.Endpoint(callerid.normalize_ip(src_ip), src_port),
+            callerid.Endpoint(callerid.normalize_ip(dst_ip), dst_port))
 
-    def caller_id(self, conn: pb.Connection, want_pid: bool = False,
+    def caller_id(self, conn: callerid.Connection, want_pid: bool = False,
                   timeout: float | None = None) -> pb.CallerIdReply:
-        """Which job on the agent's node owns `conn`."""
-        return self.stub.CallerId(pb.CallerIdRequest(connection=conn, want_pid=want_pid),
-                                  timeout=timeout or self.timeout)
+        """Which job on the agent's node owns `conn` (as seen from that node: local = the
+        ssh client's end)."""
+        request = pb.CallerIdRequest(connection=connection_to_pb(conn), want_pid=want_pid)
+        return self.stub.CallerId(request, timeout=timeout or self.timeout)
 
-    def whois(self, conn: pb.Connection, timeout: float | None = None) -> pb.CallerIdReply:
+    def whois(self, conn: callerid.Connection,
+              timeout: float | None = None) -> pb.CallerIdReply:
         """CallerId with every step of the agent's resolution."""
-        return self.stub.Whois(pb.CallerIdRequest(connection=conn, want_pid=True),
-                               timeout=timeout or self.timeout)
+        request = pb.CallerIdRequest(connection=connection_to_pb(conn), want_pid=True)
+        return self.stub.Whois(request, timeout=timeout or self.timeout)
 
     def list_jobs(self, user: str = "", job_id: str = "", with_pids: bool = False,
                   ) -> pb.ListJobsReply:
@@ -114,7 +122,7 @@ class PeerPool:
                 c = self._clients[target] = AgentClient(target, self._auth)
             return c
 
-    def caller_id(self, host: str, conn: pb.Connection, deadline: float) -> str | None:
+    def caller_id(self, host: str, conn: callerid.Connection, deadline: float) -> str | None:
         """The job the agent on `host` says owns `conn`, or None (raises grpc.RpcError)."""
         reply = self.client(host).caller_id(conn, timeout=deadline)
         return reply.job_id if reply.outcome == pb.CallerIdReply.FOUND else None

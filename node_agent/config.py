@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from callerid import CgroupConfig
+from node_agent import pamcontract
 
 DEFAULT_PATH = "/etc/callerid-adopt/agent.toml"
 ENV_VAR = "CALLERID_ADOPT_CONFIG"
@@ -59,8 +60,9 @@ class AgentConfig:
     listen: tuple[str, ...] = ()
     # The local gRPC socket (CLIs on this node use it).
     socket: str = "/run/callerid-adopt/agent.sock"
-    # Root-only socket where pam_adopt.py asks whether to admit (and adopt) a login.
-    admission_socket: str = "/run/callerid-adopt/admission.sock"
+    # Root-only socket where pam_adopt.py asks whether to admit (and adopt) a login
+    # (the module's default socket=: node_agent/pamcontract.py).
+    admission_socket: str = pamcontract.DEFAULT_SOCKET
     # Where ssh-to-job sessions get their private directories.
     session_dir: str = "/run/callerid-adopt/sessions"
     # The port other nodes' agents listen on (caller-ID questions go to <source ip>:port).

@@ -24,8 +24,8 @@ Decision order (pam_slurm_adopt's, with failure defaults that deny):
 3. the agent answers: no jobs here -> `action_no_jobs`; one job -> adopted; several ->
    the job that owns the connection on the source node, else `action_unknown`;
    adoption failing -> `action_adopt_failure`;
-4. the agent cannot be asked (down, slow past `timeout=`, garbled) ->
-   `action_generic_failure`.
+4. the agent cannot be asked (down, slow past `timeout=`, garbled, or of another
+   callerid-adopt version: "version mismatch" in syslog) -> `action_generic_failure`.
 
 Options (`key=value`; a bad value is logged and replaced by its default, an unknown key
 is logged and ignored):
@@ -41,18 +41,52 @@ is logged and ignored):
 
 A denied user sees one sentence (e.g. "Access denied by pam_adopt: you have no active
 jobs on this node"); the details go to syslog (authpriv).
+
+The contract with the agent (these options and defaults, the socket, the sentences, and
+the wire format: lines of `key=value` after `protocol=2`, an empty line at the end) is
+defined in node_agent/pamcontract.py. This file cannot import it and keeps copies, which
+tests/unit/test_pam_module.py checks against it.
 """
 
 # Only C-level modules: pam_python starts a fresh interpreter for every login, and
-# `import json` (re, enum, ...) would cost ~15 ms a login, `import socket` ~6 ms.
+# `import json` (re, enum, ...) would cost ~15 ms a login, `import socket` ~6 ms. The
+# annotations Python evaluates (signatures, module level) are strings, and `typing` is
+# imported for the type checker only.
 import _socket
 import os
 import pwd
 import time
 
-DEFAULT_SOCKET = "/run/callerid-adopt/admission.sock"
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import MutableMapping
+    from typing import Protocol
 
-# name -> (default, allowed values or a parser)
+    class PamHandle(Protocol):
+        """What this module uses of pam_python's handle."""
+
+        PAM_SUCCESS: int
+        PAM_SYSTEM_ERR: int
+        PAM_PERM_DENIED: int
+        PAM_IGNORE: int
+        PAM_ERROR_MSG: int
+        user: str | None
+        rhost: str | None
+        service: str | None
+        env: MutableMapping[str, str]
+
+        def get_user(self, prompt: str | None) -> str | None: ...
+        def Message(self, style: int, text: str) -> object: ...  # pam_python's name
+        def conversation(self, msg: object) -> object: ...
+
+# -- copies of node_agent/pamcontract.py (this file cannot import the package; -------------
+#    tests/unit/test_pam_module.py checks that they are equal) ---------------------------
+
+DEFAULT_SOCKET = "/run/callerid-adopt/admission.sock"
+DEFAULT_TIMEOUT = 5.0
+MAX_TIMEOUT = 60.0
+DEFAULT_SERVICE = "sshd"
+# name -> (default, allowed values)
 CHOICES = {
     "action_no_jobs": ("deny", ("deny", "ignore")),
     "action_unknown": ("newest", ("newest", "allow", "deny")),
@@ -60,193 +94,82 @@ CHOICES = {
     "action_generic_failure": ("deny", ("ignore", "allow", "deny")),
     "log_level": ("info", ("debug", "info", "error", "quiet")),
 }
-LEVELS = {"debug": 3, "info": 2, "error": 1, "quiet": 0}
-
+AGENT_OPTIONS = ("action_no_jobs", "action_unknown", "action_adopt_failure")
 MSG_GENERIC = "Access denied by pam_adopt: the node agent could not be asked"
 MSG_GENERIC_DEFAULT = "Access denied by pam_adopt"
+PROTOCOL_LINE = "protocol=2"
+REPLY_KEYS = ("decision", "reason", "message", "job_id", "detail", "env")
+DECISIONS = ("ALLOW", "DENY", "IGNORE")
+
+LEVELS = {"debug": 3, "info": 2, "error": 1, "quiet": 0}
 
 
-# -- a small JSON codec (the subset the admission protocol uses) ------------------------
+# -- the wire format: lines of key=value, escaped (pamcontract's docstring) ---------------
 
-_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t",
-            "\b": "\\b", "\f": "\\f"}
-
-
-def json_dumps(obj: object) -> str:
-    """JSON text for dicts, lists, strings, numbers, booleans and None."""
-    if obj is None:
-        return "null"
-    if obj is True:
-        return "true"
-    if obj is False:
-        return "false"
-    if isinstance(obj, (int, float)):
-        return repr(obj)
-    if isinstance(obj, str):
-        out = []
-        for ch in obj:
-            esc = _ESCAPES.get(ch)
-            if esc is not None:
-                out.append(esc)
-            elif ch < " ":
-                out.append(f"\\u{ord(ch):04x}")
-            else:
-                out.append(ch)
-        return '"' + "".join(out) + '"'
-    if isinstance(obj, dict):
-        return "{" + ", ".join(f"{json_dumps(str(k))}: {json_dumps(v)}"
-                               for k, v in obj.items()) + "}"
-    if isinstance(obj, (list, tuple)):
-        return "[" + ", ".join(json_dumps(v) for v in obj) + "]"
-    raise TypeError(f"cannot encode {type(obj).__name__}")
+def encode(pairs: "list[tuple[str, str]]") -> bytes:
+    """The request: `protocol=2`, one `key=value` line per pair, an empty line. In a
+    value a backslash travels as two, a line feed as backslash + n."""
+    lines = [PROTOCOL_LINE]
+    for key, value in pairs:
+        if value:  # an empty value is left out: it means the same
+            lines.append(key + "=" + value.replace("\\", "\\\\").replace("\n", "\\n"))
+    return ("\n".join(lines) + "\n\n").encode()
 
 
-class _Parser:
-    _UNESCAPE = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n",
-                 "r": "\r", "t": "\t"}
+class GarbledAnswer(ValueError):
+    """An answer this module cannot read; `mismatch` when it is in another protocol."""
 
-    def __init__(self, text: str) -> None:
-        self.s = text
-        self.i = 0
-
-    def fail(self, what: str) -> ValueError:
-        return ValueError(f"bad JSON at {self.i}: {what}")
-
-    def ws(self) -> None:
-        while self.i < len(self.s) and self.s[self.i] in " \t\r\n":
-            self.i += 1
-
-    def value(self) -> object:
-        self.ws()
-        if self.i >= len(self.s):
-            raise self.fail("unexpected end")
-        c = self.s[self.i]
-        if c == "{":
-            return self.obj()
-        if c == "[":
-            return self.arr()
-        if c == '"':
-            return self.string()
-        for word, val in (("true", True), ("false", False), ("null", None)):
-            if self.s.startswith(word, self.i):
-                self.i += len(word)
-                return val
-        return self.number()
-
-    def obj(self) -> dict:
-        self.i += 1
-        out: dict = {}
-        self.ws()
-        if self.s.startswith("}", self.i):
-            self.i += 1
-            return out
-        while True:
-            self.ws()
-            if not self.s.startswith('"', self.i):
-                raise self.fail("expected a key")
-            key = self.string()
-            self.ws()
-            if not self.s.startswith(":", self.i):
-                raise self.fail("expected ':'")
-            self.i += 1
-            out[key] = self.value()
-            self.ws()
-            if self.s.startswith(",", self.i):
-                self.i += 1
-            elif self.s.startswith("}", self.i):
-                self.i += 1
-                return out
-            else:
-                raise self.fail("expected ',' or '}'")
-
-    def arr(self) -> list:
-        self.i += 1
-        out: list = []
-        self.ws()
-        if self.s.startswith("]", self.i):
-            self.i += 1
-            return out
-        while True:
-            out.append(self.value())
-            self.ws()
-            if self.s.startswith(",", self.i):
-                self.i += 1
-            elif self.s.startswith("]", self.i):
-                self.i += 1
-                return out
-            else:
-                raise self.fail("expected ',' or ']'")
-
-    def string(self) -> str:
-        self.i += 1
-        out = []
-        s = self.s
-        while True:
-            j = self.i
-            while j < len(s) and s[j] not in '"\\':
-                j += 1
-            if j >= len(s):
-                raise self.fail("unterminated string")
-            out.append(s[self.i:j])
-            self.i = j + 1
-            if s[j] == '"':
-                return "".join(out)
-            esc = s[self.i:self.i + 1]
-            if esc == "u":
-                code = self.hex4(self.i + 1)
-                self.i += 5
-                if 0xD800 <= code < 0xDC00 and s.startswith("\\u", self.i):
-                    low = self.hex4(self.i + 2)
-                    if 0xDC00 <= low < 0xE000:
-                        code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)
-                        self.i += 6
-                out.append(chr(code))
-            elif esc in self._UNESCAPE:
-                out.append(self._UNESCAPE[esc])
-                self.i += 1
-            else:
-                raise self.fail(f"bad escape {esc!r}")
-
-    def hex4(self, at: int) -> int:
-        digits = self.s[at:at + 4]
-        if len(digits) != 4 or any(c not in "0123456789abcdefABCDEF" for c in digits):
-            raise self.fail("bad \\u escape")
-        return int(digits, 16)
-
-    def number(self) -> float | int:
-        j = self.i
-        while j < len(self.s) and self.s[j] in "+-0123456789.eE":
-            j += 1
-        text = self.s[self.i:j]
-        self.i = j
-        try:
-            return int(text) if text.lstrip("-").isdigit() else float(text)
-        except ValueError:
-            raise self.fail(f"bad value {text[:20]!r}") from None
+    def __init__(self, why: str, mismatch: bool = False) -> None:
+        super().__init__(why)
+        self.mismatch = mismatch
 
 
-def json_loads(text: str) -> object:
-    p = _Parser(text)
-    value = p.value()
-    p.ws()
-    if p.i != len(text):
-        raise p.fail("trailing data")
-    return value
+def decode_reply(data: bytes) -> "tuple[dict[str, str], list[tuple[str, str]]]":
+    """The agent's reply -> (its fields, its env pairs in order). Raises GarbledAnswer."""
+    text = data.decode("utf-8", "replace")
+    first = text.partition("\n")[0]
+    if first != PROTOCOL_LINE:
+        if first.startswith(("{", "protocol=", "version mismatch")):
+            raise GarbledAnswer(f"not in admission {PROTOCOL_LINE}", mismatch=True)
+        raise GarbledAnswer("no protocol line")
+    body, end, rest = text.partition("\n\n")
+    if not end or rest:
+        raise GarbledAnswer("no end, or more after it")
+    fields: dict[str, str] = {}
+    env: list[tuple[str, str]] = []
+    for line in body.split("\n")[1:]:
+        key, eq, value = line.partition("=")
+        if not eq or key not in REPLY_KEYS or (key in fields and key != "env"):
+            raise GarbledAnswer(f"bad line {line[:60]!r}")
+        value = "\\".join(part.replace("\\n", "\n") for part in value.split("\\\\"))
+        if key == "env":
+            name, eq, value = value.partition("=")
+            if not name or not eq:
+                raise GarbledAnswer(f"bad line {line[:60]!r}")
+            env.append((name, value))
+        else:
+            fields[key] = value
+    if fields.get("decision") not in DECISIONS:
+        raise GarbledAnswer("no decision")
+    return fields, env
 
 
 class Options:
     """Parsed module options with safe defaults (one parser, like pam_slurm_adopt)."""
 
     def __init__(self) -> None:
-        for key, (default, _) in CHOICES.items():
-            setattr(self, key, default)
-        self.service = "sshd"
+        self.action_no_jobs = CHOICES["action_no_jobs"][0]
+        self.action_unknown = CHOICES["action_unknown"][0]
+        self.action_adopt_failure = CHOICES["action_adopt_failure"][0]
+        self.action_generic_failure = CHOICES["action_generic_failure"][0]
+        self.log_level = CHOICES["log_level"][0]
+        self.service = DEFAULT_SERVICE
         self.socket = DEFAULT_SOCKET
-        self.timeout = 5.0
+        self.timeout = DEFAULT_TIMEOUT
         self.problems: list[str] = []
 
     @classmethod
-    def parse(cls, args: list[str]) -> "Options":
+    def parse(cls, args: "list[str]") -> "Options":
         opts = cls()
         for arg in args:
             key, sep, value = arg.partition("=")
@@ -264,7 +187,7 @@ class Options:
                 if value:
                     opts.service = value
                 else:
-                    opts.problems.append("service= is empty; using sshd")
+                    opts.problems.append(f"service= is empty; using {DEFAULT_SERVICE}")
             elif key == "socket":
                 if value.startswith("/"):
                     opts.socket = value
@@ -274,12 +197,12 @@ class Options:
             elif key == "timeout":
                 try:
                     t = float(value)
-                    if not 0 < t <= 60:
+                    if not 0 < t <= MAX_TIMEOUT:
                         raise ValueError
                     opts.timeout = t
                 except ValueError:
                     opts.problems.append(f"timeout={value!r} is not a number of seconds "
-                                         f"in (0, 60]; using {opts.timeout:g}")
+                                         f"in (0, {MAX_TIMEOUT:g}]; using {opts.timeout:g}")
             else:
                 opts.problems.append(f"ignoring unknown option {key!r}")
         return opts
@@ -330,10 +253,10 @@ class AgentError(Exception):
 
 # A connection the loader (pam_adopt.py) opened to the default socket before this file
 # was even loaded: (path, socket). See take_early().
-EARLY = None
+EARLY: "tuple[str, _socket.socket] | None" = None
 
 
-def take_early(path: str):
+def take_early(path: str) -> "_socket.socket | None":
     """The loader's early connection, if it goes to `path` (else it is closed)."""
     global EARLY
     early, EARLY = EARLY, None
@@ -345,9 +268,10 @@ def take_early(path: str):
     return None
 
 
-def ask_agent(path: str, request: dict, timeout: float, deadline: float | None = None) -> dict:
-    """One request line, one reply line, all within `timeout` seconds (by `deadline`, on
-    time.monotonic(), when given: the one the request carries)."""
+def ask_agent(path: str, request: bytes, timeout: float, deadline: "float | None" = None,
+              ) -> "tuple[dict[str, str], list[tuple[str, str]]]":
+    """Send the request, read the reply (decode_reply's), all within `timeout` seconds
+    (by `deadline`, on time.monotonic(), when given: the one the request carries)."""
     if deadline is None:
         deadline = time.monotonic() + timeout
     s = take_early(path)
@@ -362,9 +286,11 @@ def ask_agent(path: str, request: dict, timeout: float, deadline: float | None =
             s.settimeout(left)
             if not connected:
                 s.connect(path)
-            s.sendall((json_dumps(request) + "\n").encode())
+            s.sendall(request)
+            # Up to the reply's empty line, or the end of the connection (the agent closes
+            # after its reply; an agent of another version may answer with one line).
             buf = b""
-            while b"\n" not in buf:
+            while b"\n\n" not in buf:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError()
@@ -384,38 +310,40 @@ def ask_agent(path: str, request: dict, timeout: float, deadline: float | None =
     if not buf:
         raise AgentError(f"the agent at {path} closed the connection without an answer")
     try:
-        reply = json_loads(buf.split(b"\n", 1)[0].decode("utf-8", "replace"))
-    except ValueError:
-        raise AgentError(f"garbled answer from the agent at {path}: {buf[:200]!r}") from None
-    if not isinstance(reply, dict) or reply.get("decision") not in ("ALLOW", "DENY", "IGNORE"):
-        raise AgentError(f"answer without a decision from the agent at {path}: {buf[:200]!r}")
-    return reply
+        return decode_reply(buf)
+    except GarbledAnswer as e:
+        if e.mismatch:
+            raise AgentError(
+                f"version mismatch: the agent at {path} does not answer in admission "
+                f"{PROTOCOL_LINE}, this module's (the agent and pam_adopt are of different "
+                f"callerid-adopt versions: restart the agent, or install its module): "
+                f"{buf[:200]!r}") from None
+        raise AgentError(f"garbled answer from the agent at {path} ({e}): "
+                         f"{buf[:200]!r}") from None
 
 
 def build_request(user: str, service: str, rhost: str, ssh_connection: str,
-                  opts: Options, deadline: float) -> dict:
-    """The JSON mapping of callerid_adopt.v1.AdmissionRequest (proto field names).
+                  opts: Options, deadline: float) -> bytes:
+    """The request (pamcontract.Request's fields, in its order).
 
     `deadline`: time.monotonic() when this module stops waiting. CLOCK_MONOTONIC is one
     clock for every process of the machine, so the agent can tell a request it reads
     late (stopped, or busy) from a fresh one, and drop it instead of adopting a process
     that has given up, or a new process that got its pid."""
-    return {
-        "user": user,
-        "service": service,
-        "rhost": rhost,
-        "ssh_connection": ssh_connection,
-        "options": {
-            "action_no_jobs": opts.action_no_jobs,
-            "action_unknown": opts.action_unknown,
-            "action_adopt_failure": opts.action_adopt_failure,
-            "timeout": opts.timeout,
-        },
-        "deadline": deadline,
-    }
+    return encode([
+        ("user", user),
+        ("service", service),
+        ("rhost", rhost),
+        ("ssh_connection", ssh_connection),
+        ("action_no_jobs", opts.action_no_jobs),
+        ("action_unknown", opts.action_unknown),
+        ("action_adopt_failure", opts.action_adopt_failure),
+        ("timeout", repr(opts.timeout)),
+        ("deadline", repr(deadline)),
+    ])
 
 
-def _tell(pamh, flags: int, text: str) -> None:
+def _tell(pamh: "PamHandle", flags: int, text: str) -> None:
     """One sentence to the user, unless the application asked for silence."""
     if not text or flags & getattr(pamh, "PAM_SILENT", 0x8000):
         return
@@ -434,7 +362,7 @@ def _is_root(user: str) -> bool:
         return False
 
 
-def _generic_failure(pamh, flags: int, opts: Options, log: Log, why: str) -> int:
+def _generic_failure(pamh: "PamHandle", flags: int, opts: Options, log: Log, why: str) -> int:
     action = opts.action_generic_failure
     log.error(f"{why}; action_generic_failure={action}")
     if action == "ignore":
@@ -445,7 +373,7 @@ def _generic_failure(pamh, flags: int, opts: Options, log: Log, why: str) -> int
     return pamh.PAM_PERM_DENIED
 
 
-def acct_mgmt(pamh, flags: int, argv: list[str]) -> int:
+def acct_mgmt(pamh: "PamHandle", flags: int, argv: "list[str]") -> int:
     """The decision order of the module docstring."""
     # 1. root first, before anything that can fail.
     try:
@@ -475,7 +403,7 @@ def acct_mgmt(pamh, flags: int, argv: list[str]) -> int:
     request = build_request(user, service, pamh.rhost or "", ssh_connection or "", opts,
                             deadline)
     try:
-        reply = ask_agent(opts.socket, request, opts.timeout, deadline)
+        reply, env = ask_agent(opts.socket, request, opts.timeout, deadline)
     except AgentError as e:
         # 4. the agent could not be asked.
         took = (time.monotonic() - t_ask) * 1000
@@ -490,7 +418,7 @@ def acct_mgmt(pamh, flags: int, argv: list[str]) -> int:
                f"{': ' + detail if detail else ''}; answered in {took:.0f} ms")
     if decision == "ALLOW":
         log.info(summary)
-        for key, value in (reply.get("env") or {}).items():
+        for key, value in env:
             try:
                 pamh.env[key] = value
             except Exception as e:
@@ -504,7 +432,7 @@ def acct_mgmt(pamh, flags: int, argv: list[str]) -> int:
     return pamh.PAM_PERM_DENIED
 
 
-def pam_sm_acct_mgmt(pamh, flags, argv):
+def pam_sm_acct_mgmt(pamh: "PamHandle", flags: int, argv: "list[str]") -> int:
     try:
         return acct_mgmt(pamh, flags, argv)
     except Exception as e:  # never let a bug turn into an open door: deny
@@ -514,7 +442,7 @@ def pam_sm_acct_mgmt(pamh, flags, argv):
         take_early("")  # unused (root, another service, another socket): close it
 
 
-def _not_ours(pamh, flags, argv):
+def _not_ours(pamh: "PamHandle", flags: int, argv: "list[str]") -> int:
     return pamh.PAM_IGNORE
 
 

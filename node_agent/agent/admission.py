@@ -1,8 +1,9 @@
 """Admission of ssh logins: the agent's side of pam_adopt.py.
 
-The PAM module (pam/pam_adopt.py, stdlib only) sends one AdmissionRequest as a JSON
-line over a root-only Unix socket; the agent decides and, when the login belongs to a
-job, adopts the calling process (sshd's privileged process for this login, whose pid
+The PAM module (pam/pam_adopt.py, stdlib only) sends one request over a root-only Unix
+socket, in the wire format that node_agent/pamcontract.py defines with the rest of the
+contract (options, defaults, messages); the agent decides and, when the login belongs to
+a job, adopts the calling process (sshd's privileged process for this login, whose pid
 the kernel gives us with SO_PEERCRED) into every cgroup of that job, so the session and
 everything it starts share the job's limits, accounting and end.
 
@@ -25,7 +26,7 @@ done for it (no remote call, no adoption, no answer). Checked when the request i
 when a worker takes it, before the caller-ID call and right before the adoption:
 
 * its deadline (the module's own, on the machine's CLOCK_MONOTONIC, sent in the request;
-  for older modules that send none, `timeout` counted from when the agent read it), so a
+  for a request without one, `timeout` counted from when the agent read it), so a
   request read late (the agent stopped, a full machine) is not served after the module
   gave up;
 * the connection: the module closes it when it gives up;
@@ -59,28 +60,30 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
-from google.protobuf import json_format
 
 import callerid
-from node_agent import jobenv
+from node_agent import jobenv, pamcontract
 from node_agent.agent import metrics
 from node_agent.agent.warmup import MigrationWarmer
 from node_agent.errors import ImpostorError
 from node_agent.jobs.base import RUNNING, JobBackend, JobRecord
-from node_agent.proto.v1 import admission_pb2 as apb
-from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.pamcontract import (
+    ALLOW,
+    DENY,
+    IGNORE,
+    MSG_ADOPT_FAILED,
+    MSG_BAD_REQUEST,
+    MSG_BUSY,
+    MSG_NO_JOBS,
+    MSG_UNKNOWN,
+    Reply,
+    Request,
+)
 
 log = logging.getLogger("node_agent.agent.admission")
 security = logging.getLogger("node_agent.security")
 
 MAX_REQUEST = 64 * 1024
-DEFAULTS = {"action_no_jobs": "deny", "action_unknown": "newest",
-            "action_adopt_failure": "deny"}
-CHOICES = {"action_no_jobs": ("deny", "ignore"),
-           "action_unknown": ("newest", "allow", "deny"),
-           "action_adopt_failure": ("deny", "allow")}
-DEFAULT_TIMEOUT = 5.0  # pam_adopt's default timeout=, for a request that names none
-MAX_TIMEOUT = 60.0  # pam_adopt accepts timeout= in (0, 60]
 CALL_SHARE = 0.6  # of the module's timeout, for the caller-ID call
 MIN_CALL = 0.05  # seconds: less than that left, and the call is not even tried
 
@@ -107,17 +110,6 @@ WORKERS = 64
 PER_USER = 8
 WAITING_PER_USER = 256
 
-MSG_NO_JOBS = "Access denied by pam_adopt: you have no active jobs on this node"
-MSG_UNKNOWN = ("Access denied by pam_adopt: this connection does not come from one of "
-               "your jobs on this node")
-MSG_ADOPT_FAILED = "Access denied by pam_adopt: your session could not be added to your job"
-MSG_BAD_REQUEST = "Access denied by pam_adopt: internal error"
-MSG_BUSY = ("Access denied by pam_adopt: too many of your logins are waiting on this node; "
-            "try again later")
-
-ALLOW, DENY, IGNORE = (apb.AdmissionReply.ALLOW, apb.AdmissionReply.DENY,
-                       apb.AdmissionReply.IGNORE)
-
 # SO_PEERPIDFD (Linux 6.5): a pidfd of the peer the kernel recorded at connect(), so no
 # pid can be recycled in between, however late it is asked. 77 in asm-generic/socket.h,
 # which the architectures listed use; Python 3.11 has no constant for it.
@@ -139,8 +131,9 @@ class Peer:
     pidfd: int | None = None
 
 
-# CallerIdFn(source_ip, connection, deadline_seconds) -> job id or None (raises grpc.RpcError)
-CallerIdFn = Callable[[str, pb.Connection, float], "str | None"]
+# CallerIdFn(source node, connection, deadline_seconds) -> job id or None (raises
+# grpc.RpcError): client.PeerPool.caller_id.
+CallerIdFn = Callable[[str, callerid.Connection, float], "str | None"]
 
 
 class Dropped(Exception):
@@ -152,21 +145,25 @@ class Dropped(Exception):
         self.tag = tag
 
 
-def options_of(request: apb.AdmissionRequest) -> dict[str, str]:
+def options_of(request: Request) -> dict[str, str]:
     """The request's options, each valid or replaced by its default (and logged)."""
     opts = {}
-    for key, default in DEFAULTS.items():
-        value = getattr(request.options, key) or default
-        if value not in CHOICES[key]:
+    for key in pamcontract.AGENT_OPTIONS:
+        default, allowed = pamcontract.CHOICES[key]
+        value = getattr(request, key) or default
+        if value not in allowed:
             log.warning("admission: %s=%r is not one of %s; using %s", key, value,
-                        "|".join(CHOICES[key]), default)
+                        "|".join(allowed), default)
             value = default
         opts[key] = value
     return opts
 
 
-def parse_ssh_connection(text: str) -> pb.Connection | None:
-    """"src_ip src_port dst_ip dst_port" -> Connection, or None when absent/garbled."""
+def parse_ssh_connection(text: str) -> callerid.Connection | None:
+    """"src_ip src_port dst_ip dst_port" -> the connection to look up on the source node
+    (the client's end is local there), or None when absent/garbled. From here to the
+    source node's lookup the connection stays a callerid.Connection (the client turns it
+    into the message once: node_agent/pbconv.py)."""
     parts = text.split()
     if len(parts) != 4:
         return None
@@ -175,8 +172,7 @@ def parse_ssh_connection(text: str) -> pb.Connection | None:
         dst = callerid.Endpoint(callerid.normalize_ip(parts[2]), int(parts[3]))
     except ValueError:
         return None
-    return pb.Connection(src_ip=str(src.ip), src_port=src.port, dst_ip=str(dst.ip),
-                         dst_port=dst.port)
+    return callerid.Connection.from_ssh_connection(src, dst)
 
 
 def _time_ns(pid: int | str) -> tuple[int, int] | None:
@@ -199,18 +195,19 @@ def same_clock(pid: int) -> bool:
     return theirs is None or _OWN_TIME_NS is None or theirs == _OWN_TIME_NS
 
 
-def module_timeout(request: apb.AdmissionRequest) -> float:
-    """The module's timeout= (pam_adopt only sends values in (0, 60])."""
-    t = request.options.timeout
-    return t if math.isfinite(t) and 0 < t <= MAX_TIMEOUT else DEFAULT_TIMEOUT
+def module_timeout(request: Request) -> float:
+    """The module's timeout= (pam_adopt only sends values in (0, MAX_TIMEOUT])."""
+    t = request.timeout
+    ok = math.isfinite(t) and 0 < t <= pamcontract.MAX_TIMEOUT
+    return t if ok else pamcontract.DEFAULT_TIMEOUT
 
 
-def deadline_of(request: apb.AdmissionRequest, peer: Peer, received: float) -> float:
+def deadline_of(request: Request, peer: Peer, received: float) -> float:
     """When the module stops waiting, on the agent's time.monotonic().
 
     The module sends its own deadline (its start of the exchange plus its timeout); it
     cannot be later than `received` plus the timeout, since the module started before
-    the agent read the request, so that bounds it. An older module sends none, and a
+    the agent read the request, so that bounds it. A request may carry none, and a
     module in another time namespace sends one on another clock: for those the timeout
     counts from `received`, the best the agent knows.
     """
@@ -232,7 +229,7 @@ def pidfd_exited(pidfd: int) -> bool:
 class _Ask:
     """One request being decided, and how to tell whether its module still waits."""
 
-    request: apb.AdmissionRequest
+    request: Request
     peer: Peer
     received: float
     deadline: float
@@ -266,9 +263,9 @@ class Admission:
         self.rpc_timeout = rpc_timeout
         self.warmer = warmer
 
-    def decide(self, request: apb.AdmissionRequest, peer: Peer,
+    def decide(self, request: Request, peer: Peer,
                received: float | None = None,
-               hung_up: Callable[[], bool] | None = None) -> apb.AdmissionReply:
+               hung_up: Callable[[], bool] | None = None) -> Reply:
         """`received`: time.monotonic() when the request came in (default: now). The
         module's clock has been running since before then, waiting for a worker included.
         `hung_up()`: whether the module has closed the connection.
@@ -285,17 +282,17 @@ class Admission:
             self.log_dropped(request, peer, received, e)
             raise
         elapsed = time.monotonic() - received
-        metrics.ADMISSIONS.labels(apb.AdmissionReply.Decision.Name(reply.decision),
+        metrics.ADMISSIONS.labels(reply.decision,
                                   reply.reason).observe(elapsed)
         log.info("admission: %s from %s (%s) pid %d: %s %s%s (%.1f ms)%s", request.user,
                  request.rhost or "?", request.ssh_connection or "no SSH_CONNECTION", peer.pid,
-                 apb.AdmissionReply.Decision.Name(reply.decision), reply.reason,
+                 reply.decision, reply.reason,
                  f" job {reply.job_id}" if reply.job_id else "",
                  elapsed * 1000,
                  f": {reply.detail}" if reply.detail else "")
         return reply
 
-    def check_arrival(self, request: apb.AdmissionRequest, peer: Peer,
+    def check_arrival(self, request: Request, peer: Peer,
                       received: float) -> None:
         """Raise Dropped (logged) when the request was already stale when it was read:
         an agent that was stopped finds the modules' requests in its socket's queue."""
@@ -308,7 +305,7 @@ class Admission:
             raise
 
     @staticmethod
-    def log_dropped(request: apb.AdmissionRequest, peer: Peer, received: float,
+    def log_dropped(request: Request, peer: Peer, received: float,
                     e: Dropped) -> None:
         """Log (and count) a request dropped unanswered: its deadline passed or its module
         gave up."""
@@ -319,7 +316,7 @@ class Admission:
                     request.ssh_connection or "no SSH_CONNECTION", peer.pid, e,
                     elapsed * 1000)
 
-    def _decide(self, ask: _Ask) -> apb.AdmissionReply:
+    def _decide(self, ask: _Ask) -> Reply:
         request = ask.request
         ask.check("before deciding")
         opts = options_of(request)
@@ -328,12 +325,14 @@ class Admission:
         jobs = [r for r in self.jobs.list_jobs(request.user) if r.state == RUNNING]
         if not jobs:
             if opts["action_no_jobs"] == "ignore":
-                return apb.AdmissionReply(decision=IGNORE, reason="no-jobs")
-            return apb.AdmissionReply(decision=DENY, reason="no-jobs", message=MSG_NO_JOBS)
+                return Reply(decision=IGNORE, reason="no-jobs")
+            return Reply(decision=DENY, reason="no-jobs", message=MSG_NO_JOBS)
         if len(jobs) == 1:
             return self._adopt(jobs[0], ask, opts, "one-job")
         conn = parse_ssh_connection(request.ssh_connection)
         detail = ""
+        # The source node: where the ssh client runs, the connection's local end there.
+        source = str(conn.local.ip) if conn is not None else ""
         # The call ends at 60 % of the module's timeout, counted on the module's own
         # clock: the rest is for the adoption, the reply, and a busy machine.
         now = time.monotonic()
@@ -342,31 +341,31 @@ class Admission:
         if conn is None:
             detail = f"no usable SSH_CONNECTION ({request.ssh_connection!r})"
         elif budget < MIN_CALL:
-            detail = (f"no time left to ask {conn.src_ip} for the caller's job (the request "
+            detail = (f"no time left to ask {source} for the caller's job (the request "
                       f"waited {waited * 1000:.0f} ms for the agent)")
         else:
-            ask.check(f"before asking {conn.src_ip}")
+            ask.check(f"before asking {source}")
             deadline = min(self.rpc_timeout, budget)
             if self.warmer is not None:
                 self.warmer.kick()  # overlap the kernel's migration toll with the call
             t_call = time.perf_counter()
             try:
-                job_id = self.caller_id(conn.src_ip, conn, deadline)
+                job_id = self.caller_id(source, conn, deadline)
             except grpc.RpcError as e:
-                detail = (f"caller ID from {conn.src_ip} failed: {e.code().name}: "
+                detail = (f"caller ID from {source} failed: {e.code().name}: "
                           f"{e.details()}")
             except ImpostorError as e:  # not the agent (auth.CredentialPlugin): ignore it
                 security.warning("SECURITY: caller ID for %s's login: %s", request.user, e)
-                detail = f"caller ID from {conn.src_ip} refused: {e}"
+                detail = f"caller ID from {source} refused: {e}"
             except Exception as e:  # a bug here must not become a hung or failed login
-                log.exception("admission: caller ID from %s", conn.src_ip)
-                detail = f"caller ID from {conn.src_ip} failed: {e}"
+                log.exception("admission: caller ID from %s", source)
+                detail = f"caller ID from {source} failed: {e}"
             else:
                 mine = {r.job.id: r for r in jobs}
                 if job_id in mine:
                     took = (time.perf_counter() - t_call) * 1000
                     return self._adopt(mine[job_id], ask, opts, "caller-id",
-                                       f"caller ID from {conn.src_ip}: {took:.1f} ms")
+                                       f"caller ID from {source}: {took:.1f} ms")
                 detail = (f"the source node says job {job_id}, not one of "
                           f"{request.user}'s running jobs here" if job_id
                           else "the source node knows no job for this connection")
@@ -375,12 +374,12 @@ class Admission:
             newest = max(jobs, key=lambda r: (r.job.start_time, r.job.id))
             return self._adopt(newest, ask, opts, "unknown-newest", detail)
         if how == "allow":
-            return apb.AdmissionReply(decision=ALLOW, reason="unknown-allow", detail=detail)
-        return apb.AdmissionReply(decision=DENY, reason="unknown-deny", message=MSG_UNKNOWN,
-                                  detail=detail)
+            return Reply(decision=ALLOW, reason="unknown-allow", detail=detail)
+        return Reply(decision=DENY, reason="unknown-deny", message=MSG_UNKNOWN,
+                     detail=detail)
 
     def _adopt(self, rec: JobRecord, ask: _Ask, opts: dict[str, str], reason: str,
-               detail: str = "") -> apb.AdmissionReply:
+               detail: str = "") -> Reply:
         job = rec.job
         peer = ask.peer
         ask.check(f"before adopting into job {job.id}")
@@ -408,10 +407,10 @@ class Admission:
                       failure)
             why = f"adoption into job {job.id} failed: {failure}"
             if opts["action_adopt_failure"] == "allow":
-                return apb.AdmissionReply(decision=ALLOW, reason="adopt-failed-allow",
-                                          detail=why)
-            return apb.AdmissionReply(decision=DENY, reason="adopt-failed",
-                                      message=MSG_ADOPT_FAILED, detail=why)
+                return Reply(decision=ALLOW, reason="adopt-failed-allow",
+                             detail=why)
+            return Reply(decision=DENY, reason="adopt-failed",
+                         message=MSG_ADOPT_FAILED, detail=why)
         if peer.pidfd is not None and pidfd_exited(peer.pidfd):
             # Alive before and after the writes means every write found the caller.
             # Here it exited meanwhile: harmless unless its pid was also reused at once.
@@ -420,7 +419,7 @@ class Admission:
         # The first cgroup migration after a quiet spell waits for an RCU grace period
         # (cgroup_threadgroup_rwsem): several ms that show here, not in the lookup.
         took = f"adopt {(time.perf_counter() - t0) * 1000:.1f} ms"
-        return apb.AdmissionReply(
+        return Reply(
             decision=ALLOW, reason=reason, job_id=job.id,
             detail=f"{detail}; {took}" if detail else took,
             env=jobenv.of_job(job.id, self.jobs.node))
@@ -489,11 +488,6 @@ def _hung_up(conn: socket.socket) -> bool:
                for _, ev in p.poll(0))
 
 
-def _reply_line(reply: apb.AdmissionReply) -> bytes:
-    return (json_format.MessageToJson(reply, preserving_proto_field_name=True, indent=None)
-            + "\n").encode()
-
-
 @dataclass
 class _Conn:
     """One connection from the module: while its request line comes, then while it
@@ -503,7 +497,7 @@ class _Conn:
     peer: Peer
     expires: float  # the request line must be complete by then
     buf: bytes = b""
-    request: apb.AdmissionRequest = field(default_factory=apb.AdmissionRequest)
+    request: Request = field(default_factory=Request)
     received: float = 0.0
     refused: bool = False  # not root: read its line, then refuse it
     closed: bool = False
@@ -761,42 +755,52 @@ class AdmissionServer:
             self._forget(sock).close()
             return
         conn.buf += chunk
-        if chunk and b"\n" not in chunk:
+        if chunk and not pamcontract.complete(conn.buf):
             if len(conn.buf) > MAX_REQUEST:
                 log.error("admission: request from pid %d longer than %d bytes: dropped",
                           conn.peer.pid, MAX_REQUEST)
                 self._forget(sock).close()
             return
         self._forget(sock)
-        line = conn.buf.split(b"\n", 1)[0]
-        conn.buf = b""
+        data, conn.buf = conn.buf, b""
         if conn.refused:
-            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="not-root",
-                                                  message=MSG_BAD_REQUEST))
+            self._finish(conn, Reply(decision=DENY, reason="not-root",
+                                     message=MSG_BAD_REQUEST))
             return
-        if not line.strip():
+        if not data.strip():
             # pam_adopt.py connects before it knows whether it will ask (root, another
             # service): a connection closed without a request is normal.
             log.debug("admission: pid %d closed without a request", conn.peer.pid)
             conn.close()
             return
         conn.received = time.monotonic()
-        self._queue(conn, line)
+        self._queue(conn, data)
 
-    def _queue(self, conn: _Conn, line: bytes) -> None:
+    def _queue(self, conn: _Conn, data: bytes) -> None:
         peer = conn.peer
         try:
-            json_format.Parse(line, conn.request)
-        except Exception as e:  # ParseError, or TypeError for a non-object ("[]")
+            conn.request = pamcontract.decode_request(data)
+        except pamcontract.VersionMismatch as e:
+            # An upgrade half done: the module and this agent are of different versions.
+            # The answer is no reply of any version: the module applies its
+            # action_generic_failure and logs the answer's "version mismatch".
+            log.error("admission: request from pid %d: %s; pam_adopt and this agent are "
+                      "of different callerid-adopt versions: restart the agent after an "
+                      "upgrade, or install the agent's module", peer.pid, e)
+            metrics.ADMISSIONS.labels("DENY", "version-mismatch").observe(0.0)
+            self._send(conn.sock, pamcontract.VERSION_MISMATCH_ANSWER, "version mismatch")
+            conn.close()
+            return
+        except pamcontract.WireError as e:
             log.error("admission: malformed request from pid %d: %s", peer.pid, e)
-            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="bad-request",
-                                                  message=MSG_BAD_REQUEST, detail=str(e)))
+            self._finish(conn, Reply(decision=DENY, reason="bad-request",
+                                     message=MSG_BAD_REQUEST, detail=str(e)))
             return
         request = conn.request
         if not request.user:
             log.error("admission: request from pid %d names no user", peer.pid)
-            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="bad-request",
-                                                  message=MSG_BAD_REQUEST, detail="no user"))
+            self._finish(conn, Reply(decision=DENY, reason="bad-request",
+                                     message=MSG_BAD_REQUEST, detail="no user"))
             return
         try:
             self.admission.check_arrival(request, peer, conn.received)
@@ -810,9 +814,9 @@ class AdmissionServer:
                         request.ssh_connection or "no SSH_CONNECTION", peer.pid, running,
                         request.user, waiting)
             metrics.ADMISSIONS.labels("DENY", "busy").observe(0.0)
-            self._finish(conn, apb.AdmissionReply(decision=DENY, reason="busy",
-                                                  message=MSG_BUSY,
-                                                  detail=f"{waiting} logins waiting"))
+            self._finish(conn, Reply(decision=DENY, reason="busy",
+                                     message=MSG_BUSY,
+                                     detail=f"{waiting} logins waiting"))
 
     def _forget(self, sock: socket.socket) -> _Conn:
         self._selector.unregister(sock)
@@ -857,22 +861,21 @@ class AdmissionServer:
         except Exception as e:
             # A bug must not look like a silent agent to the module: say so, and deny.
             log.exception("admission: request from pid %d failed", conn.peer.pid)
-            reply = apb.AdmissionReply(decision=DENY, reason="internal-error",
-                                       message=MSG_BAD_REQUEST, detail=str(e))
+            reply = Reply(decision=DENY, reason="internal-error",
+                          message=MSG_BAD_REQUEST, detail=str(e))
         self._finish(conn, reply)
 
-    def _finish(self, conn: _Conn, reply: apb.AdmissionReply) -> None:
-        self._send(conn.sock, reply)
+    def _finish(self, conn: _Conn, reply: Reply) -> None:
+        self._send(conn.sock, pamcontract.encode_reply(reply), reply.decision)
         conn.close()
 
     @staticmethod
-    def _send(sock: socket.socket, reply: apb.AdmissionReply) -> None:
-        data = _reply_line(reply)
+    def _send(sock: socket.socket, data: bytes, what: str) -> None:
         try:
             sent = sock.send(data)  # non-blocking: a worker never waits for a client
         except OSError as e:  # the module gave up meanwhile (EPIPE), or a full buffer
             log.warning("admission: connection dropped before the answer (%s): %s",
-                        apb.AdmissionReply.Decision.Name(reply.decision), e)
+                        what, e)
             return
         if sent < len(data):
             log.warning("admission: connection dropped: the answer did not fit its buffer")

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 import callerid
-from callerid import Connection, Endpoint, Resolution, Resolver
+from callerid import Resolution, Resolver
 from node_agent import shellwire
 from node_agent.agent import metrics
 from node_agent.agent.limits import (
@@ -35,6 +35,7 @@ from node_agent.agent.sessions import Session as JobShellSession
 from node_agent.auth import Identity, current_identity
 from node_agent.errors import InvalidRequest, NotSupported, PermissionDenied, status_for
 from node_agent.jobs.base import JobBackend, JobControl, JobRecord
+from node_agent.pbconv import connection_from_pb
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 
@@ -61,18 +62,6 @@ def _serve(fn: Callable[..., R]) -> Callable[..., R]:
             raise  # not reached: abort raises
 
     return wrapper
-
-
-def connection_from_pb(msg: pb.Connection) -> Connection:
-    """Validate a request's connection; the src/dst -> local/remote swap is callerid's."""
-    try:
-        src = Endpoint(callerid.normalize_ip(msg.src_ip), msg.src_port)
-        dst = Endpoint(callerid.normalize_ip(msg.dst_ip), msg.dst_port)
-    except ValueError as e:
-        raise InvalidRequest(f"invalid connection: {e}") from None
-    if not (src.port and dst.port):
-        raise InvalidRequest("invalid connection: ports must be 1..65535")
-    return Connection.from_ssh_connection(src, dst)
 
 
 def job_to_pb(rec: JobRecord, jobs: JobBackend, with_pids: bool = False) -> pb.Job:

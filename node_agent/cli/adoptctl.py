@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import TextIO
 
-from callerid import Endpoint
+from callerid import Connection, Endpoint
 from node_agent import __version__, dial
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
@@ -187,8 +187,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
                 raise UsageError(str(e)) from None
             node = args.node or (f"[{src.ip}]" if src.ip.version == 6 else str(src.ip))
             with _client(args, cfg, node=node, auth=authenticator) as c:
-                reply = c.whois(AgentClient.connection(str(src.ip), src.port, str(dst.ip),
-                                                       dst.port))
+                reply = c.whois(Connection.from_ssh_connection(src, dst))
                 _print_whois(reply, src, dst, c.target, out, args.json)
             return 0 if reply.outcome == pb.CallerIdReply.FOUND else EXIT_FAILURE
         # job ...

@@ -69,10 +69,10 @@ for i in range(calls):
 rtt = []
 with AgentClient(f"ipv4:{node1}:411", auth, timeout=5) as c:
     for _ in range(50):
-        c.caller_id(req.connection)
+        c.stub.CallerId(req, timeout=5)
     for _ in range(calls // 4):
         t0 = time.perf_counter()
-        c.caller_id(req.connection)
+        c.stub.CallerId(req, timeout=5)
         rtt.append((time.perf_counter() - t0) * 1000)
 out = {k: {"p50": statistics.median(v), "p90": sorted(v)[int(len(v) * .9)],
            "mean": statistics.fmean(v)} for k, v in times.items()}

@@ -384,7 +384,7 @@ def grpc_main(args: argparse.Namespace) -> int:
 
     out: Json = {"target": target}
     with AgentClient(target, auth, timeout=RPC_TIMEOUT) as client:
-        client.caller_id(reqs[0][0].connection)  # connect the channel
+        client.stub.CallerId(reqs[0][0], timeout=RPC_TIMEOUT)  # connect the channel
         lat: list[int] = []
         seq_correct = 0
         for i in range(args.sequential):

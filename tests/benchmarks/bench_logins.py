@@ -2,11 +2,12 @@
 
 Run as root with the project's venv::
 
-    .venv/bin/python tests/benchmarks/bench_logins.py [--rounds 40] [--json FILE]
+    .venv/bin/python tests/benchmarks/bench_logins.py [--rounds 40] [--json FILE] [--lab NAME]
 
-It brings up its own 2-node lab (instance `cidlab-bl`, dir /run/callerid-lab-bench-logins,
-torn down at the end) whose node2 runs three sshd instances that differ only in their
-PAM account stack:
+It brings up its own 2-node lab (instance `cidlab-bl`, dir /run/callerid-lab-bench-logins;
+with `--lab NAME`, instance NAME in /run/callerid-lab-bench-logins-NAME, so that two runs
+can share the machine; torn down at the end) whose node2 runs three sshd instances that
+differ only in their PAM account stack:
 
 - port 2201: no account module beyond Debian's (`none`),
 - port 2202: a no-op pam_python module (`noop`: the cost of starting pam_python),
@@ -72,10 +73,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=40, help="logins per variant (>= 40)")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--lab", default="cidlab-bl", help="the lab's instance name")
     args = ap.parse_args()
     rng = random.Random(args.seed)
-    lab = lab_mod.Lab("/run/callerid-lab-bench-logins", nodes=2, venv=REPO / ".venv",
-                      name="cidlab-bl")
+    lab_dir = "/run/callerid-lab-bench-logins" + ("" if args.lab == "cidlab-bl"
+                                                  else f"-{args.lab}")
+    lab = lab_mod.Lab(lab_dir, nodes=2, venv=REPO / ".venv", name=args.lab)
     drivers: dict[str, subprocess.Popen[str]] = {}
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     failures: dict[str, int] = {v: 0 for v in VARIANTS}

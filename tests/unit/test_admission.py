@@ -25,14 +25,11 @@ from unittest import mock
 
 import grpc
 import pytest
-from google.protobuf import json_format
 
 import node_agent.agent.admission as admission_mod
-from callerid import CgroupLayout, Hierarchy
+from callerid import CgroupLayout, Connection, Hierarchy
+from node_agent import jobenv, pamcontract
 from node_agent.agent.admission import (
-    MSG_BUSY,
-    MSG_NO_JOBS,
-    MSG_UNKNOWN,
     PER_USER,
     Admission,
     AdmissionServer,
@@ -43,8 +40,18 @@ from node_agent.agent.admission import (
 )
 from node_agent.jobs import JobRecord
 from node_agent.jobs.native import ADOPTED_LEAF, JobRegistry
-from node_agent.proto.v1 import admission_pb2 as apb
-from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.pamcontract import (
+    ALLOW,
+    DENY,
+    IGNORE,
+    MSG_BUSY,
+    MSG_NO_JOBS,
+    MSG_UNKNOWN,
+    Reply,
+    Request,
+    decode_reply,
+    encode_request,
+)
 
 PEER = Peer(pid=4321, uid=0, gid=0)
 SSH = "10.0.0.1 40000 10.0.0.2 22"
@@ -54,9 +61,9 @@ class FakeCallerId:
     def __init__(self) -> None:
         self.answer: str | None = None
         self.error: grpc.RpcError | None = None
-        self.calls: list[tuple[str, pb.Connection, float]] = []
+        self.calls: list[tuple[str, Connection, float]] = []
 
-    def __call__(self, host: str, conn: pb.Connection, deadline: float) -> str | None:
+    def __call__(self, host: str, conn: Connection, deadline: float) -> str | None:
         self.calls.append((host, conn, deadline))
         if self.error is not None:
             raise self.error
@@ -90,9 +97,9 @@ def registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[JobReg
     reg.close()
 
 
-def request(user: str = "alice", ssh: str = SSH, **options: object) -> apb.AdmissionRequest:
-    return apb.AdmissionRequest(user=user, service="sshd", rhost="10.0.0.1", ssh_connection=ssh,
-                                options=apb.AdmissionOptions(**options))  # type: ignore[arg-type]
+def request(user: str = "alice", ssh: str = SSH, **fields: str | float) -> Request:
+    return Request(user=user, service="sshd", rhost="10.0.0.1", ssh_connection=ssh,
+                   **fields)  # type: ignore[arg-type]
 
 
 def adopted_pids(reg: JobRegistry, job: str) -> list[set[str]]:
@@ -114,24 +121,24 @@ def two_jobs_of_alice(registry: JobRegistry) -> FakeCallerId:
 def test_no_jobs_denies_with_the_sentence_or_ignores(registry: JobRegistry) -> None:
     adm = Admission(registry, FakeCallerId())
     r = adm.decide(request(), PEER)
-    assert (r.decision, r.reason, r.message) == (apb.AdmissionReply.DENY, "no-jobs", MSG_NO_JOBS)
+    assert (r.decision, r.reason, r.message) == (DENY, "no-jobs", MSG_NO_JOBS)
     assert MSG_NO_JOBS == "Access denied by pam_adopt: you have no active jobs on this node"
     r = adm.decide(request(action_no_jobs="ignore"), PEER)
-    assert r.decision == apb.AdmissionReply.IGNORE
+    assert r.decision == IGNORE
 
 
 def test_another_users_job_does_not_admit(registry: JobRegistry) -> None:
     registry.start("7", "bob")
     r = Admission(registry, FakeCallerId()).decide(request("alice"), PEER)
-    assert r.decision == apb.AdmissionReply.DENY and r.reason == "no-jobs"
+    assert r.decision == DENY and r.reason == "no-jobs"
 
 
 def test_one_job_adopts_without_asking_anyone(registry: JobRegistry) -> None:
     registry.start("42", "alice")
     cid = FakeCallerId()
     r = Admission(registry, cid).decide(request(), PEER)
-    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "one-job", "42")
-    assert r.env["CALLERID_JOB_ID"] == "42"
+    assert (r.decision, r.reason, r.job_id) == (ALLOW, "one-job", "42")
+    assert r.env[jobenv.JOB_ID] == "42"
     assert cid.calls == []
     assert adopted_pids(registry, "42") == [{"4321"}, {"4321"}]
 
@@ -141,9 +148,10 @@ def test_several_jobs_ask_the_source_node(registry: JobRegistry) -> None:
     cid.answer = "A"
     adm = Admission(registry, cid, rpc_timeout=5.0)
     r = adm.decide(request(timeout=2.0), PEER)
-    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "caller-id", "A")
+    assert (r.decision, r.reason, r.job_id) == (ALLOW, "caller-id", "A")
     host, conn, deadline = cid.calls[0]
-    assert host == "10.0.0.1" and (conn.src_port, conn.dst_port) == (40000, 22)
+    # The source node's view: the ssh client's end is local there.
+    assert host == "10.0.0.1" and (conn.local.port, conn.remote.port) == (40000, 22)
     assert deadline <= 2.0 * 0.6 + 1e-9  # inside the module's timeout
     assert adopted_pids(registry, "A") == [{"4321"}, {"4321"}]
 
@@ -157,11 +165,11 @@ def test_unknown_source_applies_action_unknown(registry: JobRegistry, answer: st
     cid.error = Unavailable() if error else None
     adm = Admission(registry, cid)
     r = adm.decide(request(), PEER)  # default: newest
-    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "unknown-newest", "B")
+    assert (r.decision, r.reason, r.job_id) == (ALLOW, "unknown-newest", "B")
     r = adm.decide(request(action_unknown="allow"), Peer(99, 0, 0))
-    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "unknown-allow", "")
+    assert (r.decision, r.reason, r.job_id) == (ALLOW, "unknown-allow", "")
     r = adm.decide(request(action_unknown="deny"), Peer(98, 0, 0))
-    assert (r.decision, r.message) == (apb.AdmissionReply.DENY, MSG_UNKNOWN)
+    assert (r.decision, r.message) == (DENY, MSG_UNKNOWN)
     assert "99" not in adopted_pids(registry, "A")[0] | adopted_pids(registry, "B")[0]
     if error:
         assert "DEADLINE_EXCEEDED" in r.detail
@@ -178,7 +186,7 @@ def test_time_spent_waiting_for_the_agent_comes_off_the_call(registry: JobRegist
     # Waited past the call's share: no call at all, straight to action_unknown (newest).
     r = adm.decide(request(timeout=2.0), PEER, received=time.monotonic() - 1.3)
     assert len(cid.calls) == 1
-    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "unknown-newest", "B")
+    assert (r.decision, r.reason, r.job_id) == (ALLOW, "unknown-newest", "B")
     assert "no time left to ask 10.0.0.1" in r.detail and "waited 13" in r.detail
 
 
@@ -187,7 +195,7 @@ def test_missing_ssh_connection_never_calls_out(registry: JobRegistry) -> None:
     registry.start("B", "alice")
     cid = FakeCallerId()
     r = Admission(registry, cid).decide(request(ssh="", action_unknown="deny"), PEER)
-    assert r.decision == apb.AdmissionReply.DENY and "SSH_CONNECTION" in r.detail
+    assert r.decision == DENY and "SSH_CONNECTION" in r.detail
     assert cid.calls == []
 
 
@@ -200,15 +208,15 @@ def test_adoption_failure(registry: JobRegistry, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(registry, "adopt", boom)
     adm = Admission(registry, FakeCallerId())
     r = adm.decide(request(), PEER)
-    assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "adopt-failed")
+    assert (r.decision, r.reason) == (DENY, "adopt-failed")
     assert "could not be added to your job" in r.message
     r = adm.decide(request(action_adopt_failure="allow"), PEER)
-    assert (r.decision, r.job_id) == (apb.AdmissionReply.ALLOW, "")
+    assert (r.decision, r.job_id) == (ALLOW, "")
 
 
 def test_bad_option_values_fall_back_to_defaults(registry: JobRegistry) -> None:
     r = Admission(registry, FakeCallerId()).decide(request(action_no_jobs="maybe"), PEER)
-    assert r.decision == apb.AdmissionReply.DENY  # the default, not an error
+    assert r.decision == DENY  # the default, not an error
 
 
 @pytest.mark.parametrize("text, ok", [
@@ -220,31 +228,32 @@ def test_parse_ssh_connection(text: str, ok: bool) -> None:
     conn = parse_ssh_connection(text)
     assert (conn is not None) == ok
     if conn is not None:
-        assert not conn.src_ip.startswith("::ffff:")
+        assert conn.local.port == 40000 and conn.remote.port == 22
+        assert not str(conn.local.ip).startswith("::ffff:")
 
 
 # -- the socket ------------------------------------------------------------------------------
 # It answers root only (SO_PEERCRED): a test that expects any other answer than "not-root"
 # from it is marked `root`, and runs as root (`make test`, CI) or not at all.
 
-def exchange(path: Path, line: bytes, timeout: float = 5) -> bytes:
-    """Send one request line, read the reply line (b"" if the agent closed first)."""
+def exchange(path: Path, data: bytes, timeout: float = 5) -> bytes:
+    """Send one request, read the answer up to the agent's close (b"": none)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(str(path))
-        s.sendall(line)
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
+        s.sendall(data)
+        return read_to_end(s)
+
+
+def read_to_end(s: socket.socket) -> bytes:
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
     return data
 
 
-def ask(path: Path, line: bytes) -> dict[str, object]:
-    result: dict[str, object] = json.loads(exchange(path, line))
-    return result
+def ask(path: Path, data: bytes) -> Reply:
+    return decode_reply(exchange(path, data))
 
 
 def closed_without_answer(s: socket.socket) -> bool:
@@ -265,25 +274,61 @@ def server(registry: JobRegistry, tmp_path: Path) -> Iterator[tuple[AdmissionSer
 
 
 @pytest.mark.root
-def test_socket_is_root_only_and_answers_json(server: tuple[AdmissionServer, Path],
-                                              registry: JobRegistry) -> None:
+def test_socket_is_root_only_and_answers(server: tuple[AdmissionServer, Path],
+                                         registry: JobRegistry) -> None:
     _, path = server
     assert path.stat().st_mode & 0o777 == 0o600
     registry.start("42", "alice")
-    line = json_format.MessageToJson(request(), preserving_proto_field_name=True, indent=None)
-    reply = ask(path, line.encode() + b"\n")
-    assert reply["decision"] == "ALLOW" and reply["job_id"] == "42"
+    reply = ask(path, line_of(request()))
+    assert reply.decision == "ALLOW" and reply.job_id == "42"
+    assert reply.env == jobenv.of_job("42", "n2")
     # The pid adopted is the caller's, from SO_PEERCRED: this test process.
     assert str(os.getpid()) in adopted_pids(registry, "42")[0]
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("line", [b"not json\n", b'{"user": 5}\n', b'{"nonsense": 1}\n',
-                                  b"[]\n"])
+@pytest.mark.parametrize("line, why", [
+    (b"not a request\n", "the first line is 'not a request'"),
+    (b"protocol=2\nuser\n\n", "is not key=value"),
+    (b"protocol=2\nuser=alice\nnonsense=1\n\n", "unknown key 'nonsense'"),
+    (b"protocol=2\nuser=alice\nuser=bob\n\n", "user given twice"),
+    (b"protocol=2\nuser=alice\ntimeout=soon\n\n", "timeout='soon' is not a number"),
+    (b"protocol=2\nservice=sshd\n\n", "no user"),
+])
 def test_malformed_requests_are_denied_clearly(server: tuple[AdmissionServer, Path],
-                                               line: bytes) -> None:
+                                               line: bytes, why: str) -> None:
     reply = ask(server[1], line)
-    assert reply["decision"] == "DENY" and reply["reason"] == "bad-request"
+    assert reply.decision == "DENY" and reply.reason == "bad-request"
+    assert reply.message == pamcontract.MSG_BAD_REQUEST and why in reply.detail
+
+
+OLD_MODULE_REQUEST = (b'{"user": "alice", "service": "sshd", "rhost": "10.0.0.1", '
+                      b'"ssh_connection": "10.0.0.1 40000 10.0.0.2 22", "options": '
+                      b'{"action_no_jobs": "deny", "timeout": 5.0}, "deadline": 1.0}\n')
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("line", [OLD_MODULE_REQUEST, b"protocol=3\nuser=alice\n"])
+def test_a_module_of_another_version_gets_a_clear_mismatch_at_once(
+        server: tuple[AdmissionServer, Path], registry: JobRegistry, line: bytes,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # An upgrade half done: the module's request is not in this agent's protocol. The
+    # answer comes at once (not after a timeout), adopts nothing, and is no reply of any
+    # version: a JSON module (before protocol 2) fails to parse it, applies its
+    # action_generic_failure and logs its first 200 bytes, which say what happened.
+    registry.start("42", "alice")
+    t0 = time.monotonic()
+    answer = exchange(server[1], line)
+    assert time.monotonic() - t0 < 2
+    assert answer == pamcontract.VERSION_MISMATCH_ANSWER
+    assert answer[:200].startswith(b"version mismatch: ") and answer.endswith(b"\n")
+    with pytest.raises(ValueError):
+        json.loads(answer)
+    with pytest.raises(pamcontract.WireError):
+        decode_reply(answer)
+    assert adopted_pids(registry, "42") == [set(), set()]
+    assert "version mismatch" in caplog.text and "different callerid-adopt versions" in \
+        caplog.text
 
 
 @pytest.mark.root
@@ -296,8 +341,8 @@ def test_connection_without_request_is_closed_quietly(server: tuple[AdmissionSer
         s.shutdown(socket.SHUT_WR)
         assert s.recv(100) == b""
     registry.start("42", "alice")
-    line = json_format.MessageToJson(request(), preserving_proto_field_name=True, indent=None)
-    assert ask(server[1], line.encode() + b"\n")["decision"] == "ALLOW"  # still serving
+    line = line_of(request())
+    assert ask(server[1], line).decision == "ALLOW"  # still serving
 
 
 @pytest.mark.root
@@ -310,12 +355,12 @@ def test_a_silent_client_does_not_hold_up_the_others(registry: JobRegistry,
                           io_timeout=1.0)
     srv.start()
     registry.start("42", "alice")
-    line = json_format.MessageToJson(request(), preserving_proto_field_name=True, indent=None)
+    line = line_of(request())
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
             silent.connect(str(path))
             t0 = time.monotonic()
-            assert ask(path, line.encode() + b"\n")["decision"] == "ALLOW"
+            assert ask(path, line).decision == "ALLOW"
             assert time.monotonic() - t0 < 1.0  # not after the silent one's io_timeout
             silent.settimeout(10)
             assert silent.recv(100) == b""  # dropped after io_timeout, without an answer
@@ -328,35 +373,33 @@ def test_a_silent_client_does_not_hold_up_the_others(registry: JobRegistry,
 def test_a_request_sent_in_pieces_is_answered(server: tuple[AdmissionServer, Path],
                                               registry: JobRegistry) -> None:
     registry.start("42", "alice")
-    line = json_format.MessageToJson(request(), preserving_proto_field_name=True,
-                                     indent=None).encode() + b"\n"
+    line = line_of(request())
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(server[1]))
         for i in range(0, len(line), 7):
             s.sendall(line[i:i + 7])
             time.sleep(0.002)
-        assert json.loads(s.recv(65536))["job_id"] == "42"
+        assert decode_reply(read_to_end(s)).job_id == "42"
 
 
 @pytest.mark.root
 def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
                                                           tmp_path: Path) -> None:
     class Broken(Admission):
-        def decide(self, request: apb.AdmissionRequest, peer: Peer,
+        def decide(self, request: Request, peer: Peer,
                    received: float | None = None,
-                   hung_up: Callable[[], bool] | None = None) -> apb.AdmissionReply:
+                   hung_up: Callable[[], bool] | None = None) -> Reply:
             raise RuntimeError("registry on fire")
 
     path = tmp_path / "admission.sock"
     srv = AdmissionServer(str(path), Broken(registry, FakeCallerId()))
     srv.start()
     try:
-        line = json_format.MessageToJson(request(), preserving_proto_field_name=True,
-                                         indent=None)
-        reply = ask(path, line.encode() + b"\n")
-        assert (reply["decision"], reply["reason"]) == ("DENY", "internal-error")
-        assert "registry on fire" in str(reply["detail"])
+        line = line_of(request())
+        reply = ask(path, line)
+        assert (reply.decision, reply.reason) == ("DENY", "internal-error")
+        assert "registry on fire" in str(reply.detail)
     finally:
         srv.close()
 
@@ -376,13 +419,12 @@ def test_a_connection_that_breaks_the_server_is_dropped_alone(
 
     monkeypatch.setattr(admission_mod, "_peercred", broken_once)
     registry.start("42", "alice")
-    line = json_format.MessageToJson(request(), preserving_proto_field_name=True,
-                                     indent=None).encode() + b"\n"
+    line = line_of(request())
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(server[1]))
         assert closed_without_answer(s)  # dropped at once, before it could even ask
-    assert ask(server[1], line)["decision"] == "ALLOW"  # the next login is served
+    assert ask(server[1], line).decision == "ALLOW"  # the next login is served
 
 
 def test_an_oversized_request_is_dropped(server: tuple[AdmissionServer, Path]) -> None:
@@ -407,10 +449,7 @@ s.settimeout(10)
 s.connect(sys.argv[1])
 s.sendall(sys.stdin.buffer.read())
 data = b""
-while not data.endswith(b"\\n"):
-    chunk = s.recv(4096)
-    if not chunk:
-        break
+while chunk := s.recv(4096):  # the agent closes after its answer
     data += chunk
 sys.stdout.buffer.write(data)
 """
@@ -435,13 +474,13 @@ def test_the_socket_answers_root_and_refuses_any_other_uid(
         child = subprocess.run([sys.executable, "-I", "-c", AS_NOBODY, str(path)], input=line,
                                capture_output=True, timeout=20)
         assert child.returncode == 0, child.stderr.decode()
-        reply = json.loads(child.stdout)
-        assert (reply["decision"], reply["reason"]) == ("DENY", "not-root")
+        reply = decode_reply(child.stdout)
+        assert (reply.decision, reply.reason) == ("DENY", "not-root")
         assert adopted_pids(registry, "42") == [set(), set()]
         assert "admission request from uid 65534 pid" in caplog.text
         assert "refused: only root may ask" in caplog.text
         reply = ask(path, line)
-        assert (reply["decision"], reply["job_id"]) == ("ALLOW", "42")
+        assert (reply.decision, reply.job_id) == ("ALLOW", "42")
         assert adopted_pids(registry, "42") == [{str(os.getpid())}] * 2
     finally:
         srv.close()
@@ -450,9 +489,8 @@ def test_the_socket_answers_root_and_refuses_any_other_uid(
 
 # -- only while the module still waits -------------------------------------------------------
 
-def line_of(req: apb.AdmissionRequest) -> bytes:
-    return json_format.MessageToJson(req, preserving_proto_field_name=True,
-                                     indent=None).encode() + b"\n"
+def line_of(req: Request) -> bytes:
+    return encode_request(req)
 
 
 def test_an_expired_request_is_dropped_before_adoption(registry: JobRegistry,
@@ -460,8 +498,7 @@ def test_an_expired_request_is_dropped_before_adoption(registry: JobRegistry,
     registry.start("42", "alice")
     cid = FakeCallerId()
     adm = Admission(registry, cid)
-    req = request(timeout=2.0)
-    req.deadline = time.monotonic() - 0.5  # the module gave up half a second ago
+    req = request(timeout=2.0, deadline=time.monotonic() - 0.5)  # gave up 0.5 s ago
     with pytest.raises(Dropped) as e:
         adm.decide(req, PEER)
     assert e.value.tag == "expired"
@@ -480,12 +517,11 @@ def test_the_deadline_is_the_modules_own_clock(registry: JobRegistry) -> None:
     adm = Admission(registry, cid, rpc_timeout=5.0)
     # The module started 0.5 s before the agent read its request (a busy machine): the
     # call gets what is left of its 60 % on the module's clock, not on the agent's.
-    req = request(timeout=2.0)
-    req.deadline = time.monotonic() + 2.0 - 0.5
+    req = request(timeout=2.0, deadline=time.monotonic() + 2.0 - 0.5)
     assert adm.decide(req, PEER).job_id == "A"
     assert 0.6 < cid.calls[0][2] <= 2.0 * 0.6 - 0.5 + 1e-9
     # A deadline later than the module's timeout allows (not our clock) is bounded by it.
-    req.deadline = time.monotonic() + 1000
+    req = dataclasses.replace(req, deadline=time.monotonic() + 1000)
     assert adm.decide(req, PEER).job_id == "A"
     assert cid.calls[1][2] <= 2.0 * 0.6 + 1e-9
 
@@ -539,11 +575,11 @@ def test_an_ending_job_attracts_no_login(registry: JobRegistry,
     adm = Admission(registry, cid)
     r = adm.decide(request(), PEER)
     # Only A is a candidate: one job, no call, and never B (caller ID or newest).
-    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "one-job", "A")
+    assert (r.decision, r.reason, r.job_id) == (ALLOW, "one-job", "A")
     assert cid.calls == [] and adopted_pids(registry, "B") == [set(), set()]
     ending(registry, monkeypatch, "A", "B")
     r = adm.decide(request(), Peer(99, 0, 0))
-    assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "no-jobs")
+    assert (r.decision, r.reason) == (DENY, "no-jobs")
 
 
 def test_a_job_that_starts_ending_during_the_decision_is_not_joined(
@@ -553,14 +589,14 @@ def test_a_job_that_starts_ending_during_the_decision_is_not_joined(
     adm = Admission(registry, cid)
     real_call = cid.__call__
 
-    def call_then_end(host: str, conn: pb.Connection, deadline: float) -> str | None:
+    def call_then_end(host: str, conn: Connection, deadline: float) -> str | None:
         answer = real_call(host, conn, deadline)
         ending(registry, monkeypatch, "A")  # `adoptctl job end A` while we asked
         return answer
 
     adm.caller_id = call_then_end
     r = adm.decide(request(), PEER)
-    assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "adopt-failed")
+    assert (r.decision, r.reason) == (DENY, "adopt-failed")
     assert "job A is ending" in r.detail
     assert adopted_pids(registry, "A") == [set(), set()]
 
@@ -571,8 +607,7 @@ def test_socket_drops_an_expired_request_without_answer(server: tuple[AdmissionS
                                                         caplog: pytest.LogCaptureFixture,
                                                         ) -> None:
     registry.start("42", "alice")
-    req = request(timeout=1.0)
-    req.deadline = time.monotonic() - 1.8  # as after a SIGSTOP of the agent
+    req = request(timeout=1.0, deadline=time.monotonic() - 1.8)  # as after a SIGSTOP
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect(str(server[1]))
@@ -580,8 +615,8 @@ def test_socket_drops_an_expired_request_without_answer(server: tuple[AdmissionS
         assert closed_without_answer(s)
     assert adopted_pids(registry, "42") == [set(), set()]
     assert "when the agent read it" in caplog.text
-    # An old module's request (no deadline) is answered as before.
-    assert ask(server[1], line_of(request()))["job_id"] == "42"
+    # A request without a deadline (0: none) is answered, its timeout counted from now.
+    assert ask(server[1], line_of(request())).job_id == "42"
 
 
 class BlockingCallerId(FakeCallerId):
@@ -596,18 +631,18 @@ class BlockingCallerId(FakeCallerId):
         self.most: collections.Counter[int] = collections.Counter()
         self.started = threading.Semaphore(0)
 
-    def __call__(self, host: str, conn: pb.Connection, deadline: float) -> str | None:
+    def __call__(self, host: str, conn: Connection, deadline: float) -> str | None:
         with self.lock:
-            self.in_flight[conn.src_port] += 1
-            self.most[conn.src_port] = max(self.most[conn.src_port],
-                                           self.in_flight[conn.src_port])
+            self.in_flight[conn.local.port] += 1
+            self.most[conn.local.port] = max(self.most[conn.local.port],
+                                           self.in_flight[conn.local.port])
         self.started.release()
         try:
             assert self.release.wait(30)
             return super().__call__(host, conn, deadline)
         finally:
             with self.lock:
-                self.in_flight[conn.src_port] -= 1
+                self.in_flight[conn.local.port] -= 1
 
 
 @pytest.mark.root
@@ -690,16 +725,16 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20) -> None:
 class Client(threading.Thread):
     """One module's request through the socket; .reply once answered (None: closed)."""
 
-    def __init__(self, path: Path, req: apb.AdmissionRequest) -> None:
+    def __init__(self, path: Path, req: Request) -> None:
         super().__init__(daemon=True)
         self.path = path
         self.line = line_of(req)
-        self.reply: dict[str, object] | None = None
+        self.reply: Reply | None = None
         self.answered = threading.Event()
 
     def run(self) -> None:
         data = exchange(self.path, self.line, timeout=60)
-        self.reply = json.loads(data) if data else None
+        self.reply = decode_reply(data) if data else None
         self.answered.set()
 
 
@@ -728,7 +763,7 @@ def test_one_users_slow_logins_do_not_hold_up_another_users(registry: JobRegistr
         bob = Client(path, request("bob", "10.0.0.1 2 10.0.0.2 22", timeout=60))
         bob.start()
         assert bob.answered.wait(20), "bob waited behind alice's logins"
-        assert bob.reply is not None and bob.reply["job_id"] == "X"
+        assert bob.reply is not None and bob.reply.job_id == "X"
         # bob was answered while every one of alice's calls was still held.
         assert not any(c.answered.is_set() for c in alice)
         assert cid.in_flight[1] == PER_USER and len(cid.calls) == 0
@@ -739,7 +774,7 @@ def test_one_users_slow_logins_do_not_hold_up_another_users(registry: JobRegistr
         cid.release.set()
         srv.close()
     # Each of alice's requests waited its turn and was adopted into the right job.
-    assert [c.reply and (c.reply["reason"], c.reply["job_id"]) for c in alice] == \
+    assert [c.reply and (c.reply.reason, c.reply.job_id) for c in alice] == \
         [("caller-id", "A")] * len(alice)
     assert cid.most[1] == PER_USER
 
@@ -789,8 +824,7 @@ def test_a_request_that_waited_past_its_deadline_is_dropped(
         first = Client(path, request(timeout=60))
         first.start()
         assert cid.started.acquire(timeout=10)
-        late = request(timeout=60)
-        late.deadline = time.monotonic() + 0.2  # its module gives up in 0.2 s
+        late = request(timeout=60, deadline=time.monotonic() + 0.2)  # gives up in 0.2 s
         second = Client(path, late)
         second.start()
         wait_until(lambda: time.monotonic() > late.deadline + 0.05)
@@ -799,7 +833,7 @@ def test_a_request_that_waited_past_its_deadline_is_dropped(
     finally:
         cid.release.set()
         srv.close()
-    assert first.reply is not None and first.reply["job_id"] == "A"
+    assert first.reply is not None and first.reply.job_id == "A"
     assert second.reply is None  # dropped, not answered (nobody waits for it)
     assert len(cid.calls) == 1
     assert "deadline passed" in caplog.text and "before deciding" in caplog.text
@@ -825,8 +859,8 @@ def test_past_its_waiting_limit_a_users_login_is_refused_and_logged(
         one_more.start()
         assert one_more.answered.wait(20)
         assert one_more.reply is not None
-        assert (one_more.reply["decision"], one_more.reply["reason"]) == ("DENY", "busy")
-        assert one_more.reply["message"] == MSG_BUSY
+        assert (one_more.reply.decision, one_more.reply.reason) == ("DENY", "busy")
+        assert one_more.reply.message == MSG_BUSY
         assert "refused: 1 of alice's logins are being decided and 2 wait" in caplog.text
     finally:
         cid.release.set()
@@ -853,5 +887,5 @@ def test_a_burst_of_one_users_logins_is_all_adopted(registry: JobRegistry,
             assert c.answered.wait(60)
     finally:
         srv.close()
-    assert [c.reply and (c.reply["reason"], c.reply["job_id"]) for c in clients] == \
+    assert [c.reply and (c.reply.reason, c.reply.job_id) for c in clients] == \
         [("caller-id", "B")] * 200

@@ -37,6 +37,7 @@ from node_agent.cli.adoptctl import main as adoptctl_main
 from node_agent.client import AgentClient
 from node_agent.errors import AuthError, JobNotFound
 from node_agent.jobs.native import JobRegistry
+from node_agent.pbconv import connection_to_pb
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 from tests.unit.fakes import FakeAuthenticator
@@ -215,8 +216,9 @@ def test_resolved_job_unknown_to_registry_is_unknown(agent: Agent) -> None:
 ])
 def test_malformed_connection_is_invalid_argument(agent: Agent, conn: pb.Connection,
                                                    needle: str) -> None:
+    # Past the client's own types (it sends only valid callerid.Connections).
     with agent.client(0) as c, pytest.raises(grpc.RpcError) as e:
-        c.caller_id(conn)
+        c.stub.CallerId(pb.CallerIdRequest(connection=conn), timeout=5)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in (e.value.details() or "")
 
@@ -238,7 +240,7 @@ def test_calls_without_valid_credentials_are_refused(
     caplog.set_level(logging.WARNING, logger="node_agent.security")
     channel = grpc.insecure_channel(agent.tcp)
     stub = agent_pb2_grpc.NodeAgentStub(channel)
-    req = pb.CallerIdRequest(connection=CONN)
+    req = pb.CallerIdRequest(connection=connection_to_pb(CONN))
     method = "/callerid_adopt.v1.NodeAgent/CallerId"
 
     def refused(cred: str) -> str:
@@ -262,7 +264,8 @@ def test_calls_without_valid_credentials_are_refused(
     assert "minted for node:node2, not for this node" in refused(
         agent.auth.encode(_claim(method, req, "node:node2")))
     # Minted for another question (another connection) than the one asked.
-    other = pb.CallerIdRequest(connection=AgentClient.connection("10.0.0.9", 1, "10.0.0.2", 22))
+    other = pb.CallerIdRequest(
+        connection=connection_to_pb(AgentClient.connection("10.0.0.9", 1, "10.0.0.2", 22)))
     assert "not minted for this request" in refused(agent.auth.encode(_claim(method, other)))
     assert "not minted by callerid-adopt" in refused(agent.auth.encode(method.encode()))
     assert "Invalid credential format" in refused("garbage")

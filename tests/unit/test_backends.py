@@ -21,7 +21,7 @@ from node_agent.agent.sessions import JobShellSessions
 from node_agent.client import AgentClient
 from node_agent.jobs import JobBackend, JobControl
 from node_agent.jobs.native import JobRegistry
-from node_agent.proto.v1 import admission_pb2 as apb
+from node_agent.pamcontract import ALLOW, DENY, Request
 from node_agent.proto.v1 import agent_pb2 as pb
 from tests.unit.fakes import FakeAuthenticator, FakeBackend
 
@@ -29,9 +29,8 @@ PEER = Peer(pid=4321, uid=0, gid=0)
 SSH = "10.0.0.1 40000 10.0.0.2 22"
 
 
-def request(user: str = "alice", **options: object) -> apb.AdmissionRequest:
-    return apb.AdmissionRequest(user=user, service="sshd", rhost="10.0.0.1", ssh_connection=SSH,
-                                options=apb.AdmissionOptions(**options))  # type: ignore[arg-type]
+def request(user: str = "alice") -> Request:
+    return Request(user=user, service="sshd", rhost="10.0.0.1", ssh_connection=SSH)
 
 
 def test_the_native_registry_is_a_backend_that_controls_jobs(tmp_path: Path) -> None:
@@ -51,7 +50,7 @@ def test_admission_adopts_through_the_backend() -> None:
     jobs.add("7", "bob", 1002)
     jobs.add("42", "alice", 1001)
     r = Admission(jobs, lambda *a: None).decide(request(), PEER)
-    assert (r.decision, r.reason, r.job_id) == (apb.AdmissionReply.ALLOW, "one-job", "42")
+    assert (r.decision, r.reason, r.job_id) == (ALLOW, "one-job", "42")
     assert r.env["CALLERID_NODE"] == "n2"
     assert jobs.adopted == [("42", PEER.pid)]
 
@@ -60,7 +59,7 @@ def test_admission_skips_jobs_that_are_not_running() -> None:
     jobs = FakeBackend()
     jobs.add("42", "alice", 1001, state="ending")
     r = Admission(jobs, lambda *a: None).decide(request(), PEER)
-    assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "no-jobs")
+    assert (r.decision, r.reason) == (DENY, "no-jobs")
     assert jobs.adopted == []
 
 
@@ -69,7 +68,7 @@ def test_a_backend_failing_to_adopt_is_an_adoption_failure() -> None:
     jobs.add("42", "alice", 1001)
     jobs.adopt_error = OSError(28, "No space left on device")
     r = Admission(jobs, lambda *a: None).decide(request(), PEER)
-    assert (r.decision, r.reason) == (apb.AdmissionReply.DENY, "adopt-failed")
+    assert (r.decision, r.reason) == (DENY, "adopt-failed")
     assert "No space left on device" in r.detail
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from callerid import CgroupLayout, Hierarchy
-from node_agent import launch, shellwire, spawn
+from node_agent import jobenv, launch, shellwire, spawn
 from node_agent.agent import sessions as jobshell
 from node_agent.agent.sessions import JobShellSessions, Session
 from node_agent.errors import InvalidRequest, JobNotFound, JobStartFailed
@@ -218,7 +218,7 @@ def test_config_and_setup_script(tmp_path: Path) -> None:
     script = jobshell.session_setup_text(tmp_path, "/work dir/x'y", "j1", [5, 3], "/bin/bash",
                                          nss_wrapper=False)
     assert "cd '/work dir/x'\\''y'" in script
-    assert "export CALLERID_JOB_PIDS='5 3'" in script
+    assert f"export {jobenv.JOB_PIDS}='5 3'" in script
     assert "internal-sftp|/usr/lib/openssh/sftp-server) exec /usr/lib/openssh/sftp-server" \
         in script
     assert "LD_PRELOAD" not in script

@@ -25,3 +25,14 @@ def test_every_proto_has_checked_in_stubs() -> None:
         stem = REPO / proto.relative_to(REPO / "proto").with_suffix("")
         for suffix in ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"):
             assert stem.with_name(stem.name + suffix).exists(), f"{proto} has no {suffix}"
+
+
+def test_every_checked_in_stub_has_its_proto() -> None:
+    # A .proto removed (admission.proto, when the PAM wire format left protobuf) takes
+    # its stubs with it.
+    for stub in (REPO / "node_agent" / "proto").rglob("*_pb2*.py*"):
+        if stub.suffix not in (".py", ".pyi") or "__pycache__" in stub.parts:
+            continue  # bytecode: not checked in
+        stem = stub.name.split("_pb2")[0]
+        proto = REPO / "proto" / stub.parent.relative_to(REPO) / f"{stem}.proto"
+        assert proto.exists(), f"{stub} has no {proto}"
