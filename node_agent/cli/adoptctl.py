@@ -1,4 +1,5 @@
-"""`adoptctl`: jobs of the native registry and caller ID, from the command line.
+"""`adoptctl`: the jobs of a node (run, attach and end them on the native registry) and
+caller ID, from the command line.
 
 A thin `main(argv)` over node_agent.client; errors go through the CLIs' one handler
 (node_agent.cli.common).
