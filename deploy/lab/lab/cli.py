@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--venv", default=None, help="venv holding node-agent (default <repo>/.venv)")
     up.add_argument("--no-agents", action="store_true")
     up.add_argument("--no-sshd", action="store_true")
+    up.add_argument("--slurm", action="store_true",
+                    help="also run Slurm: slurmctld on the head, slurmd -N NODE per node")
     down = sub.add_parser("down", help="tear everything down (idempotent)")
     down.add_argument("--purge", action="store_true", help="remove the logs and the dir too")
     sub.add_parser("status", help="nodes, addresses, daemons alive?")
@@ -49,8 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("agent", help="start|stop|kill|restart a node's agent")
     ag.add_argument("node")
     ag.add_argument("action", choices=["start", "stop", "kill", "restart"])
-    pam = sub.add_parser("pam", help="set pam_adopt's options in a node's lab-sshd-NODE")
+    pam = sub.add_parser("pam", help="set the account module of a node's lab-sshd-NODE "
+                                     "(port 22) and its options")
     pam.add_argument("node")
+    pam.add_argument("--module", choices=["adopt", "slurm"], default="adopt",
+                     help="pam_adopt (default) or pam_slurm_adopt (a lab up with --slurm)")
     pam.add_argument("options", nargs="*", metavar="KEY=VALUE")
     bh = sub.add_parser("blackhole", help="drop (on) or stop dropping (off) TCP to a port")
     bh.add_argument("node")
@@ -112,7 +117,7 @@ def _agent(lab: Lab, args: argparse.Namespace) -> None:
 
 
 def _pam(lab: Lab, args: argparse.Namespace) -> None:
-    lab.set_pam(args.node, args.options)
+    lab.set_pam_module(args.node, args.module, args.options)
 
 
 def _blackhole(lab: Lab, args: argparse.Namespace) -> None:
@@ -140,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "up":
             Lab(args.dir, args.nodes, args.venv, name=args.name or DEFAULT_NAME).up(
-                agents=not args.no_agents, sshd=not args.no_sshd)
+                agents=not args.no_agents, sshd=not args.no_sshd, slurm=args.slurm)
         else:
             COMMANDS[args.command](Lab.load(args.dir, args.name), args)
         return 0

@@ -42,6 +42,7 @@ from .instances import (
 )
 from .munge import Munged, MungeMixin
 from .network import NETNS_DIR
+from .slurm import Slurm, SlurmMixin
 from .sshd import Sshd, SshdMixin
 from .teardown import TeardownMixin
 
@@ -55,12 +56,13 @@ BASE_TOOLS = (NSENTER, UNSHARE, SETPRIV, ENV, IP, MOUNT, UMOUNT, USERADD)
 STATE_SUBDIRS = ("ns", "nodes", "run", "pids", "logs")
 
 
-class Lab(TeardownMixin, SshdMixin, AgentMixin, MungeMixin):
+class Lab(TeardownMixin, SshdMixin, AgentMixin, SlurmMixin, MungeMixin):
     """A multi-node lab in state dir ``dir``. See deploy/lab/README.md for the layout."""
 
     #: The kinds of daemon, in start order (``down`` stops them in reverse). munged first:
     #: the agents need it. sshd before the agents: the sshd start while the agents do.
-    DAEMON_KINDS: ClassVar[tuple[type[DaemonKind[Any]], ...]] = (Munged, Sshd, Agent)
+    #: Slurm (``up(slurm=True)`` only) last: slurmctld starts while the others wait.
+    DAEMON_KINDS: ClassVar[tuple[type[DaemonKind[Any]], ...]] = (Munged, Sshd, Agent, Slurm)
 
     @classmethod
     def load(cls, dir: str | Path | None = None, name: str | None = None) -> Lab:
@@ -77,11 +79,12 @@ class Lab(TeardownMixin, SshdMixin, AgentMixin, MungeMixin):
             lab = cls(lab.dir, int(state.get("nodes", 2)), state.get("venv"),
                       bool(state.get("agents", True)),
                       name=str(state.get("name") or name or DEFAULT_NAME),
-                      sshd=bool(state.get("sshd", False)))
+                      sshd=bool(state.get("sshd", False)),
+                      slurm=bool(state.get("slurm", False)))
         return lab
 
     def __enter__(self) -> Lab:
-        self.up(agents=self.agents, sshd=self.sshd)
+        self.up(agents=self.agents, sshd=self.sshd, slurm=self.slurm)
         return self
 
     def __exit__(
@@ -91,15 +94,17 @@ class Lab(TeardownMixin, SshdMixin, AgentMixin, MungeMixin):
 
     # -------------------------------------------------------------------- up
 
-    def up(self, agents: bool = True, sshd: bool = True) -> None:
+    def up(self, agents: bool = True, sshd: bool = True, slurm: bool = False) -> None:
         """Build the lab (idempotent: a lab already up in this dir is rebuilt).
+
+        ``slurm``: also run Slurm (slurmctld on the head, a slurmd per node; slurm.py).
 
         On any failure everything already built is torn down before the error propagates.
         """
         self._require_root()
         state: dict[str, Any] = {
             "state": "starting", "name": self.name, "nodes": len(self.nodes),
-            "venv": str(self.venv), "agents": agents, "sshd": sshd,
+            "venv": str(self.venv), "agents": agents, "sshd": sshd, "slurm": slurm,
         }
         kinds = [k for k in self.daemons if k.present(state)]
         self._check_tools(kinds)

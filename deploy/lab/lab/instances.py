@@ -143,6 +143,7 @@ class Instance:
         *,
         name: str = DEFAULT_NAME,
         sshd: bool = True,
+        slurm: bool = False,
     ) -> None:
         self.name = check_name(name)
         if dir is None:
@@ -154,6 +155,7 @@ class Instance:
         self.venv = Path(os.path.abspath(venv)) if venv is not None else REPO / ".venv"
         self.agents = agents  # what `with Lab(...)` passes to up()
         self.sshd = sshd  # likewise
+        self.slurm = slurm  # likewise
         self._hier: list[Hierarchy] | None = None
         self._children: dict[int, subprocess.Popen[Any]] = {}  # daemons we started, to reap
         self._daemons: list[DaemonKind[Any]] | None = None  # see Lab.daemons

@@ -153,13 +153,18 @@ class NodesMixin(CgroupsMixin, NetworkMixin):
                 script.append(f"{MOUNT} -t cgroup2 cgroup2 {mp}")
         for src, target in self._mount_points(node, kinds):
             script.append(f"{MOUNT} --bind {shlex.quote(str(src))} {shlex.quote(str(target))}")
-        # No references to other nodes' namespaces (this lab's or another instance's).
-        script.append(f"{UMOUNT} -l {shlex.quote(str(self.dir / 'ns'))}")
-        script.append(f"if mountpoint -q {NETNS_DIR}; then {UMOUNT} -l {NETNS_DIR}; fi")
-        script.append(
-            r"for m in $(sed -n 's/^[^ ]* [^ ]* [^ ]* [^ ]* \([^ ]*\) .* - nsfs .*/\1/p'"
-            f" /proc/self/mountinfo | sort -r); do {UMOUNT} -l \"$m\" 2>/dev/null || :; done")
+        script += self._detach_ns_lines()
         return "\n".join(script)
+
+    def _detach_ns_lines(self) -> list[str]:
+        """Shell lines that, run in a new mount namespace, drop its references to other
+        nodes' namespaces (this lab's or another instance's): DIR/ns, /run/netns, nsfs."""
+        return [
+            f"{UMOUNT} -l {shlex.quote(str(self.dir / 'ns'))}",
+            f"if mountpoint -q {NETNS_DIR}; then {UMOUNT} -l {NETNS_DIR}; fi",
+            r"for m in $(sed -n 's/^[^ ]* [^ ]* [^ ]* [^ ]* \([^ ]*\) .* - nsfs .*/\1/p'"
+            f" /proc/self/mountinfo | sort -r); do {UMOUNT} -l \"$m\" 2>/dev/null || :; done",
+        ]
 
     def _make_nodes(self, kinds: Sequence[DaemonKind[Any]]) -> None:
         """unshare each node's UTS, mount and cgroup namespaces from inside its cgroups

@@ -46,6 +46,10 @@ SSHD_VARIANTS = {"adopt": (22, ""), "none": (2201, "-none"), "noop": (2202, "-no
 PRIVSEP_DIR = Path("/run/sshd")
 PAM_ADOPT = REPO / "pam" / "pam_adopt.py"
 PAM_NOOP = LAB_DIR / "pam_noop.py"
+#: Debian's libpam-slurm-adopt (an absolute path: the lab's PAM files name modules so).
+PAM_SLURM_ADOPT = Path("/lib/security/pam_slurm_adopt.so")
+#: What the account stack of the port-22 sshd can end with (``set_pam_module``).
+PAM_MODULES = ("adopt", "slurm")
 
 
 def pam_service_name(node: str, variant: str = "adopt") -> str:
@@ -121,11 +125,17 @@ class SshdMixin(NodesMixin, ProcessesMixin):
             "",
         ])
 
-    def pam_stack(self, node: str, variant: str = "adopt", options: Sequence[str] = ()) -> str:
+    def pam_stack(self, node: str, variant: str = "adopt", options: Sequence[str] = (),
+                  module: str = "adopt") -> str:
         """The PAM file of a node's sshd: Debian's sshd stack without pam_systemd,
         pam_selinux, pam_motd and pam_mail, plus (last in account) pam_adopt, pam_noop or
-        nothing."""
+        nothing. With ``module="slurm"`` the port-22 stack ends with pam_slurm_adopt
+        instead of pam_adopt (``service=`` and ``nodename=`` given, as it needs here)."""
         service = self.pam_service(node, variant)
+        if module not in PAM_MODULES:
+            raise ValueError(f"module must be one of {', '.join(PAM_MODULES)}: {module!r}")
+        if module != "adopt" and variant != "adopt":
+            raise ValueError(f"only the port-22 sshd (variant adopt) can run {module}")
         for o in options:
             if not o or any(c.isspace() for c in o) or "[" in o or "]" in o:
                 raise ValueError(f"bad PAM module option {o!r}")
@@ -136,7 +146,13 @@ class SshdMixin(NodesMixin, ProcessesMixin):
             "account    required     pam_nologin.so",
             "@include common-account",
         ]
-        if variant == "adopt":
+        if variant == "adopt" and module == "slurm":
+            # No leading "-": a missing pam_slurm_adopt.so must deny, not let everyone in.
+            given = {o.split("=", 1)[0].lower() for o in options}
+            extra = [] if "nodename" in given else [f"nodename={node}"]
+            lines.append(f"account    required     {PAM_SLURM_ADOPT} "
+                         + " ".join([f"service={service}", *extra, *options]))
+        elif variant == "adopt":
             lines.append(f"-account   required     {pam_python()} {PAM_ADOPT} "
                          + " ".join([f"service={service}", *options]))
         elif variant == "noop":
@@ -156,10 +172,23 @@ class SshdMixin(NodesMixin, ProcessesMixin):
     def set_pam(self, node: str, options: Sequence[str] = ()) -> None:
         """Rewrite the node's ``lab-sshd-<node>`` PAM file: pam_adopt with these options
         (after ``service=lab-sshd-<node>``). Atomic; PAM reads it at the next login."""
-        text = self.pam_stack(node, "adopt", list(options))
+        self.set_pam_module(node, "adopt", options)
+
+    def set_pam_module(self, node: str, module: str = "adopt",
+                       options: Sequence[str] = ()) -> None:
+        """Rewrite the node's ``lab-sshd-<node>`` PAM file (the port-22 sshd) to end its
+        account stack with ``module``: "adopt" (pam_adopt, as ``up`` writes it) or "slurm"
+        (pam_slurm_adopt, ``service=lab-sshd-<node> nodename=<node>``, for a lab up with
+        Slurm), followed by ``options``. Atomic; PAM reads it at the next login."""
+        text = self.pam_stack(node, "adopt", list(options), module)
         pam = self.node_dir(node) / "pam.d"
         if not pam.is_dir():
             raise LabError(f"{pam} does not exist: is the lab up with sshd?")
+        if module == "slurm":
+            if not PAM_SLURM_ADOPT.exists():
+                raise LabError(f"{PAM_SLURM_ADOPT} is missing: run deploy/install-deps.sh")
+            if not self._load_state().get("slurm"):
+                raise LabError("pam_slurm_adopt needs Slurm in the lab: lab.py up --slurm")
         write_file(pam / self.pam_service(node), text)
 
     # ------------------------------------------------------ making it all
