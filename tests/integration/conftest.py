@@ -51,16 +51,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             f"this checkout's programs: clone it somewhere world-readable (e.g. /opt)")
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[lab_mod.Lab]:
-    # CALLERID_IT_LAB=NAME runs the tests in a lab of that instance name (and its own
-    # directory), so that two test runs can share the machine.
+def it_lab() -> lab_mod.Lab:
+    """The integration tests' 2-node lab (not up yet). CALLERID_IT_LAB=NAME runs the tests
+    in a lab of that instance name (and its own directory), so that two test runs can
+    share the machine. A module that wants a lab of another shape (e.g. with Slurm)
+    overrides the ``lab`` fixture with one built from this."""
     name = os.environ.get("CALLERID_IT_LAB", "")
     if name:
-        the_lab = lab_mod.Lab(dir=f"/run/callerid-lab-it-{name}", nodes=2,
-                              venv=REPO / ".venv", name=name)
-    else:
-        the_lab = lab_mod.Lab(dir="/run/callerid-lab-it", nodes=2, venv=REPO / ".venv")
+        return lab_mod.Lab(dir=f"/run/callerid-lab-it-{name}", nodes=2,
+                           venv=REPO / ".venv", name=name)
+    return lab_mod.Lab(dir="/run/callerid-lab-it", nodes=2, venv=REPO / ".venv")
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[lab_mod.Lab]:
+    the_lab = it_lab()
     try:
         the_lab.up()
         yield the_lab
