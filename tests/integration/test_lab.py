@@ -190,6 +190,35 @@ def test_ssh_config_and_pam_stacks() -> None:
     assert lab.ssh_argv("node1", "true", family=0)[-2:] == ["node1", "true"]
 
 
+def test_slurm_config_and_pam_slurm_stack() -> None:
+    lab = labmod.Lab("/nonexistent/lab-dir", nodes=2, name="x")
+    conf = lab.slurm_config().splitlines()
+    for line in ("ClusterName=x", "SlurmctldHost=head(10.77.0.1)",
+                 "AuthInfo=socket=/nonexistent/lab-dir/munge/run/munge.socket.2",
+                 "SlurmdSpoolDir=/nonexistent/lab-dir/slurm/spool/%n",
+                 "ProctrackType=proctrack/cgroup", "TaskPlugin=task/none",
+                 "PrologFlags=contain", "JobAcctGatherType=jobacct_gather/none"):
+        assert line in conf
+    assert [line.split()[:2] for line in conf if line.startswith("NodeName=")] == [
+        ["NodeName=node1", "NodeAddr=10.77.0.11"], ["NodeName=node2", "NodeAddr=10.77.0.12"]]
+    cg = lab.cgroup_config().splitlines()
+    assert "CgroupPlugin=cgroup/v1" in cg and "CgroupAutomount=no" in cg
+    constrain = [line for line in cg if line.startswith("Constrain")]
+    assert constrain and all(line.endswith("=no") for line in constrain)
+    stack = lab.pam_stack("node2", "adopt", ["action_unknown=deny"], module="slurm")
+    account = [line for line in stack.splitlines() if "account" in line]
+    assert account[-1].split() == [
+        "account", "required", "/lib/security/pam_slurm_adopt.so", "service=lab-sshd-node2",
+        "nodename=node2", "action_unknown=deny"]
+    assert "pam_python" not in stack
+    given = lab.pam_stack("node2", "adopt", ["nodename=other"], module="slurm")
+    assert "nodename=node2" not in given and "nodename=other" in given
+    with pytest.raises(ValueError):
+        lab.pam_stack("node2", "noop", module="slurm")
+    with pytest.raises(ValueError):
+        lab.pam_stack("node2", "adopt", module="pam_unix")
+
+
 def test_format_syslog() -> None:
     line = labmod.format_syslog(b"<86>Nov 22 00:01:02 pam_adopt[42]: alice: hi\n", "node2",
                                 now=0.25)

@@ -18,13 +18,15 @@ The package, one concern per module, each building on those above it::
     daemons     DaemonKind (the seam for one more kind of daemon) and process handling
     munge       munged (a daemon kind)
     agent       the node agent: config, start, wait for READY=1 (a daemon kind)
-    sshd        three sshd per node, their PAM stacks, keys, ssh between nodes (a kind)
+    sshd        three sshd per node, their PAM stacks (pam_adopt or pam_slurm_adopt on
+                port 22), keys, ssh between nodes (a kind)
+    slurm       real Slurm: slurmctld on the head, slurmd per node (a kind; up(slurm=True))
     syslog      the /dev/log listener and who owns it
     teardown    down
     core        Lab: the mixins above put together, its DAEMON_KINDS, up, status
     cli         the command line (lab.py)
 
-Adding a kind of daemon (slurmctld/slurmd, a broker) is one module with a
+Adding a kind of daemon (a broker, ...) is one module with a
 ``daemons.DaemonKind`` subclass, listed in ``Lab.DAEMON_KINDS``.
 """
 
@@ -79,7 +81,17 @@ from .instances import (
 )
 from .munge import MUNGE_TIMEOUT
 from .network import AGENT_PORT, BRIDGE, METRICS_PORT, NET_TIMEOUT, NETNS_DIR
-from .sshd import PAM_ADOPT, PAM_NOOP, PRIVSEP_DIR, SSH_USERS, SSHD_TIMEOUT, SSHD_VARIANTS
+from .slurm import SLURM_ETC, SLURM_TIMEOUT
+from .sshd import (
+    PAM_ADOPT,
+    PAM_MODULES,
+    PAM_NOOP,
+    PAM_SLURM_ADOPT,
+    PRIVSEP_DIR,
+    SSH_USERS,
+    SSHD_TIMEOUT,
+    SSHD_VARIANTS,
+)
 from .syslog import (
     CLONE_NEWNET,
     DEV_LOG,
@@ -102,6 +114,7 @@ __all__ = [
     "HIERARCHIES", "IP", "LAB_DIR", "LAB_USERS", "LAB_USER_GECOS", "LOCK_FILE", "MAX_NAME",
     "MAX_NODES", "METRICS_PORT", "MOUNT", "MUNGED", "MUNGEKEY", "MUNGE_TIMEOUT", "NAME_RE",
     "NETNS_DIR", "NET_TIMEOUT", "NFT", "NSENTER", "OWNER_FILE", "PAM_ADOPT", "PAM_NOOP",
+    "PAM_MODULES", "PAM_SLURM_ADOPT", "SLURM_ETC", "SLURM_TIMEOUT",
     "PAM_PYTHON_CANDIDATES", "PATH", "PRIVSEP_DIR", "RECENT_PIDS", "REPO", "SETPRIV",
     "SEVERITIES", "SH", "SHARED_FILE", "SSH", "SSHD", "SSHD_TIMEOUT", "SSHD_VARIANTS",
     "SSH_KEYGEN", "SSH_USERS", "STOP_TIMEOUT", "SYSTEM_PYTHON", "UMOUNT", "UNSHARE", "USERADD",

@@ -1,5 +1,5 @@
 """The lab's daemons: ``DaemonKind``, the seam where one kind of daemon (munged, the node
-agent, sshd; later slurmctld/slurmd or a broker) plugs into ``up``, ``down`` and
+agent, sshd, slurmctld/slurmd; later perhaps a broker) plugs into ``up``, ``down`` and
 ``status``, and the process handling they share: start with a pid file, stop by pid file
 (only a pid that still sits in the lab's cgroups), reap.
 
