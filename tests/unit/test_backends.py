@@ -180,6 +180,6 @@ def test_newest_is_the_backends_rule() -> None:
     jobs = LowestId()
     jobs.add("A", "alice", 1001, start_time=1.0)
     jobs.add("B", "alice", 1001, start_time=2.0)
-    r = Admission(jobs, lambda *a: None).decide(request(), PEER)   # action_unknown=newest: the default
+    r = Admission(jobs, lambda *a: None).decide(request(), PEER)   # action_unknown: newest
     assert (r.reason, r.job_id) == ("unknown-newest", "A")
     assert jobs.adopted == [("A", PEER.pid)]
