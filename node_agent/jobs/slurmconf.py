@@ -325,9 +325,11 @@ def read_node_config(slurm_conf: str, nodename: str | None = None, *,
             hosts = expand_hostlist(rec["nodehostname"]) if "nodehostname" in rec else names
         except ValueError as e:
             raise ValueError(f"{ln.where()}: {e}") from e
-        if len(hosts) < len(names):
-            raise ValueError(f"{ln.where()}: fewer NodeHostname ({len(hosts)}) than "
-                             f"NodeName ({len(names)})")
+        if not hosts:
+            raise ValueError(f"{ln.where()}: empty NodeHostname")
+        # Fewer host names than nodes: the last one goes on (node_conf.c, 22.05 to master;
+        # only a multiple-slurmd build accepts that, e.g. NodeName=v[1-9] NodeHostname=box).
+        hosts += hosts[-1:] * (len(names) - len(hosts))
         nodes.extend((n, h, ln) for n, h in zip(names, hosts, strict=False))
     if not nodes:
         raise ValueError(f"{slurm_conf}: no NodeName line")
