@@ -371,7 +371,7 @@ class Admission:
                           else "the source node knows no job for this connection")
         how = opts["action_unknown"]
         if how == "newest":
-            newest = max(jobs, key=lambda r: (r.job.start_time, r.job.id))
+            newest = self.jobs.newest(jobs)
             return self._adopt(newest, ask, opts, "unknown-newest", detail)
         if how == "allow":
             return Reply(decision=ALLOW, reason="unknown-allow", detail=detail)

@@ -96,6 +96,12 @@ class JobBackend(Protocol):
         """``hierarchy:path`` of each of the job's cgroups, for display."""
         ...
 
+    def newest(self, records: Sequence[JobRecord]) -> JobRecord:
+        """Which of these jobs (a user's, at least one) is the "newest" that
+        pam_adopt's `action_unknown=newest` adopts into: the scheduler's own rule, so that
+        a login lands where the scheduler's PAM module would put it."""
+        ...
+
     # -- changes the agent makes -----------------------------------------------------------
     def adopt(self, job_id: str, pid: int) -> None:
         """Put `pid` (an ssh login's process) into the job, so that its limits,

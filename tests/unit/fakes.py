@@ -144,6 +144,9 @@ class FakeBackend:
     def cgroup_names(self, job_id: str) -> list[str]:
         return [f"fake:/jobs/{job_id}"]
 
+    def newest(self, records: Sequence[JobRecord]) -> JobRecord:
+        return max(records, key=lambda r: (r.job.start_time, r.job.id))
+
     def adopt(self, job_id: str, pid: int) -> None:
         if self.adopt_error is not None:
             raise self.adopt_error

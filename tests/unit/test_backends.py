@@ -7,7 +7,7 @@ registry is a JobBackend and a JobControl.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -19,7 +19,7 @@ from node_agent.agent.server import create_server
 from node_agent.agent.service import NodeAgentServicer
 from node_agent.agent.sessions import JobShellSessions
 from node_agent.client import AgentClient
-from node_agent.jobs import JobBackend, JobControl
+from node_agent.jobs import JobBackend, JobControl, JobRecord
 from node_agent.jobs.native import JobRegistry
 from node_agent.pamcontract import ALLOW, DENY, Request
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -167,3 +167,19 @@ def test_pb_job_carries_the_backends_node(
     _, root, _ = served
     (job,) = root.list_jobs(job_id="42").jobs
     assert isinstance(job, pb.Job) and job.node == "fakenode"
+
+
+def test_newest_is_the_backends_rule() -> None:
+    """A scheduler's "newest" is its own (Slurm: by version, cgroup mtime or job id):
+    admission adopts into the job the backend names, not the latest start time."""
+
+    class LowestId(FakeBackend):
+        def newest(self, records: Sequence[JobRecord]) -> JobRecord:
+            return min(records, key=lambda r: r.job.id)
+
+    jobs = LowestId()
+    jobs.add("A", "alice", 1001, start_time=1.0)
+    jobs.add("B", "alice", 1001, start_time=2.0)
+    r = Admission(jobs, lambda *a: None).decide(request(), PEER)   # action_unknown: newest
+    assert (r.reason, r.job_id) == ("unknown-newest", "A")
+    assert jobs.adopted == [("A", PEER.pid)]
