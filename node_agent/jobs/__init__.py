@@ -4,6 +4,11 @@
           JobCgroup, and JobControl for backends that start and end jobs themselves
   native  the native registry (SQLite + the cgroups the agent makes), fed by `adoptctl`
           from any scheduler's prolog/epilog: the default
+  slurm   Slurm's own jobs, through their slurmstepd sockets (not yet selectable in
+          agent.toml), over
+    stepd      the slurmstepd socket protocol client (22.05 to 26.11)
+    slurmconf  Slurm's facts on a node: slurm.conf, cgroup.conf, the stepd sockets,
+               cgroup path -> job
 
 `open_backend` makes the configured one. Nothing here imports the daemon or the CLIs.
 """

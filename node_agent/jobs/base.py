@@ -102,6 +102,11 @@ class JobBackend(Protocol):
         a login lands where the scheduler's PAM module would put it."""
         ...
 
+    def why_no_jobs(self) -> str:
+        """Why no job of this node can ever be joined (a scheduler's configuration that
+        rules it out), or "": said at start-up and in every "no jobs" refusal."""
+        ...
+
     # -- changes the agent makes -----------------------------------------------------------
     def adopt(self, job_id: str, pid: int) -> None:
         """Put `pid` (an ssh login's process) into the job, so that its limits,

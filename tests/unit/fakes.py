@@ -147,6 +147,11 @@ class FakeBackend:
     def cgroup_names(self, job_id: str) -> list[str]:
         return [f"fake:/jobs/{job_id}"]
 
+    why_not = ""
+
+    def why_no_jobs(self) -> str:
+        return self.why_not
+
     def newest(self, records: Sequence[JobRecord]) -> JobRecord:
         return max(records, key=lambda r: (r.job.start_time, r.job.id))
 

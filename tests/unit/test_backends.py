@@ -63,6 +63,18 @@ def test_admission_skips_jobs_that_are_not_running() -> None:
     assert jobs.adopted == []
 
 
+def test_a_no_jobs_refusal_says_what_rules_jobs_out() -> None:
+    """A backend whose configuration rules out every job (Slurm without
+    PrologFlags=contain) says so in the refusal's syslog detail."""
+    jobs = FakeBackend()
+    jobs.why_not = "slurm.conf has no PrologFlags=contain"
+    jobs.add("42", "alice", 1001, state="ending")
+    r = Admission(jobs, lambda *a: None).decide(request(), PEER)
+    assert (r.decision, r.reason, r.detail) == (DENY, "no-jobs", jobs.why_not)
+    r = Admission(FakeBackend(), lambda *a: None).decide(request(), PEER)
+    assert (r.reason, r.detail) == ("no-jobs", "")
+
+
 def test_a_backend_failing_to_adopt_is_an_adoption_failure() -> None:
     jobs = FakeBackend()
     jobs.add("42", "alice", 1001)
