@@ -21,7 +21,8 @@ the node:
 Without ``PrologFlags=contain`` there are no extern steps: no job can be joined, which
 the agent says at start-up and in every refusal (`why_no_jobs`).
 
-ssh-to-job sessions inside Slurm jobs are not available from this backend yet: a session
+Selected with ``backend = "slurm"`` in agent.toml (`open_slurm`). ssh-to-job sessions
+inside Slurm jobs are not available from this backend yet: a session
 asks for a cgroup this backend cannot make (Slurm's are written only through slurmstepd),
 and the request is answered "not supported".
 """
@@ -33,17 +34,21 @@ import os
 import pwd
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from callerid import Job, ProcCgroup
 from node_agent import jobenv
-from node_agent.errors import NotSupported
+from node_agent.config import AgentConfig
+from node_agent.errors import NotSupported, StartupError
 from node_agent.jobs.base import ENDING, RUNNING, STARTING, JobCgroup, JobRecord
 from node_agent.jobs.slurmconf import (
     SlurmNodeConfig,
     StepSocket,
     job_of_cgroup,
     newest_rule,
+    probe_slurm_version,
+    read_node_config,
     step_sockets,
 )
 from node_agent.jobs.stepd import Stepd, StepdError, state_name
@@ -104,7 +109,11 @@ class SlurmJobs:
         self.timeout = timeout
         self._uids: dict[tuple[str, int], int] = {}   # (socket path, its inode) -> uid
         self._lock = threading.Lock()
-        self.rule = newest_rule(cfg.version, cfg.cgroup_plugin)
+        try:
+            self.rule = newest_rule(cfg.version, cfg.cgroup_plugin)
+        except ValueError as e:   # CgroupPlugin=disabled, or no cgroup to detect
+            log.warning("Slurm backend: %s; \"newest\" is the latest extern step", e)
+            self.rule = "ctime"
 
     # -- what the spool dir and the stepds say ----------------------------------------------
     def _steps(self) -> dict[int, list[StepSocket]]:
@@ -283,3 +292,23 @@ class SlurmJobs:
 
     def close(self) -> None:
         """Nothing to release: connections are per call."""
+
+
+def open_slurm(config: AgentConfig) -> SlurmJobs:
+    """The Slurm backend of `config` ([slurm]): this node's facts read from slurm.conf
+    (and cgroup.conf), Slurm's version from `slurmd -V`; StartupError when slurm.conf
+    cannot be read or names no node for this host."""
+    sc = config.slurm
+    version = probe_slurm_version()
+    try:
+        cfg = read_node_config(sc.slurm_conf, sc.nodename or None, version=version)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"Slurm backend: {e}") from None
+    if sc.spool_dir:
+        cfg = replace(cfg, spool_dir=sc.spool_dir)
+    jobs = SlurmJobs(cfg, procfs=config.procfs)
+    log.info("Slurm backend: node %s, spool dir %s, Slurm %s, %s, \"newest\" by %s",
+             cfg.nodename, cfg.spool_dir,
+             ".".join(f"{n:02d}" if i else str(n) for i, n in enumerate(version))
+             if version else "(version unknown)", cfg.cgroup_plugin, jobs.rule)
+    return jobs

@@ -8,14 +8,16 @@ import pwd
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from callerid import ProcCgroup
 from node_agent.agent.admission import Admission, Peer
-from node_agent.errors import NotSupported
-from node_agent.jobs import JobBackend, JobControl
+from node_agent.config import AgentConfig, SlurmConfig
+from node_agent.errors import NotSupported, StartupError
+from node_agent.jobs import JobBackend, JobControl, open_backend
 from node_agent.jobs.slurm import SlurmJobs
 from node_agent.jobs.slurmconf import BATCH_STEP, EXTERN_STEP, SlurmNodeConfig
 from node_agent.jobs.stepd import StepdRefused
@@ -195,3 +197,26 @@ def test_sessions_are_not_supported_yet(spool: Path, tmp_path: Path) -> None:
     with pytest.raises(NotSupported):
         cg.create()
     assert jobs.leftover_helper_cgroups() == [] and jobs.scratch_cgroups() is None
+
+
+def test_open_backend_reads_slurm_conf(tmp_path: Path, spool: Path) -> None:
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=lab\nSlurmdSpoolDir=/var/spool/slurmd/%n\n"
+                    "PrologFlags=Contain\nProctrackType=proctrack/cgroup\n"
+                    "NodeName=node[1-2] CPUs=2\n")
+    (tmp_path / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
+    base = AgentConfig(backend="slurm", procfs=str(tmp_path / "proc"),
+                       slurm=SlurmConfig(slurm_conf=str(conf), nodename="node2"))
+    jobs = open_backend(base)
+    assert isinstance(jobs, SlurmJobs)
+    assert (jobs.node, jobs.cfg.spool_dir, jobs.cfg.prolog_contain) == \
+        ("node2", "/var/spool/slurmd/node2", True)
+    moved = open_backend(replace(base, slurm=replace(base.slurm, spool_dir=str(spool))))
+    assert isinstance(moved, SlurmJobs) and moved.cfg.spool_dir == str(spool)
+
+
+def test_open_backend_without_slurm_conf_is_a_startup_error(tmp_path: Path) -> None:
+    cfg = AgentConfig(backend="slurm",
+                      slurm=SlurmConfig(slurm_conf=str(tmp_path / "none.conf")))
+    with pytest.raises(StartupError, match="Slurm backend: .*none.conf"):
+        open_backend(cfg)
