@@ -52,6 +52,20 @@ class MungeConfig:
     library: str = "libmunge.so.2"
 
 
+BACKENDS = ("native", "slurm")
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """Where the Slurm backend finds Slurm's facts, where they differ from Slurm's own."""
+    # slurm.conf (its directory's cgroup.conf is read too).
+    slurm_conf: str = "/etc/slurm/slurm.conf"
+    # SlurmdSpoolDir, when it is not what slurm.conf says for this node ("" = slurm.conf's).
+    spool_dir: str = ""
+    # This node's Slurm NodeName ("" = as slurmd picks it: by host name).
+    nodename: str = ""
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """The agent's configuration (agent.toml); the CLIs read it too."""
@@ -92,8 +106,12 @@ class AgentConfig:
     # /etc/pam.d/<service> (a login starting), the agent pre-pays the kernel's
     # cgroup-migration toll (node_agent/agent/warmup.py). [] turns that off.
     login_services: tuple[str, ...] = ("sshd",)
+    # Where jobs come from: "native" (the agent's registry, fed by adoptctl) or "slurm"
+    # (Slurm's own jobs on this node; see [slurm]).
+    backend: str = "native"
     munge: MungeConfig = field(default_factory=MungeConfig)
     cgroup: CgroupConfig = field(default_factory=CgroupConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # Where the file came from ("" for built-in defaults), for messages.
     path: str = ""
 
@@ -146,6 +164,7 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
     kw: dict[str, Any] = {"path": path}
     munge = data.pop("munge", {})
     cgroup = data.pop("cgroup", {})
+    slurm = data.pop("slurm", {})
     simple: dict[str, tuple[type | tuple[type, ...], str]] = {
         "node_name": (str, "a string"),
         "socket": (str, "a path"),
@@ -162,6 +181,7 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
         "max_sessions": (int, "a number of sessions"),
         "max_sessions_per_user": (int, "a number of sessions"),
         "session_open_timeout": ((int, float), "a number of seconds"),
+        "backend": (str, "one of " + ", ".join(BACKENDS)),
     }
     for key, value in data.items():
         where = f"{path}: {key}"
@@ -184,6 +204,8 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
             kw[key] = _expect(where, value, kind, what)
         else:
             raise ConfigError(f"{where}: unknown setting")
+    if kw.get("backend", "native") not in BACKENDS:
+        raise ConfigError(f"{path}: backend: expected one of {', '.join(BACKENDS)}")
     if kw.get("log_level", "info") not in LOG_LEVELS:
         raise ConfigError(f"{path}: log_level: expected one of {', '.join(LOG_LEVELS)}")
     if not 0 < kw.get("port", DEFAULT_PORT) < 65536:
@@ -220,6 +242,14 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
     if not subtree or subtree.startswith("/") or ".." in subtree.split("/"):
         raise ConfigError(f"{path}: cgroup.subtree: expected a relative path without '..'")
     kw["cgroup"] = CgroupConfig(**ckw)
+
+    _expect(f"{path}: [slurm]", slurm, dict, "a table")
+    skw: dict[str, Any] = {}
+    for key, value in slurm.items():
+        if key not in ("slurm_conf", "spool_dir", "nodename"):
+            raise ConfigError(f"{path}: slurm.{key}: unknown setting")
+        skw[key] = _expect(f"{path}: slurm.{key}", value, str, "a string")
+    kw["slurm"] = SlurmConfig(**skw)
     return AgentConfig(**kw)
 
 

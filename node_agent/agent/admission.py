@@ -324,9 +324,10 @@ class Admission:
         # adopted now would escape that or keep the job from going away.
         jobs = [r for r in self.jobs.list_jobs(request.user) if r.state == RUNNING]
         if not jobs:
+            why = self.jobs.why_no_jobs()   # e.g. Slurm without PrologFlags=contain
             if opts["action_no_jobs"] == "ignore":
-                return Reply(decision=IGNORE, reason="no-jobs")
-            return Reply(decision=DENY, reason="no-jobs", message=MSG_NO_JOBS)
+                return Reply(decision=IGNORE, reason="no-jobs", detail=why)
+            return Reply(decision=DENY, reason="no-jobs", message=MSG_NO_JOBS, detail=why)
         if len(jobs) == 1:
             return self._adopt(jobs[0], ask, opts, "one-job")
         conn = parse_ssh_connection(request.ssh_connection)
@@ -371,7 +372,7 @@ class Admission:
                           else "the source node knows no job for this connection")
         how = opts["action_unknown"]
         if how == "newest":
-            newest = max(jobs, key=lambda r: (r.job.start_time, r.job.id))
+            newest = self.jobs.newest(jobs)
             return self._adopt(newest, ask, opts, "unknown-newest", detail)
         if how == "allow":
             return Reply(decision=ALLOW, reason="unknown-allow", detail=detail)

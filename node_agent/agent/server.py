@@ -256,6 +256,8 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
     with contextlib.ExitStack() as undo:
         jobs = open_backend(config)
         undo.callback(jobs.close)
+        if why := jobs.why_no_jobs():
+            log.warning("no ssh login can join a job on this node: %s", why)
         # Read at scrape time: jobs also end on their own (main process exit).
         metrics.JOBS.set_function(lambda: len(jobs.list_jobs()))
         resolver = Resolver(jobs, procfs=config.procfs, use_netlink=config.use_netlink)

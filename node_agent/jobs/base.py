@@ -96,6 +96,17 @@ class JobBackend(Protocol):
         """``hierarchy:path`` of each of the job's cgroups, for display."""
         ...
 
+    def newest(self, records: Sequence[JobRecord]) -> JobRecord:
+        """Which of these jobs (a user's, at least one) is the "newest" that
+        pam_adopt's `action_unknown=newest` adopts into: the scheduler's own rule, so that
+        a login lands where the scheduler's PAM module would put it."""
+        ...
+
+    def why_no_jobs(self) -> str:
+        """Why no job of this node can ever be joined (a scheduler's configuration that
+        rules it out), or "": said at start-up and in every "no jobs" refusal."""
+        ...
+
     # -- changes the agent makes -----------------------------------------------------------
     def adopt(self, job_id: str, pid: int) -> None:
         """Put `pid` (an ssh login's process) into the job, so that its limits,

@@ -610,6 +610,14 @@ class JobRegistry:
         """`hierarchy:path` of the job's cgroups."""
         return [f"{h.name}:{self.layout.job_path(h, job_id)}" for h in self.layout.hierarchies]
 
+    def why_no_jobs(self) -> str:
+        """"": nothing rules the registry's jobs out."""
+        return ""
+
+    def newest(self, records: Sequence[JobRecord]) -> JobRecord:
+        """The job started last (ties: the larger id)."""
+        return max(records, key=lambda r: (r.job.start_time, r.job.id))
+
     def adopt(self, job_id: str, pid: int) -> None:
         """Put an ssh login's process into the job's `adopted` leaf."""
         self.layout.attach(job_id, pid, leaf=ADOPTED_LEAF)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import itertools
+import os
+import socket
+import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from callerid import CgroupError, Job, ProcCgroup
 from node_agent.auth import Identity
@@ -144,6 +147,14 @@ class FakeBackend:
     def cgroup_names(self, job_id: str) -> list[str]:
         return [f"fake:/jobs/{job_id}"]
 
+    why_not = ""
+
+    def why_no_jobs(self) -> str:
+        return self.why_not
+
+    def newest(self, records: Sequence[JobRecord]) -> JobRecord:
+        return max(records, key=lambda r: (r.job.start_time, r.job.id))
+
     def adopt(self, job_id: str, pid: int) -> None:
         if self.adopt_error is not None:
             raise self.adopt_error
@@ -181,3 +192,165 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
+
+
+# -- a fake slurmstepd ---------------------------------------------------------------------
+# (node_agent.jobs.stepd's protocol, byte for byte as Slurm's req.c speaks it)
+
+V22_05, V23_11, V25_11, V26_05 = 38 << 8, 40 << 8, 44 << 8, 45 << 8
+
+
+def recv_exact(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def read_int(conn: socket.socket) -> int:
+    return int(struct.unpack("=i", recv_exact(conn, 4))[0])
+
+
+def answer(data: bytes, *, delay: float = 0.0,
+           keep: bool = True) -> Callable[[socket.socket], bool]:
+    """A handler that waits *delay*, sends *data* and keeps (or drops) the connection."""
+    def handler(conn: socket.socket) -> bool:
+        time.sleep(delay)
+        conn.sendall(data)
+        return keep
+    return handler
+
+
+def send_fd(conn: socket.socket, fd: int) -> None:
+    conn.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", fd))])
+
+
+class FakeStepd:
+    """One stepd: accepts connections, answers the handshake and the requests it knows.
+
+    `version` is what it answers in the handshake; `min_version` the lowest client version
+    it accepts (-1 and close below). `handlers` maps an opcode to a function answering it
+    (return False to hang up). `silent` accepts and never answers. Records what it read."""
+
+    def __init__(self, path: str, version: int = V22_05, min_version: int = 36 << 8) -> None:
+        self.path = path
+        self.version = version
+        self.min_version = min_version
+        self.silent = False
+        self.client_versions: list[int] = []
+        self.requests: list[tuple[int, int | None]] = []
+        self.uid = 1001
+        self.state = 2
+        self.pids = [4242, 4243, 4244]
+        self.container = {4242}
+        self.extern_rc: int | None = 0
+        self.ns: list[tuple[int, str]] = []      # (type, path to open and send)
+        self.sluid = 0x1234_5678_9ABC
+        self.handlers: dict[int, Callable[[socket.socket], bool]] = {
+            5: lambda c: self._int(c, self.state),
+            20: lambda c: self._raw(c, struct.pack("=I", self.uid)),
+            15: self._list_pids,
+            8: self._pid_in_container,
+            9: lambda c: self._int(c, 777),
+            22: self._add_extern_pid,
+        }
+        if version >= V25_11:
+            self.handlers[1] = lambda c: self._raw(c, struct.pack("=Q", self.sluid))
+            self.handlers[28] = self._get_ns_fds
+        else:
+            self.handlers[26] = self._get_ns_fd
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(path)
+        self._server.listen(8)
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _int(self, conn: socket.socket, value: int) -> bool:
+        return self._raw(conn, struct.pack("=i", value))
+
+    def _raw(self, conn: socket.socket, data: bytes) -> bool:
+        conn.sendall(data)
+        return True
+
+    def _list_pids(self, conn: socket.socket) -> bool:
+        conn.sendall(struct.pack(f"=I{len(self.pids)}I", len(self.pids), *self.pids))
+        return True
+
+    def _pid_in_container(self, conn: socket.socket) -> bool:
+        pid = read_int(conn)
+        self.requests[-1] = (8, pid)
+        conn.sendall(struct.pack("=?", pid in self.container))
+        return True
+
+    def _add_extern_pid(self, conn: socket.socket) -> bool:
+        pid = read_int(conn)
+        self.requests[-1] = (22, pid)
+        if self.extern_rc is None:      # 25.11+: refused by hanging up
+            return False
+        return self._int(conn, self.extern_rc)
+
+    def _get_ns_fd(self, conn: socket.socket) -> bool:
+        if not self.ns:
+            return self._int(conn, -1)
+        fd = os.open(self.ns[0][1], os.O_RDONLY)
+        try:
+            self._int(conn, fd)          # the sender's own fd number, as 22.05 sends it
+            send_fd(conn, fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def _get_ns_fds(self, conn: socket.socket) -> bool:
+        self._int(conn, len(self.ns))
+        for kind, path in self.ns:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                self._int(conn, kind)
+                send_fd(conn, fd)
+            finally:
+                os.close(fd)
+        return True
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            if self.silent:
+                recv_exact(conn, 4)
+                time.sleep(30)
+                return
+            client = read_int(conn)
+            self.client_versions.append(client)
+            if client < self.min_version:
+                conn.sendall(struct.pack("=i", -1))
+                return
+            conn.sendall(struct.pack("=i", self.version))
+            while True:
+                opcode = read_int(conn)
+                self.requests.append((opcode, None))
+                handler = self.handlers.get(opcode)
+                if handler is None or not handler(conn):
+                    return            # unknown opcode or refusal: hang up, no reply
+        except (EOFError, OSError):
+            return
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._server.close()
+        for conn in self._conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass

@@ -7,7 +7,7 @@ registry is a JobBackend and a JobControl.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -19,7 +19,7 @@ from node_agent.agent.server import create_server
 from node_agent.agent.service import NodeAgentServicer
 from node_agent.agent.sessions import JobShellSessions
 from node_agent.client import AgentClient
-from node_agent.jobs import JobBackend, JobControl
+from node_agent.jobs import JobBackend, JobControl, JobRecord
 from node_agent.jobs.native import JobRegistry
 from node_agent.pamcontract import ALLOW, DENY, Request
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -61,6 +61,18 @@ def test_admission_skips_jobs_that_are_not_running() -> None:
     r = Admission(jobs, lambda *a: None).decide(request(), PEER)
     assert (r.decision, r.reason) == (DENY, "no-jobs")
     assert jobs.adopted == []
+
+
+def test_a_no_jobs_refusal_says_what_rules_jobs_out() -> None:
+    """A backend whose configuration rules out every job (Slurm without
+    PrologFlags=contain) says so in the refusal's syslog detail."""
+    jobs = FakeBackend()
+    jobs.why_not = "slurm.conf has no PrologFlags=contain"
+    jobs.add("42", "alice", 1001, state="ending")
+    r = Admission(jobs, lambda *a: None).decide(request(), PEER)
+    assert (r.decision, r.reason, r.detail) == (DENY, "no-jobs", jobs.why_not)
+    r = Admission(FakeBackend(), lambda *a: None).decide(request(), PEER)
+    assert (r.reason, r.detail) == ("no-jobs", "")
 
 
 def test_a_backend_failing_to_adopt_is_an_adoption_failure() -> None:
@@ -167,3 +179,19 @@ def test_pb_job_carries_the_backends_node(
     _, root, _ = served
     (job,) = root.list_jobs(job_id="42").jobs
     assert isinstance(job, pb.Job) and job.node == "fakenode"
+
+
+def test_newest_is_the_backends_rule() -> None:
+    """A scheduler's "newest" is its own (Slurm: by version, cgroup mtime or job id):
+    admission adopts into the job the backend names, not the latest start time."""
+
+    class LowestId(FakeBackend):
+        def newest(self, records: Sequence[JobRecord]) -> JobRecord:
+            return min(records, key=lambda r: r.job.id)
+
+    jobs = LowestId()
+    jobs.add("A", "alice", 1001, start_time=1.0)
+    jobs.add("B", "alice", 1001, start_time=2.0)
+    r = Admission(jobs, lambda *a: None).decide(request(), PEER)   # action_unknown: newest
+    assert (r.reason, r.job_id) == ("unknown-newest", "A")
+    assert jobs.adopted == [("A", PEER.pid)]

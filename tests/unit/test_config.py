@@ -112,3 +112,30 @@ def test_session_limit_defaults() -> None:
         (64, 16, 5.0)
     cfg = config.parse({"max_sessions": 4})  # a smaller total lowers the default share
     assert cfg.max_sessions_per_user == 4
+
+
+def test_backend_and_slurm_table(tmp_path: Path) -> None:
+    assert config.load(EXAMPLE).backend == "native"       # the example keeps the default
+    cfg = config.load(write(tmp_path, """
+backend = "slurm"
+[slurm]
+slurm_conf = "/etc/slurm-llnl/slurm.conf"
+spool_dir = "/var/spool/slurmd/n1"
+nodename = "n1"
+"""))
+    assert cfg.backend == "slurm"
+    assert cfg.slurm == config.SlurmConfig("/etc/slurm-llnl/slurm.conf",
+                                           "/var/spool/slurmd/n1", "n1")
+    assert config.AgentConfig().slurm.slurm_conf == "/etc/slurm/slurm.conf"
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('backend = "pbs"', "backend: expected one of native, slurm"),
+    ('backend = 1', "backend: expected one of native, slurm"),
+    ('[slurm]\nspool = "/x"', "slurm.spool: unknown setting"),
+    ('[slurm]\nnodename = 3', "slurm.nodename: expected a string"),
+    ('slurm = 3', r"\[slurm\]: expected a table"),
+])
+def test_bad_backend_settings(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(config.ConfigError, match=error):
+        config.load(write(tmp_path, text))

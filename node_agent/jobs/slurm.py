@@ -1,0 +1,314 @@
+"""The Slurm backend: Slurm's own jobs on this node, through their slurmstepd sockets.
+
+The agent keeps no job state of its own here. Every question goes to what Slurm keeps on
+the node:
+
+- the jobs of the node are the jobs with an extern step socket
+  (``<SlurmdSpoolDir>/<NodeName>_<job>.4294967292``), as pam_slurm_adopt counts them;
+  their owner is the step's uid (REQUEST_STEP_UID), cached per socket, since neither
+  changes while the socket lives; their state is the extern step's (REQUEST_STATE);
+- a job's processes are the union of its steps' (REQUEST_STEP_LIST_PIDS), the batch
+  step's first;
+- adoption is REQUEST_ADD_EXTERN_PID to the extern step: slurmstepd puts the process into
+  the step's cgroups through its own plugins, accounts for it and re-adopts its orphans,
+  and Slurm signals and kills it with the job. The agent writes nothing of Slurm's;
+- caller ID maps a process's cgroup path to its job where the path says so unambiguously
+  (node_agent.jobs.slurmconf.job_of_cgroup); otherwise it is unknown;
+- "newest" follows the rule of pam_slurm_adopt of the running version
+  (slurmconf.newest_rule): the latest mtime of the job's cgroup directory (22.05 on cgroup
+  v1), the highest job id (v2), the latest extern socket ctime (26.05+).
+
+Without ``PrologFlags=contain`` there are no extern steps: no job can be joined, which
+the agent says at start-up and in every refusal (`why_no_jobs`).
+
+Selected with ``backend = "slurm"`` in agent.toml (`open_slurm`). ssh-to-job sessions
+inside Slurm jobs are not available from this backend yet: a session
+asks for a cgroup this backend cannot make (Slurm's are written only through slurmstepd),
+and the request is answered "not supported".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import threading
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from callerid import Job, ProcCgroup
+from node_agent import jobenv
+from node_agent.config import AgentConfig
+from node_agent.errors import NotSupported, StartupError
+from node_agent.jobs.base import ENDING, RUNNING, STARTING, JobCgroup, JobRecord
+from node_agent.jobs.slurmconf import (
+    SlurmNodeConfig,
+    StepSocket,
+    job_of_cgroup,
+    newest_rule,
+    probe_slurm_version,
+    read_node_config,
+    step_sockets,
+)
+from node_agent.jobs.stepd import Stepd, StepdError, state_name
+
+log = logging.getLogger("node_agent.jobs.slurm")
+
+#: slurmstepd's step states (stepd.state_name) as the agent's job states; any other
+#: ("not running", "cancelled", "ending", unknown) counts as ending: nothing joins it.
+_STATES = {"starting": STARTING, "running": RUNNING}
+
+STEPD_TIMEOUT = 2.0   # one stepd call; the stepd itself never times out
+
+
+class _NoCgroup:
+    """The `JobCgroup` of a backend that cannot make cgroups for the agent: nothing
+    exists, nothing can be made ("not supported")."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __str__(self) -> str:
+        return self.what
+
+    def create(self) -> list[str]:
+        """Refused: Slurm's cgroups are written only through slurmstepd."""
+        raise NotSupported(f"{self.what}: ssh-to-job sessions in Slurm jobs are not "
+                           "available yet")
+
+    def join(self) -> list[str]:
+        """Refused, as create()."""
+        return self.create()
+
+    def exists(self) -> bool:
+        """Never."""
+        return False
+
+    def procs(self) -> set[int]:
+        """None."""
+        return set()
+
+    def kill(self, timeout: float) -> int:
+        """Nothing to kill."""
+        return 0
+
+    def remove(self) -> None:
+        """Nothing to remove."""
+
+
+class SlurmJobs:
+    """The jobs Slurm runs on this node (a `JobBackend`; not a `JobControl`: Slurm
+    starts and ends its jobs). Thread-safe: every call opens its own stepd connections."""
+
+    def __init__(self, cfg: SlurmNodeConfig, *, procfs: str = "/proc",
+                 timeout: float = STEPD_TIMEOUT) -> None:
+        self.cfg = cfg
+        self.node = cfg.nodename
+        self.procfs = procfs
+        self.timeout = timeout
+        self._uids: dict[tuple[str, int], int] = {}   # (socket path, its inode) -> uid
+        self._lock = threading.Lock()
+        try:
+            self.rule = newest_rule(cfg.version, cfg.cgroup_plugin)
+        except ValueError as e:   # CgroupPlugin=disabled, or no cgroup to detect
+            log.warning("Slurm backend: %s; \"newest\" is the latest extern step", e)
+            self.rule = "ctime"
+
+    # -- what the spool dir and the stepds say ----------------------------------------------
+    def _steps(self) -> dict[int, list[StepSocket]]:
+        by_job: dict[int, list[StepSocket]] = {}
+        try:
+            sockets = step_sockets(self.cfg.spool_dir, self.node)
+        except OSError as e:
+            # As pam_slurm_adopt: no spool dir (slurmd never ran here) means no jobs.
+            log.debug("no Slurm jobs: cannot list %s: %s", self.cfg.spool_dir, e)
+            return by_job
+        for s in sockets:
+            by_job.setdefault(s.job_id, []).append(s)
+        return by_job
+
+    def _uid(self, sock: StepSocket) -> int:
+        ino = os.stat(sock.path).st_ino
+        with self._lock:
+            uid = self._uids.get((sock.path, ino))
+        if uid is None:
+            with Stepd(sock.path, self.timeout) as s:
+                uid = s.uid()
+            with self._lock:
+                self._uids[(sock.path, ino)] = uid
+        return uid
+
+    def _record(self, job_id: int, steps: Sequence[StepSocket]) -> JobRecord | None:
+        ext = next((s for s in steps if s.is_extern), None)
+        if ext is None:
+            return None   # no extern step: nothing can be joined (PrologFlags=contain)
+        try:
+            uid = self._uid(ext)
+            with Stepd(ext.path, self.timeout) as s:
+                state = _STATES.get(state_name(s.version, s.state()), ENDING)
+            ctime = os.stat(ext.path).st_ctime
+        except (StepdError, OSError) as e:
+            # Race: the job ended since the listing (its sockets go with it).
+            log.debug("job %d: extern step %s: %s", job_id, ext.path, e)
+            return None
+        try:
+            pw = pwd.getpwuid(uid)
+            user, gid = pw.pw_name, pw.pw_gid
+        except KeyError:
+            user, gid = str(uid), uid
+        return JobRecord(Job(str(job_id), user, uid, gid, ctime), state)
+
+    def why_no_jobs(self) -> str:
+        """Why no job of this node can be joined, or "" (PrologFlags=contain missing)."""
+        if self.cfg.prolog_contain:
+            return ""
+        return (f"slurm.conf has no PrologFlags=contain: Slurm makes no extern step, "
+                f"so no ssh login can join a job on {self.node}")
+
+    # -- JobBackend --------------------------------------------------------------------------
+    def get(self, job_id: str) -> JobRecord | None:
+        """One Slurm job of this node (with an extern step), or None."""
+        if not job_id.isdigit():
+            return None
+        steps = self._steps().get(int(job_id))
+        return self._record(int(job_id), steps) if steps else None
+
+    def list_jobs(self, user: str | None = None) -> list[JobRecord]:
+        """The Slurm jobs of this node with an extern step (of `user` only, when
+        given), oldest first."""
+        recs = [r for job_id, steps in sorted(self._steps().items())
+                if (r := self._record(job_id, steps)) is not None]
+        return sorted((r for r in recs if user is None or r.job.user == user),
+                      key=lambda r: (r.job.start_time, int(r.job.id)))
+
+    def _job_steps(self, job_id: str) -> list[StepSocket]:
+        if not job_id.isdigit():
+            return []
+        steps = self._steps().get(int(job_id), [])
+        # the batch step first (it holds the job script), then the others, extern last
+        return sorted(steps, key=lambda s: (not s.is_batch, s.is_extern, s.step_id))
+
+    def pids(self, job_id: str) -> list[int]:
+        """Every step's processes, the batch step's first."""
+        out: list[int] = []
+        for step in self._job_steps(job_id):
+            try:
+                with Stepd(step.path, self.timeout) as s:
+                    out += [p for p in s.pids() if p not in out]
+            except StepdError as e:
+                log.debug("job %s: %s: %s", job_id, step.path, e)
+        return out
+
+    def main_pid(self, job_id: str) -> int | None:
+        """The first process of the job that is not an sshd (sshd rewrites its own
+        /proc environ; an adopted login's sshd sits in the extern step)."""
+        for pid in self.pids(job_id):
+            try:
+                comm = Path(f"{self.procfs}/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm != "sshd":
+                return pid
+        return None
+
+    def environment(self, job_id: str) -> dict[str, str]:
+        """The environment of the job's main process, with SLURM_JOB_ID set."""
+        main = self.main_pid(job_id)
+        env = jobenv.read_environ(main, self.procfs) if main is not None else {}
+        env.setdefault("SLURM_JOB_ID", job_id)
+        return env
+
+    def cgroup_names(self, job_id: str) -> list[str]:
+        """The cgroups of the job's first process, as /proc/<pid>/cgroup shows them."""
+        for pid in self.pids(job_id):
+            try:
+                lines = Path(f"{self.procfs}/{pid}/cgroup").read_text().splitlines()
+            except OSError:
+                continue
+            return [f"{parts[1] or 'unified'}:{parts[2]}" for line in lines
+                    if len(parts := line.split(":", 2)) == 3
+                    and job_of_cgroup(parts[2], self.cfg) == int(job_id)]
+        return []
+
+    def newest(self, records: Sequence[JobRecord]) -> JobRecord:
+        """pam_slurm_adopt's "newest" of the running version (module docstring)."""
+        if self.rule == "jobid":
+            return max(records, key=lambda r: int(r.job.id))
+        if self.rule == "mtime":
+            return max(records, key=lambda r: (self._job_dir_mtime(r), int(r.job.id)))
+        return max(records, key=lambda r: (r.job.start_time, int(r.job.id)))
+
+    def _job_dir_mtime(self, rec: JobRecord) -> float:
+        """The latest mtime of the job's v1 cgroup directory over the hierarchies Slurm
+        uses (it moves whenever a step's cgroup is made or removed); 0 when unreadable."""
+        best = 0.0
+        prepend = self.cfg.cgroup_prepend.strip("/")
+        for ctrl in ("memory", "cpuset", "devices", "freezer"):
+            d = Path(self.cfg.cgroup_mountpoint, ctrl, prepend, f"uid_{rec.job.uid}",
+                     f"job_{rec.job.id}")
+            try:
+                best = max(best, d.stat().st_mtime)
+            except OSError:
+                continue
+        return best
+
+    def adopt(self, job_id: str, pid: int) -> None:
+        """REQUEST_ADD_EXTERN_PID to the job's extern step."""
+        ext = next((s for s in self._job_steps(job_id) if s.is_extern), None)
+        if ext is None:
+            raise ValueError(f"job {job_id} has no extern step on {self.node}"
+                              + (f" ({self.why_no_jobs()})" if self.why_no_jobs() else ""))
+        with Stepd(ext.path, self.timeout) as s:
+            s.add_extern_pid(pid)
+
+    def session_cgroup(self, job_id: str, session: str | None = None) -> JobCgroup:
+        """Not available yet (module docstring)."""
+        return _NoCgroup(f"job {job_id}" + (f" session {session}" if session else ""))
+
+    def helper_cgroup(self, name: str) -> JobCgroup:
+        """Not available yet (module docstring)."""
+        return _NoCgroup(f"helper {name}")
+
+    def leftover_helper_cgroups(self) -> list[JobCgroup]:
+        """None: this backend makes no cgroups."""
+        return []
+
+    def scratch_cgroups(self) -> str | None:
+        """None: no cgroup of the agent's own (the migration warm-up is off)."""
+        return None
+
+    def job_for_cgroup_id(self, cgroup_id: int) -> str | None:
+        """Unknown here: the resolver then reads the owning process's cgroups."""
+        return None
+
+    def job_for_proc_cgroups(self, entries: Sequence[ProcCgroup]) -> str | None:
+        """The job a process's cgroup paths name, when it runs on this node."""
+        for e in entries:
+            job = job_of_cgroup(e.path, self.cfg)
+            if job is not None:
+                return str(job) if self._steps().get(job) else None
+        return None
+
+    def close(self) -> None:
+        """Nothing to release: connections are per call."""
+
+
+def open_slurm(config: AgentConfig) -> SlurmJobs:
+    """The Slurm backend of `config` ([slurm]): this node's facts read from slurm.conf
+    (and cgroup.conf), Slurm's version from `slurmd -V`; StartupError when slurm.conf
+    cannot be read or names no node for this host."""
+    sc = config.slurm
+    version = probe_slurm_version()
+    try:
+        cfg = read_node_config(sc.slurm_conf, sc.nodename or None, version=version)
+    except (OSError, ValueError) as e:
+        raise StartupError(f"Slurm backend: {e}") from None
+    if sc.spool_dir:
+        cfg = replace(cfg, spool_dir=sc.spool_dir)
+    jobs = SlurmJobs(cfg, procfs=config.procfs)
+    log.info("Slurm backend: node %s, spool dir %s, Slurm %s, %s, \"newest\" by %s",
+             cfg.nodename, cfg.spool_dir,
+             ".".join(f"{n:02d}" if i else str(n) for i, n in enumerate(version))
+             if version else "(version unknown)", cfg.cgroup_plugin, jobs.rule)
+    return jobs
