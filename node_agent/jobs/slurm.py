@@ -243,14 +243,16 @@ class SlurmJobs:
         """The latest mtime of the job's v1 cgroup directory over the hierarchies Slurm
         uses (it moves whenever a step's cgroup is made or removed); 0 when unreadable."""
         best = 0.0
-        prepend = self.cfg.cgroup_prepend.strip("/")
-        for ctrl in ("memory", "cpuset", "devices", "freezer"):
-            d = Path(self.cfg.cgroup_mountpoint, ctrl, prepend, f"uid_{rec.job.uid}",
-                     f"job_{rec.job.id}")
-            try:
-                best = max(best, d.stat().st_mtime)
-            except OSError:
-                continue
+        # "/slurm", or "/slurm_<node>" in a build for several slurmd per host (Debian's
+        # packages use it whatever slurm.conf says): whichever exists.
+        for prepend in {self.cfg.cgroup_prepend.strip("/"), f"slurm_{self.node}"}:
+            for ctrl in ("memory", "cpuset", "devices", "freezer"):
+                d = Path(self.cfg.cgroup_mountpoint, ctrl, prepend, f"uid_{rec.job.uid}",
+                         f"job_{rec.job.id}")
+                try:
+                    best = max(best, d.stat().st_mtime)
+                except OSError:
+                    continue
         return best
 
     def adopt(self, job_id: str, pid: int) -> None:

@@ -180,8 +180,8 @@ def test_newest_follows_the_versions_rule(spool: Path, tmp_path: Path,
     stepds(43, EXTERN_STEP)
     # 22.05 on cgroup v1: the latest mtime of the job's cgroup directory
     v1 = SlurmJobs(config(spool, tmp_path))
-    for job, when in (("42", 2000.0), ("43", 1000.0)):
-        d = tmp_path / "cg" / "freezer" / "slurm" / "uid_1001" / f"job_{job}"
+    for job, when, prepend in (("42", 2000.0, "slurm_node2"), ("43", 1000.0, "slurm")):
+        d = tmp_path / "cg" / "freezer" / prepend / "uid_1001" / f"job_{job}"
         d.mkdir(parents=True)
         os.utime(d, (when, when))
     assert v1.newest(v1.list_jobs()).job.id == "42"
