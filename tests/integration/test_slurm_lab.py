@@ -15,9 +15,6 @@ Slurm process, cgroup or file is left outside the lab's dir.
 from __future__ import annotations
 
 import os
-import pwd
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +25,18 @@ import pytest
 import lab as lab_mod
 from tests.integration.conftest import it_lab
 from tests.integration.helpers import process_alive
+from tests.integration.slurm import (
+    KILL_TIMEOUT,
+    held_session,
+    sbatch_sleep,
+    scancel,
+    squeue_state,
+    uid_of,
+)
 
 pytestmark = pytest.mark.root
 
 DENY_NO_JOBS = "Access denied by pam_slurm_adopt: you have no active jobs on this node"
-#: Bounds of the waits below (a loaded 2-core machine; each is normally well under 1 s).
-RUNNING_TIMEOUT = 30.0
-KILL_TIMEOUT = 20.0
 #: Where Debian's Slurm would put things on the host if the lab's config let it.
 HOST_SLURM_PLACES = (Path("/etc/slurm"), Path("/var/log/slurm"), Path("/var/lib/slurm"),
                      Path("/var/spool"), Path("/run"), Path("/dev/shm"))
@@ -91,41 +93,6 @@ def lab(host_before: dict[str, Any]) -> Iterator[lab_mod.Lab]:
         the_lab.down()
 
 
-def _uid(user: str) -> int:
-    return pwd.getpwnam(user).pw_uid
-
-
-def squeue_state(the_lab: lab_mod.Lab, job: int) -> str:
-    """The job's state (RUNNING, PENDING, ...; "" once it is gone from squeue)."""
-    r = the_lab.run("node1", ["squeue", "-h", "-t", "all", "-j", str(job), "-o", "%T"],
-                    check=False)
-    return r.stdout.strip()
-
-
-def sbatch_sleep(the_lab: lab_mod.Lab, user: str, node: str) -> int:
-    """``sbatch -w NODE --wrap 'sleep 300'`` as ``user`` from node1; the job id once the
-    job is RUNNING (bounded wait)."""
-    out = the_lab.run("node1", ["sbatch", "--parsable", "-w", node, "-o", "/dev/null",
-                                "-J", "lab-test", "--wrap", "sleep 300"],
-                      user=user, cwd="/tmp").stdout
-    job = int(out.strip().split(";")[0])
-    deadline = time.monotonic() + RUNNING_TIMEOUT
-    state = ""
-    while state != "RUNNING":
-        state = squeue_state(the_lab, job)
-        if time.monotonic() > deadline or state in ("FAILED", "CANCELLED", "COMPLETED"):
-            raise AssertionError(
-                f"job {job} not RUNNING after {RUNNING_TIMEOUT:.0f} s (state {state!r}); "
-                f"slurmctld.log:\n{the_lab.slurm_log()[-3000:]}\n"
-                f"slurmd-{node}.log:\n{the_lab.slurm_log(node)[-3000:]}")
-        time.sleep(0.1)
-    return job
-
-
-def scancel(the_lab: lab_mod.Lab, job: int, user: str = "root") -> None:
-    the_lab.run("node1", ["scancel", str(job)], user=user, check=False)
-
-
 @pytest.fixture
 def job(lab: lab_mod.Lab) -> Iterator[int]:
     """alice's ``sleep 300`` running on node2, and pam_slurm_adopt in node2's sshd."""
@@ -136,24 +103,6 @@ def job(lab: lab_mod.Lab) -> Iterator[int]:
     finally:
         scancel(lab, job)
         lab.set_pam_module("node2", "adopt")
-
-
-def _session(the_lab: lab_mod.Lab, user: str) -> tuple[subprocess.Popen[str], int]:
-    """``ssh node2 'echo $$; exec sleep 300'`` from node1 as ``user``: the ssh client and
-    the pid of the remote session's process (the shell that became sleep)."""
-    p = the_lab.popen("node1", the_lab.ssh_argv("node2", "echo $$; exec sleep 300"),
-                      user=user, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                      stderr=subprocess.PIPE, text=True)
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(p.stdout.readline() if p.stdout
-                                                         else ""))
-    reader.start()
-    reader.join(timeout=30)
-    if not line or not line[0].strip().isdigit():
-        p.kill()
-        _, err = p.communicate(timeout=10)
-        raise AssertionError(f"ssh session did not print its pid: {line!r}, stderr {err!r}")
-    return p, int(line[0])
 
 
 def test_slurm_is_up(lab: lab_mod.Lab) -> None:
@@ -177,16 +126,16 @@ def test_ssh_lands_in_the_extern_step(lab: lab_mod.Lab, job: int) -> None:
     assert r.returncode == 0, r.stderr
     freezer = [line.split(":", 2)[2] for line in r.stdout.splitlines()
                if line.split(":")[1] == "freezer"]
-    assert freezer == [f"/slurm_node2/uid_{_uid('alice')}/job_{job}/step_extern"], r.stdout
+    assert freezer == [f"/slurm_node2/uid_{uid_of('alice')}/job_{job}/step_extern"], r.stdout
 
 
 def test_listpids_and_scancel(lab: lab_mod.Lab, job: int) -> None:
-    p, pid = _session(lab, "alice")
+    p, pid = held_session(lab, "alice")
     try:
         # On the host the same cgroup sits inside the lab's own subtree.
         host = [line.split(":", 2)[2] for line in Path(f"/proc/{pid}/cgroup").read_text()
                 .splitlines() if line.split(":")[1] == "freezer"]
-        assert host == [f"/{lab.name}/node2/slurm_node2/uid_{_uid('alice')}/job_{job}"
+        assert host == [f"/{lab.name}/node2/slurm_node2/uid_{uid_of('alice')}/job_{job}"
                         "/step_extern"]
         listed = lab.run("node2", ["scontrol", "listpids", str(job)]).stdout
         rows = [line.split() for line in listed.splitlines()[1:]]
@@ -217,7 +166,7 @@ def test_down_leaves_nothing(lab: lab_mod.Lab, host_before: dict[str, Any]) -> N
     # Runs last: a running job (stepds, its cgroups, an adopted session), then down.
     job = sbatch_sleep(lab, "alice", "node2")
     lab.set_pam_module("node2", "slurm")
-    p, session = _session(lab, "alice")
+    p, session = held_session(lab, "alice")
     daemons = [lab.slurm_pid(n) for n in ["head", *lab.nodes]]
     stepds = lab.slurm_stepd_pids()
     assert all(daemons) and len(stepds) >= 2, (daemons, stepds)

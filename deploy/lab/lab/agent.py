@@ -45,6 +45,7 @@ class AgentMixin(NodesMixin, ProcessesMixin):
         v4, v6 = self.ip(node), self.ip(node, 6)
         have = {h.name for h in self.hierarchies}
         v1 = [h for h in AGENT_V1 if h in have]
+        slurm = bool(getattr(self, "slurm", False))
         return "\n".join([
             "# written by deploy/lab/lab.py",
             f'node_name = "{node}"',
@@ -57,6 +58,9 @@ class AgentMixin(NodesMixin, ProcessesMixin):
             f'login_services = ["{pam_service_name(node)}"]',
             # loopback only: the metrics say who logs in where; other nodes need not see them
             f'metrics_listen = "127.0.0.1:{METRICS_PORT}"',
+            # With Slurm in the lab the agents take Slurm's jobs (its slurm.conf is the
+            # lab's, bound at /etc/slurm in the node); else the native registry's.
+            f'backend = "{"slurm" if slurm else "native"}"',
             "",
             "[munge]",
             'socket = "/run/munge/munge.socket.2"',
@@ -68,6 +72,7 @@ class AgentMixin(NodesMixin, ProcessesMixin):
             "v2_controllers = []",
             'subtree = "callerid"',
             "",
+            *([] if not slurm else ["[slurm]", f'nodename = "{node}"', ""]),
         ])
 
     def _compile_checkout(self) -> None:

@@ -97,11 +97,13 @@ class Lab(TeardownMixin, SshdMixin, AgentMixin, SlurmMixin, MungeMixin):
     def up(self, agents: bool = True, sshd: bool = True, slurm: bool = False) -> None:
         """Build the lab (idempotent: a lab already up in this dir is rebuilt).
 
-        ``slurm``: also run Slurm (slurmctld on the head, a slurmd per node; slurm.py).
+        ``slurm``: also run Slurm (slurmctld on the head, a slurmd per node; slurm.py); the
+        agents then use their Slurm backend (`backend = "slurm"`).
 
         On any failure everything already built is torn down before the error propagates.
         """
         self._require_root()
+        self.agents, self.sshd, self.slurm = agents, sshd, slurm   # the agents' config reads them
         state: dict[str, Any] = {
             "state": "starting", "name": self.name, "nodes": len(self.nodes),
             "venv": str(self.venv), "agents": agents, "sshd": sshd, "slurm": slurm,
