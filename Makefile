@@ -67,12 +67,13 @@ lab-down:
 bench: deps venv
 	$(VPY) tests/benchmarks/bench_callerid.py
 
-# All the benchmarks, one after the other (about 8 minutes).
+# All the benchmarks, one after the other (about 10 minutes).
 bench-all: bench
 	$(VPY) tests/benchmarks/bench_logins.py --rounds 100
 	$(VPY) tests/benchmarks/bench_ssh_to_job.py
 	$(VPY) tests/benchmarks/bench_auth.py
 	$(VPY) tests/benchmarks/bench_starvation.py
+	$(VPY) tests/benchmarks/bench_slurm_logins.py --rounds 40
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from callerid import Job, ProcCgroup
+from callerid import CgroupLayout, Job, ProcCgroup
 from node_agent import jobenv
 from node_agent.config import AgentConfig
 from node_agent.errors import NotSupported, StartupError
@@ -102,8 +102,9 @@ class SlurmJobs:
     starts and ends its jobs). Thread-safe: every call opens its own stepd connections."""
 
     def __init__(self, cfg: SlurmNodeConfig, *, procfs: str = "/proc",
-                 timeout: float = STEPD_TIMEOUT) -> None:
+                 timeout: float = STEPD_TIMEOUT, scratch: str | None = None) -> None:
         self.cfg = cfg
+        self._scratch = scratch
         self.node = cfg.nodename
         self.procfs = procfs
         self.timeout = timeout
@@ -277,8 +278,10 @@ class SlurmJobs:
         return []
 
     def scratch_cgroups(self) -> str | None:
-        """None: no cgroup of the agent's own (the migration warm-up is off)."""
-        return None
+        """The agent's own cgroup directory ([cgroup] subtree in its first hierarchy),
+        never one of Slurm's: the warm-up pre-pays the kernel's migration toll there
+        before slurmstepd moves a login (the kernel's lock is global), or None."""
+        return self._scratch
 
     def job_for_cgroup_id(self, cgroup_id: int) -> str | None:
         """Unknown here: the resolver then reads the owning process's cgroups."""
@@ -308,7 +311,13 @@ def open_slurm(config: AgentConfig) -> SlurmJobs:
         raise StartupError(f"Slurm backend: {e}") from None
     if sc.spool_dir:
         cfg = replace(cfg, spool_dir=sc.spool_dir)
-    jobs = SlurmJobs(cfg, procfs=config.procfs)
+    try:
+        own = CgroupLayout.discover(config.cgroup, procfs=config.procfs)  # the agent's
+        scratch = str(own.subtree_path(own.hierarchies[0])) if own.hierarchies else None
+    except Exception as e:   # the warm-up is an optimisation: go on without it
+        log.warning("Slurm backend: no cgroup of the agent's own for the warm-up: %s", e)
+        scratch = None
+    jobs = SlurmJobs(cfg, procfs=config.procfs, scratch=scratch)
     log.info("Slurm backend: node %s, spool dir %s, Slurm %s, %s, \"newest\" by %s",
              cfg.nodename, cfg.spool_dir,
              ".".join(f"{n:02d}" if i else str(n) for i, n in enumerate(version))

@@ -139,8 +139,6 @@ def check(table: Table, scenario: str, got: dict[str, str]) -> None:
 
 
 def test_one_job(lab: lab_mod.Lab, table: Table) -> None:
-    """Runs first: A and B (the other tests' jobs) do not exist yet."""
-    # First, while node2 has free CPUs (A and B take one each of its two).
     job = sbatch_sleep(lab, "bob", "node2")
     try:
         got = both(lab, ssh(lab, "bob"), {"C": job})

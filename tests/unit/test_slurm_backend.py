@@ -197,6 +197,8 @@ def test_sessions_are_not_supported_yet(spool: Path, tmp_path: Path) -> None:
     with pytest.raises(NotSupported):
         cg.create()
     assert jobs.leftover_helper_cgroups() == [] and jobs.scratch_cgroups() is None
+    assert SlurmJobs(config(spool, tmp_path), scratch="/cg/callerid").scratch_cgroups() == \
+        "/cg/callerid"
 
 
 def test_open_backend_reads_slurm_conf(tmp_path: Path, spool: Path) -> None:

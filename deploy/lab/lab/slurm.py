@@ -123,7 +123,10 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
         for node in self.nodes:
             lines.append(f"NodeName={node} NodeAddr={self.ip(node)} CPUs={cpus} "
                          "RealMemory=1000 State=UNKNOWN")
-        lines += ["PartitionName=lab Nodes=ALL Default=YES MaxTime=INFINITE State=UP", ""]
+        # OverSubscribe=FORCE:4: up to four jobs share a core, so that tests and benchmarks
+        # can hold several sleeping jobs per node on a 2-core machine.
+        lines += ["PartitionName=lab Nodes=ALL Default=YES MaxTime=INFINITE State=UP "
+                  "OverSubscribe=FORCE:4", ""]
         return "\n".join(lines)
 
     @staticmethod
