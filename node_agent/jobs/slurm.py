@@ -110,6 +110,7 @@ class SlurmJobs:
         self.timeout = timeout
         self._uids: dict[tuple[str, int], int] = {}   # (socket path, its inode) -> uid
         self._lock = threading.Lock()
+        self._warned_spool = False
         try:
             self.rule = newest_rule(cfg.version, cfg.cgroup_plugin)
         except ValueError as e:   # CgroupPlugin=disabled, or no cgroup to detect
@@ -119,14 +120,28 @@ class SlurmJobs:
     # -- what the spool dir and the stepds say ----------------------------------------------
     def _steps(self) -> dict[int, list[StepSocket]]:
         by_job: dict[int, list[StepSocket]] = {}
+        spool = self.cfg.spool_dir
         try:
-            sockets = step_sockets(self.cfg.spool_dir, self.node)
+            st = os.stat(spool)
+            sockets = step_sockets(spool, self.node)
         except OSError as e:
             # As pam_slurm_adopt: no spool dir (slurmd never ran here) means no jobs.
-            log.debug("no Slurm jobs: cannot list %s: %s", self.cfg.spool_dir, e)
+            log.debug("no Slurm jobs: cannot list %s: %s", spool, e)
+            return by_job
+        if st.st_uid not in (0, os.geteuid()) or st.st_mode & 0o022:
+            # Whoever can create a socket there can claim a job of anyone: trust none.
+            if not self._warned_spool:
+                log.error("Slurm backend: %s is not root's alone (owner uid %d, mode %o): "
+                          "its sockets are not trusted, no job is seen", spool, st.st_uid,
+                          st.st_mode & 0o7777)
+                self._warned_spool = True
             return by_job
         for s in sockets:
             by_job.setdefault(s.job_id, []).append(s)
+        with self._lock:   # forget the owners of sockets that are gone
+            listed = {s.path for s in sockets}
+            for key in [k for k in self._uids if k[0] not in listed]:
+                del self._uids[key]
         return by_job
 
     def _uid(self, sock: StepSocket) -> int:

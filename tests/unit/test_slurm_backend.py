@@ -222,3 +222,27 @@ def test_open_backend_without_slurm_conf_is_a_startup_error(tmp_path: Path) -> N
                       slurm=SlurmConfig(slurm_conf=str(tmp_path / "none.conf")))
     with pytest.raises(StartupError, match="Slurm backend: .*none.conf"):
         open_backend(cfg)
+
+
+def test_a_spool_dir_others_can_write_is_not_trusted(
+        spool: Path, tmp_path: Path, stepds: Callable[..., FakeStepd],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who can create a socket in the spool dir could claim a job of anyone."""
+    stepds(42, EXTERN_STEP)
+    jobs = SlurmJobs(config(spool, tmp_path))
+    assert [r.job.id for r in jobs.list_jobs()] == ["42"]
+    os.chmod(spool, 0o777)
+    assert jobs.list_jobs() == [] and jobs.get("42") is None
+    assert "is not root's alone" in caplog.text
+    os.chmod(spool, 0o755)
+    assert [r.job.id for r in jobs.list_jobs()] == ["42"]
+
+
+def test_owners_of_gone_sockets_are_forgotten(spool: Path, tmp_path: Path,
+                                              stepds: Callable[..., FakeStepd]) -> None:
+    first = stepds(42, EXTERN_STEP)
+    jobs = SlurmJobs(config(spool, tmp_path))
+    assert jobs.get("42") is not None and len(jobs._uids) == 1
+    first.stop()
+    os.unlink(first.path)
+    assert jobs.list_jobs() == [] and jobs._uids == {}
