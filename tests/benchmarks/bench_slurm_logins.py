@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import lab as lab_mod
+from tests.benchmarks.interleave import driver_login, interleaved
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).with_name("login_driver.py")
@@ -117,22 +118,11 @@ def main() -> int:
             if want and want != module:
                 lab.set_pam_module("node2", want)
                 module = want
-            d = drivers[user]
-            assert d.stdin and d.stdout
-            d.stdin.write(f"{port} node2\n")
-            d.stdin.flush()
-            rc, ms = d.stdout.readline().split()
-            if rc != "0":
-                failures[variant] += 1
-            return float(ms)
+            ok, ms = driver_login(drivers[user], port)
+            failures[variant] += not ok
+            return ms
 
-        for v in VARIANTS:   # warm-up: first logins pay for caches and channels
-            login(v)
-        order = list(VARIANTS)
-        for _ in range(args.rounds):
-            rng.shuffle(order)
-            for v in order:
-                times[v].append(login(v))
+        times = interleaved(list(VARIANTS), args.rounds, rng, login)
     finally:
         for d in drivers.values():
             if d.stdin:
