@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import lab as lab_mod
+from tests.benchmarks.bench_logins import pct
 from tests.benchmarks.interleave import driver_login, interleaved
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,8 +145,8 @@ def main() -> int:
           f"the agent's login watch {'on' if args.login_watch else 'off'}\n")
     print(f"{'variant':<24}{'n':>4}{'fail':>6}{'p50':>9}{'p90':>9}{'over none (paired)':>21}")
     for v, ts in times.items():
-        p90 = sorted(ts)[int(0.9 * (len(ts) - 1))]
-        print(f"{v:<24}{len(ts):>4}{failures[v]:>6}{statistics.median(ts):>9.1f}{p90:>9.1f}"
+        print(f"{v:<24}{len(ts):>4}{failures[v]:>6}{statistics.median(ts):>9.1f}"
+              f"{pct(ts, 0.9):>9.1f}"
               f"{paired(v, 'none'):>+21.1f}")
     ok = not any(failures.values())
     print(f"\nthe no-op pam_python module costs {noop_cost:+.1f} ms over none (this run)")
