@@ -25,6 +25,7 @@ root-only Unix socket. Each is UTF-8 text: lines of `key=value`, the first line
     action_no_jobs=deny
     action_unknown=newest
     action_adopt_failure=deny
+    join_container=true
     timeout=5.0
     deadline=81236.512804
     (empty line)
@@ -34,6 +35,7 @@ root-only Unix socket. Each is UTF-8 text: lines of `key=value`, the first line
     reason=one-job
     job_id=42
     detail=adopt 0.3 ms
+    namespaces=mnt
     env=CALLERID_JOB_ID=42
     env=CALLERID_NODE=node2
     (empty line)
@@ -46,6 +48,12 @@ root-only Unix socket. Each is UTF-8 text: lines of `key=value`, the first line
   else: a backslash is sent as two backslashes, a line feed as backslash + `n`. So a
   value never holds a line feed, and the empty line can only be the end.
 - Numbers (`timeout`, `deadline`) are Python's `repr()` of a float: every digit kept.
+- The job's namespaces travel with the reply: when the request says `join_container=true`
+  and the reply adopts (decision ALLOW with a job_id), the agent sends the reply's bytes
+  in one sendmsg() with an SCM_RIGHTS message of one fd per namespace the job has and the
+  agent has not, and `namespaces=` names their kinds in the order of the fds (and of
+  entering them: node_agent.jobenv.JOIN_KINDS; never `user`). No other reply carries an
+  fd. The module enters them with setns() and closes every fd it receives.
 - The reader splits with the standard library alone (`str.split`, `str.partition`):
   the module needs no parser, and `import json` would cost ~8 ms in every login.
 
@@ -89,11 +97,17 @@ CHOICES: Final[Mapping[str, tuple[str, tuple[str, ...]]]] = {
     "action_adopt_failure": ("deny", ("allow", "deny")),
     "action_generic_failure": ("deny", ("ignore", "allow", "deny")),
     "log_level": ("info", ("debug", "info", "error", "quiet")),
+    # pam_slurm_adopt's: accepted, nothing to do (pam_adopt sets up no X11 forwarding)
+    "disable_x11": ("0", ("0", "1")),
+    # enter the job's namespaces (job_container/tmpfs's private /tmp, a native job's own)
+    "join_container": ("true", ("true", "false")),
 }
 #: Every option of the module, in the order the documentation lists them.
 OPTIONS: Final = ("action_no_jobs", "action_unknown", "action_adopt_failure",
-                  "action_generic_failure", "service", "log_level", "socket", "timeout")
-#: The options the module passes on to the agent (with `timeout`): the agent applies them.
+                  "action_generic_failure", "service", "log_level", "socket", "timeout",
+                  "nodename", "disable_x11", "join_container")
+#: The actions the module passes on to the agent (with `timeout`): the agent applies them,
+#: an empty one as its default. The module also sends `nodename` and `join_container`.
 AGENT_OPTIONS: Final = ("action_no_jobs", "action_unknown", "action_adopt_failure")
 
 # -- what a denied user sees: one sentence (the details go to syslog) -----------------
@@ -102,6 +116,8 @@ _DENIED = "Access denied by pam_adopt"
 MSG_NO_JOBS: Final = f"{_DENIED}: you have no active jobs on this node"
 MSG_UNKNOWN: Final = (f"{_DENIED}: this connection does not come from one of your jobs "
                       "on this node")
+#: The agent's when adoption fails; the module's too, when it cannot enter the job's
+#: namespaces (both with action_adopt_failure=deny).
 MSG_ADOPT_FAILED: Final = f"{_DENIED}: your session could not be added to your job"
 MSG_BAD_REQUEST: Final = f"{_DENIED}: internal error"
 MSG_BUSY: Final = (f"{_DENIED}: too many of your logins are waiting on this node; "
@@ -148,6 +164,12 @@ class Request:
     action_no_jobs: str = ""
     action_unknown: str = ""
     action_adopt_failure: str = ""
+    # "true": the module takes the job's namespaces with an adopting reply and enters
+    # them. Anything else, empty included (a request typed by hand), gets no fd.
+    join_container: str = ""
+    # The module's nodename=: the node it means. Empty: this agent's. Another name is
+    # refused (the agent serves one node: a PAM line meant for another is a mistake).
+    nodename: str = ""
     timeout: float = 0.0  # the module's timeout=, seconds
     # When the module stops waiting: CLOCK_MONOTONIC seconds (time.monotonic()), its start
     # of the exchange plus its timeout. One clock for the whole machine (unless the module
@@ -169,6 +191,9 @@ class Reply:
     job_id: str = ""  # the job the session was adopted into, if any
     detail: str = ""  # a longer explanation, for the log
     env: Mapping[str, str] = field(default_factory=dict)  # exported with pam_putenv
+    # The kinds of the namespace fds sent with this reply, in their order ("mnt", ...):
+    # `namespaces=mnt,net` on the wire.
+    namespaces: tuple[str, ...] = ()
 
 
 REQUEST_KEYS: Final = tuple(f.name for f in fields(Request))
@@ -255,12 +280,19 @@ def decode_request(data: bytes) -> Request:
                    action_no_jobs=raw.get("action_no_jobs", ""),
                    action_unknown=raw.get("action_unknown", ""),
                    action_adopt_failure=raw.get("action_adopt_failure", ""),
+                   join_container=raw.get("join_container", ""),
+                   nodename=raw.get("nodename", ""),
                    timeout=number("timeout"), deadline=number("deadline"))
 
 
 def encode_reply(reply: Reply) -> bytes:
     """Raises WireError for an environment variable name that cannot be exported."""
-    pairs = [(key, getattr(reply, key)) for key in REPLY_KEYS if key != "env"]
+    pairs = [(key, getattr(reply, key)) for key in REPLY_KEYS
+             if key not in ("env", "namespaces")]
+    for kind in reply.namespaces:
+        if not kind.isalnum():
+            raise WireError(f"reply: bad namespace kind {kind!r}")
+    pairs.append(("namespaces", ",".join(reply.namespaces)))
     for name, value in reply.env.items():
         if not name or "=" in name or "\n" in name:
             raise WireError(f"reply: bad environment variable name {name!r}")
@@ -287,5 +319,7 @@ def decode_reply(data: bytes) -> Reply:
     if decision is None:
         raise WireError(f"reply: decision {raw.get('decision', '')[:20]!r} is not one of "
                         f"{'|'.join(DECISIONS)}")
+    kinds = tuple(raw["namespaces"].split(",")) if raw.get("namespaces") else ()
     return Reply(decision, reason=raw.get("reason", ""), message=raw.get("message", ""),
-                 job_id=raw.get("job_id", ""), detail=raw.get("detail", ""), env=env)
+                 job_id=raw.get("job_id", ""), detail=raw.get("detail", ""), env=env,
+                 namespaces=kinds)

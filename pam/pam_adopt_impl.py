@@ -24,7 +24,9 @@ Decision order (pam_slurm_adopt's, with failure defaults that deny):
 3. the agent answers: no jobs here -> `action_no_jobs`; one job -> adopted; several ->
    the job that owns the connection on the source node, else `action_unknown`;
    adoption failing -> `action_adopt_failure`;
-4. the agent cannot be asked (down, slow past `timeout=`, garbled, or of another
+4. adopted: the job's namespaces that the agent sent with its answer (see below) are
+   entered; failing that -> `action_adopt_failure` too;
+5. the agent cannot be asked (down, slow past `timeout=`, garbled, or of another
    callerid-adopt version: "version mismatch" in syslog) -> `action_generic_failure`.
 
 Options (`key=value`; a bad value is logged and replaced by its default, an unknown key
@@ -38,6 +40,28 @@ is logged and ignored):
     log_level=debug|info|error|quiet        default info
     socket=PATH                             default /run/callerid-adopt/admission.sock
     timeout=SECONDS                         default 5
+    nodename=NAME                           default (the agent's node)
+    disable_x11=0|1                         default 0
+    join_container=true|false               default true
+
+`nodename=` names the node this PAM line is for (pam_slurm_adopt's, where the node's
+Slurm NodeName is not its host name): the agent refuses a login for another node than
+its own, saying so in its log. `disable_x11=` is accepted for pam_slurm_adopt's lines
+and changes nothing: pam_adopt sets up no X11 forwarding (pam_slurm_adopt's is for
+`srun --x11` jobs). `join_container=false` keeps a login out of the job's namespaces.
+
+The job's namespaces (pam_slurm_adopt's `join_container`). A job can live in namespaces
+of its own: Slurm's job_container/tmpfs gives it a private /tmp (a mount namespace), and a
+native job may make its own. Only a process can enter a namespace itself (setns), so the
+agent sends this module the job's namespace fds with its answer (SCM_RIGHTS on the
+admission socket: only to root, the socket's only callers) and this module enters them,
+in the order the answer names them, never a user namespace (entering one would drop
+root's powers over the node that sshd still needs). sshd forks the session after the
+account stack: the session, and everything it starts, is then in the job's namespaces.
+A login without such a job costs nothing more (`ctypes` is imported only to enter a
+namespace, on Pythons without os.setns). Every fd received is closed before this module
+returns, whatever happens; one this module did not ask for is closed and logged. A
+namespace that cannot be entered is an adoption failure, as for pam_slurm_adopt.
 
 A denied user sees one sentence (e.g. "Access denied by pam_adopt: you have no active
 jobs on this node"); the details go to syslog (authpriv).
@@ -55,11 +79,12 @@ tests/unit/test_pam_module.py checks against it.
 import _socket
 import os
 import pwd
+import sys
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import MutableMapping
+    from collections.abc import Callable, MutableMapping
     from typing import Protocol
 
     class PamHandle(Protocol):
@@ -93,13 +118,23 @@ CHOICES = {
     "action_adopt_failure": ("deny", ("allow", "deny")),
     "action_generic_failure": ("deny", ("ignore", "allow", "deny")),
     "log_level": ("info", ("debug", "info", "error", "quiet")),
+    "disable_x11": ("0", ("0", "1")),
+    "join_container": ("true", ("true", "false")),
 }
 AGENT_OPTIONS = ("action_no_jobs", "action_unknown", "action_adopt_failure")
 MSG_GENERIC = "Access denied by pam_adopt: the node agent could not be asked"
 MSG_GENERIC_DEFAULT = "Access denied by pam_adopt"
+MSG_ADOPT_FAILED = "Access denied by pam_adopt: your session could not be added to your job"
 PROTOCOL_LINE = "protocol=2"
-REPLY_KEYS = ("decision", "reason", "message", "job_id", "detail", "env")
+REPLY_KEYS = ("decision", "reason", "message", "job_id", "detail", "env", "namespaces")
 DECISIONS = ("ALLOW", "DENY", "IGNORE")
+# -- and of node_agent/jobenv.py: the namespaces a login may enter, with their <sched.h>
+#    CLONE_NEW* flags (setns checks that an fd is of the kind it claims to be)
+JOIN_KINDS = ("cgroup", "ipc", "uts", "net", "pid", "mnt", "time")
+CLONE_FLAGS = {"mnt": 0x00020000, "cgroup": 0x02000000, "uts": 0x04000000,
+               "ipc": 0x08000000, "user": 0x10000000, "pid": 0x20000000,
+               "net": 0x40000000, "time": 0x00000080}
+MAX_FDS = len(CLONE_FLAGS)  # room for one fd of every kind; more is cut off (and closed)
 
 LEVELS = {"debug": 3, "info": 2, "error": 1, "quiet": 0}
 
@@ -166,6 +201,9 @@ class Options:
         self.service = DEFAULT_SERVICE
         self.socket = DEFAULT_SOCKET
         self.timeout = DEFAULT_TIMEOUT
+        self.nodename = ""
+        self.disable_x11 = CHOICES["disable_x11"][0]
+        self.join_container = CHOICES["join_container"][0]
         self.problems: list[str] = []
 
     @classmethod
@@ -188,6 +226,12 @@ class Options:
                     opts.service = value
                 else:
                     opts.problems.append(f"service= is empty; using {DEFAULT_SERVICE}")
+            elif key == "nodename":
+                if value and not any(c.isspace() or c in "=\\" for c in value):
+                    opts.nodename = value
+                else:
+                    opts.problems.append(f"nodename={value!r} is not a node name; "
+                                         "using the agent's")
             elif key == "socket":
                 if value.startswith("/"):
                     opts.socket = value
@@ -251,6 +295,71 @@ class AgentError(Exception):
     """The agent could not be asked, or its answer made no sense."""
 
 
+class Received:
+    """The fds that came with the agent's answer (SCM_RIGHTS), in their order; whoever
+    made this closes them (close()), in every path."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.truncated = False  # more came than there was room for: the kernel closed them
+
+    def take(self, ancdata: "list[tuple[int, int, bytes]]", flags: int) -> None:
+        for level, kind, data in ancdata:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                self.fds += [int.from_bytes(data[i:i + 4], sys.byteorder, signed=True)
+                             for i in range(0, len(data) - len(data) % 4, 4)]
+        if flags & getattr(_socket, "MSG_CTRUNC", 8):
+            self.truncated = True
+
+    def close(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+_libc_setns: "Callable[[int, int], int] | None" = None
+
+
+def setns(fd: int, flag: int) -> None:
+    """setns(2): os.setns (Python 3.12), else libc's through ctypes, imported only here:
+    `import ctypes` costs milliseconds, and most logins enter no namespace."""
+    global _libc_setns
+    fn = getattr(os, "setns", None)
+    if fn is not None:
+        fn(fd, flag)
+        return
+    import ctypes
+
+    if _libc_setns is None:
+        _libc_setns = ctypes.CDLL(None, use_errno=True).setns
+    if _libc_setns(fd, flag) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def join_namespaces(kinds: "list[str]", received: Received) -> "list[str]":
+    """Enter the namespaces `kinds` names, one fd of `received` each, in that order; the
+    kinds entered. Raises OSError (with what was entered before) when one cannot be."""
+    if received.truncated or len(kinds) != len(received.fds):
+        raise OSError(f"{len(received.fds)} namespace fds for {','.join(kinds) or 'none'}"
+                      + (" (cut off)" if received.truncated else ""))
+    bad = [k for k in kinds if k not in JOIN_KINDS]
+    if bad:  # never "user" (see the docstring), nor a kind this module does not know
+        raise OSError(f"will not enter {','.join(bad)} namespaces")
+    entered: list[str] = []
+    for kind, fd in zip(kinds, received.fds, strict=True):
+        try:
+            setns(fd, CLONE_FLAGS[kind])
+        except OSError as e:
+            raise OSError(e.errno, f"setns {kind}: {e.strerror or e}"
+                          + (f" (entered {','.join(entered)})" if entered else "")) from None
+        entered.append(kind)
+    return entered
+
+
 # A connection the loader (pam_adopt.py) opened to the default socket before this file
 # was even loaded: (path, socket). See take_early().
 EARLY: "tuple[str, _socket.socket] | None" = None
@@ -269,9 +378,17 @@ def take_early(path: str) -> "_socket.socket | None":
 
 
 def ask_agent(path: str, request: bytes, timeout: float, deadline: "float | None" = None,
+              received: "Received | None" = None,
               ) -> "tuple[dict[str, str], list[tuple[str, str]]]":
     """Send the request, read the reply (decode_reply's), all within `timeout` seconds
-    (by `deadline`, on time.monotonic(), when given: the one the request carries)."""
+    (by `deadline`, on time.monotonic(), when given: the one the request carries). Fds
+    that come with it go to `received` (closed here when there is none)."""
+    if received is None:
+        received = Received()
+        try:
+            return ask_agent(path, request, timeout, deadline, received)
+        finally:
+            received.close()
     if deadline is None:
         deadline = time.monotonic() + timeout
     s = take_early(path)
@@ -295,7 +412,11 @@ def ask_agent(path: str, request: bytes, timeout: float, deadline: "float | None
                 if left <= 0:
                     raise TimeoutError()
                 s.settimeout(left)
-                chunk = s.recv(65536)
+                # recvmsg, not recv: fds sent with the reply would be closed by the kernel
+                # if read without room for them (MSG_CMSG_CLOEXEC: never into an exec).
+                chunk, ancdata, flags, _ = s.recvmsg(
+                    65536, _socket.CMSG_SPACE(MAX_FDS * 4), _socket.MSG_CMSG_CLOEXEC)
+                received.take(ancdata, flags)
                 if not chunk:
                     break
                 buf += chunk
@@ -338,6 +459,8 @@ def build_request(user: str, service: str, rhost: str, ssh_connection: str,
         ("action_no_jobs", opts.action_no_jobs),
         ("action_unknown", opts.action_unknown),
         ("action_adopt_failure", opts.action_adopt_failure),
+        ("join_container", opts.join_container),
+        ("nodename", opts.nodename),
         ("timeout", repr(opts.timeout)),
         ("deadline", repr(deadline)),
     ])
@@ -402,10 +525,22 @@ def acct_mgmt(pamh: "PamHandle", flags: int, argv: "list[str]") -> int:
     deadline = t_ask + opts.timeout
     request = build_request(user, service, pamh.rhost or "", ssh_connection or "", opts,
                             deadline)
+    received = Received()
     try:
-        reply, env = ask_agent(opts.socket, request, opts.timeout, deadline)
+        return _decided(pamh, flags, opts, log, user, request, deadline, t_ask,
+                        ssh_connection, received)
+    finally:
+        received.close()  # before sshd forks the session: no fd of ours reaches it
+
+
+def _decided(pamh: "PamHandle", flags: int, opts: Options, log: Log, user: str,
+             request: bytes, deadline: float, t_ask: float, ssh_connection: str,
+             received: Received) -> int:
+    """Steps 3-5 of the decision order: the agent's answer, applied."""
+    try:
+        reply, env = ask_agent(opts.socket, request, opts.timeout, deadline, received)
     except AgentError as e:
-        # 4. the agent could not be asked.
+        # 5. the agent could not be asked.
         took = (time.monotonic() - t_ask) * 1000
         return _generic_failure(pamh, flags, opts, log, f"{user}: {e} (after {took:.0f} ms)")
     took = (time.monotonic() - t_ask) * 1000
@@ -416,13 +551,32 @@ def acct_mgmt(pamh: "PamHandle", flags: int, argv: "list[str]") -> int:
     summary = (f"{user} from {pamh.rhost or '?'} ({ssh_connection or 'no SSH_CONNECTION'}): "
                f"{decision.lower()} ({reason}{', job ' + job if job else ''})"
                f"{': ' + detail if detail else ''}; answered in {took:.0f} ms")
+    kinds = [k for k in reply.get("namespaces", "").split(",") if k]
+    asked = opts.join_container == "true"
+    unasked = not (decision == "ALLOW" and job and asked)
+    if (received.fds or kinds) and (unasked or not kinds):
+        log.error(f"{user}: the agent sent {len(received.fds)} fds "
+                  f"({','.join(kinds) or 'unnamed'}) with a {decision.lower()} answer"
+                  f"{' unasked (join_container=false)' if not asked else ''}: closed, unused")
+        received.close()
+        kinds = []
+    if decision == "ALLOW" and kinds:
+        # 4. the job's namespaces.
+        try:
+            entered = join_namespaces(kinds, received)
+        except OSError as e:
+            why = f"cannot enter job {job}'s namespaces: {e.strerror or e}"
+            action = opts.action_adopt_failure
+            log.error(f"{summary}; {why}; action_adopt_failure={action}")
+            if action == "allow":
+                _export(pamh, env, log)
+                return pamh.PAM_SUCCESS
+            _tell(pamh, flags, MSG_ADOPT_FAILED)
+            return pamh.PAM_PERM_DENIED
+        summary += f"; entered its {','.join(entered)} namespaces"
     if decision == "ALLOW":
         log.info(summary)
-        for key, value in env:
-            try:
-                pamh.env[key] = value
-            except Exception as e:
-                log.error(f"cannot export {key}: {e}")
+        _export(pamh, env, log)
         return pamh.PAM_SUCCESS
     if decision == "IGNORE":
         log.info(summary)
@@ -430,6 +584,15 @@ def acct_mgmt(pamh: "PamHandle", flags: int, argv: "list[str]") -> int:
     log.info(summary)
     _tell(pamh, flags, reply.get("message") or MSG_GENERIC_DEFAULT)
     return pamh.PAM_PERM_DENIED
+
+
+def _export(pamh: "PamHandle", env: "list[tuple[str, str]]", log: Log) -> None:
+    """The job's environment variables, into the session's (pam_putenv)."""
+    for key, value in env:
+        try:
+            pamh.env[key] = value
+        except Exception as e:
+            log.error(f"cannot export {key}: {e}")
 
 
 def pam_sm_acct_mgmt(pamh: "PamHandle", flags: int, argv: "list[str]") -> int:

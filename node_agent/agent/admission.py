@@ -19,6 +19,14 @@ The decision, in order (the module has already ignored root and other services):
    the most recently started of the user's jobs, `allow` admits without adoption,
    `deny` refuses.
 4. Adoption failing -> `action_adopt_failure` (deny, or allow without adoption).
+5. Adopted, and the module asked for the job's namespaces (`join_container=true`): the
+   backend's fds of the job's namespaces that differ from the agent's go with the reply
+   (SCM_RIGHTS, `namespaces=` naming them), and the module enters them. Not getting them
+   is an adoption failure (pam_slurm_adopt's rule when the stepd cannot give its fd);
+   the agent closes its copies once the reply is sent, or not sent, in every case.
+
+A request naming another node (the module's `nodename=`) than the agent's is refused
+before anything else: the agent serves its own node only.
 
 Only while the module still waits. A request is acted on only while the module that
 sent it waits for the answer; otherwise it is dropped, logged on one line, and nothing is
@@ -234,6 +242,7 @@ class _Ask:
     received: float
     deadline: float
     hung_up: Callable[[], bool]
+    namespaces: list[int] | None = None  # decide()'s
 
     @property
     def timeout(self) -> float:
@@ -265,17 +274,21 @@ class Admission:
 
     def decide(self, request: Request, peer: Peer,
                received: float | None = None,
-               hung_up: Callable[[], bool] | None = None) -> Reply:
+               hung_up: Callable[[], bool] | None = None,
+               namespaces: list[int] | None = None) -> Reply:
         """`received`: time.monotonic() when the request came in (default: now). The
         module's clock has been running since before then, waiting for a worker included.
         `hung_up()`: whether the module has closed the connection.
+        `namespaces`: where the fds of the job's namespaces go, in the order of the reply's
+        `namespaces`, when the request asks for them (join_container=true); the caller
+        sends and closes them, also when this raises. None: they are not fetched.
 
         Raises Dropped (logged here) when the module no longer waits: nothing was done."""
         t0 = time.monotonic()
         if received is None or received > t0:
             received = t0
         ask = _Ask(request, peer, received, deadline_of(request, peer, received),
-                   hung_up or (lambda: False))
+                   hung_up or (lambda: False), namespaces)
         try:
             reply = self._decide(ask)
         except Dropped as e:
@@ -319,6 +332,13 @@ class Admission:
     def _decide(self, ask: _Ask) -> Reply:
         request = ask.request
         ask.check("before deciding")
+        if request.nodename and request.nodename != self.jobs.node:
+            why = (f"pam_adopt's nodename={request.nodename} is not this agent's node "
+                   f"{self.jobs.node}: fix the PAM line, or the agent's node name "
+                   "(agent.toml: node_name, or [slurm] nodename)")
+            log.error("admission: %s's login refused: %s", request.user, why)
+            return Reply(decision=DENY, reason="wrong-node", message=MSG_BAD_REQUEST,
+                         detail=why)
         opts = options_of(request)
         # An ending job must attract no login: its processes are being killed, and one
         # adopted now would escape that or keep the job from going away.
@@ -420,10 +440,28 @@ class Admission:
         # The first cgroup migration after a quiet spell waits for an RCU grace period
         # (cgroup_threadgroup_rwsem): several ms that show here, not in the lookup.
         took = f"adopt {(time.perf_counter() - t0) * 1000:.1f} ms"
-        return Reply(
-            decision=ALLOW, reason=reason, job_id=job.id,
-            detail=f"{detail}; {took}" if detail else took,
-            env=jobenv.of_job(job.id, self.jobs.node))
+        detail = f"{detail}; {took}" if detail else took
+        env = jobenv.of_job(job.id, self.jobs.node)
+        kinds: tuple[str, ...] = ()
+        if ask.namespaces is not None and ask.request.join_container == "true":
+            try:
+                got = self.jobs.namespaces(job.id)
+            except (OSError, ValueError) as e:
+                # pam_slurm_adopt: the job's namespace not had is an adoption failure. The
+                # process is in the job's cgroups already (its end still applies).
+                why = f"adopted into job {job.id}, but its namespaces: {e}"
+                log.error("admission: pid %d: %s", peer.pid, why)
+                if opts["action_adopt_failure"] == "allow":
+                    return Reply(decision=ALLOW, reason="join-failed-allow", job_id=job.id,
+                                 detail=f"{detail}; {why}", env=env)
+                return Reply(decision=DENY, reason="join-failed", message=MSG_ADOPT_FAILED,
+                             detail=f"{detail}; {why}")
+            ask.namespaces.extend(fd for _kind, fd in got)
+            kinds = tuple(kind for kind, _fd in got)
+            if kinds:
+                detail += f"; namespaces {','.join(kinds)}"
+        return Reply(decision=ALLOW, reason=reason, job_id=job.id, detail=detail, env=env,
+                     namespaces=kinds)
 
 
 def _peercred(conn: socket.socket) -> Peer:
@@ -853,27 +891,53 @@ class AdmissionServer:
                           "it is alive", conn.peer.pid, e)
                 pidfd = None
             conn.peer = replace(conn.peer, pidfd=pidfd)
+        fds: list[int] = []  # the job's namespaces, for the module: closed here, always
         try:
-            reply = self.admission.decide(conn.request, conn.peer, conn.received,
-                                          hung_up=lambda: _hung_up(conn.sock))
-        except Dropped:  # logged by decide; the module no longer waits for anything
-            conn.close()
-            return
-        except Exception as e:
-            # A bug must not look like a silent agent to the module: say so, and deny.
-            log.exception("admission: request from pid %d failed", conn.peer.pid)
-            reply = Reply(decision=DENY, reason="internal-error",
-                          message=MSG_BAD_REQUEST, detail=str(e))
-        self._finish(conn, reply)
+            try:
+                reply = self.admission.decide(conn.request, conn.peer, conn.received,
+                                              hung_up=lambda: _hung_up(conn.sock),
+                                              namespaces=fds)
+            except Dropped:  # logged by decide; the module no longer waits for anything
+                conn.close()
+                return
+            except Exception as e:
+                # A bug must not look like a silent agent to the module: say so, and deny.
+                log.exception("admission: request from pid %d failed", conn.peer.pid)
+                reply = Reply(decision=DENY, reason="internal-error",
+                              message=MSG_BAD_REQUEST, detail=str(e))
+            self._finish(conn, reply, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
-    def _finish(self, conn: _Conn, reply: Reply) -> None:
-        self._send(conn.sock, pamcontract.encode_reply(reply), reply.decision)
+    def _finish(self, conn: _Conn, reply: Reply, fds: list[int] | None = None) -> None:
+        """Send the reply and close the connection. `fds` go with it only when it is an
+        adopting reply that names them (`namespaces`), one for each; the caller closes
+        them."""
+        send_fds: list[int] = []
+        if fds and reply.decision == ALLOW and reply.job_id and \
+                len(reply.namespaces) == len(fds):
+            send_fds = fds
+        elif fds or reply.namespaces:  # a bug: never an fd the reply does not explain
+            log.error("admission: pid %d: %d namespace fds for a %s reply naming %s: "
+                      "sent without them", conn.peer.pid, len(fds or ()), reply.decision,
+                      ",".join(reply.namespaces) or "none")
+            reply = replace(reply, namespaces=())
+        self._send(conn.sock, pamcontract.encode_reply(reply), reply.decision, send_fds)
         conn.close()
 
     @staticmethod
-    def _send(sock: socket.socket, data: bytes, what: str) -> None:
+    def _send(sock: socket.socket, data: bytes, what: str,
+              fds: list[int] | None = None) -> None:
         try:
-            sent = sock.send(data)  # non-blocking: a worker never waits for a client
+            # Non-blocking: a worker never waits for a client. The fds go in the same
+            # sendmsg as the bytes: attached to the reply's first byte, they reach the
+            # module with its first read of the reply.
+            if fds:
+                sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                              struct.pack(f"{len(fds)}i", *fds))])
+            else:
+                sent = sock.send(data)
         except OSError as e:  # the module gave up meanwhile (EPIPE), or a full buffer
             log.warning("admission: connection dropped before the answer (%s): %s",
                         what, e)

@@ -96,6 +96,7 @@ from callerid import CgroupError, Job
 from node_agent import jobenv, shellwire, spawn
 from node_agent.agent.warmup import MigrationWarmer
 from node_agent.errors import InvalidRequest, JobNotFound, JobNotRunning, JobStartFailed
+from node_agent.jobenv import namespaces_to_enter
 from node_agent.jobs.base import JobBackend, JobCgroup
 from node_agent.relaybuf import FRAME, Pacer, read_gathered
 
@@ -105,7 +106,6 @@ security = logging.getLogger("node_agent.security")
 PIPE_SIZE = 1 << 20   # sshd's stdin/stdout pipes
 NSS_WRAPPER = "/usr/lib/x86_64-linux-gnu/libnss_wrapper.so"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
-NAMESPACES = ("net", "pid", "mnt")    # setns order: mnt last (paths change after it)
 SSHD_START_TIMEOUT = 20.0   # the launcher, from start to exec'ing sshd (spawn.start)
 CLEANUP_TIMEOUT = 10.0      # a clean-up helper, from start to exit
 KEY_TYPES = frozenset({
@@ -152,21 +152,6 @@ def env_file_text(env: dict[str, str]) -> str:
         if _VAR_NAME.match(name) and not _SESSION_VARS.match(name) and "\0" not in env[name]:
             lines.append(f"export {name}={sh_quote(env[name])}")
     return "\n".join(lines) + "\n"
-
-
-def namespaces_to_enter(pid: int, procfs: str = "/proc") -> list[str]:
-    """``<procfs>/<pid>/ns/<kind>`` for each of mnt/pid/net where *pid* is in another
-    namespace than the agent (compared by (st_dev, st_ino), as nsfs inodes are)."""
-    out = []
-    for kind in NAMESPACES:
-        theirs = f"{procfs}/{pid}/ns/{kind}"
-        try:
-            a, b = os.stat(theirs), os.stat(f"{procfs}/self/ns/{kind}")
-        except OSError:
-            continue
-        if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
-            out.append(theirs)
-    return out
 
 
 def session_dir_visible(pid: int, path: Path, procfs: str = "/proc") -> bool:

@@ -145,6 +145,16 @@ class JobBackend(Protocol):
         """Stop the backend's threads and release what it holds."""
         ...
 
+    # -- what an adopted login joins ---------------------------------------------------------
+    def namespaces(self, job_id: str) -> list[tuple[str, int]]:
+        """The job's namespaces that differ from the agent's own, as (kind, fd) pairs in
+        the order to enter them (node_agent.jobenv.JOIN_KINDS: "mnt", "net", ...; never
+        "user"). The fds are open close-on-exec and the caller closes them. An empty list
+        when the job has no namespace of its own (or no process to take them from).
+        Raises OSError (ProcessLookupError when the job's process went away meanwhile)
+        when the job's namespaces cannot be had."""
+        ...
+
 
 @runtime_checkable
 class JobControl(Protocol):

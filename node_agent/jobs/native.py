@@ -944,6 +944,30 @@ class JobRegistry:
                           self._store.path, len(self._jobs))
             self._store.close()
 
+    def namespaces(self, job_id: str) -> list[tuple[str, int]]:
+        """The namespaces of the job's main process that differ from the agent's (a job
+        that made its own, e.g. ``unshare -m`` for a private /tmp), as (kind, fd).
+
+        Race: the pid may be reused between reading it and opening its namespaces. So the
+        process's start time is read first, and after opening it must still be the same
+        process and still in the job; else the fds are closed and ProcessLookupError
+        raised (the job's main process exited meanwhile: its end is near)."""
+        main = self.main_pid(job_id)
+        if main is None:
+            return []
+        try:
+            start = callerid.proc_start_ticks(main, self.procfs)
+        except (OSError, ValueError):
+            raise ProcessLookupError(f"job {job_id}: its process {main} is gone") from None
+        got = jobenv.open_namespaces(main, self.procfs)
+        if not got:
+            return got
+        if main not in self.layout.procs(job_id) or not self._same_process(main, start):
+            jobenv.close_all(got)
+            raise ProcessLookupError(f"job {job_id}: its process {main} went away while "
+                                     "its namespaces were opened")
+        return got
+
 
 def open_registry(config: AgentConfig) -> JobRegistry:
     """The registry of `config`'s node: its cgroups discovered, recovered, its watcher

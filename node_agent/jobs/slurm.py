@@ -313,6 +313,38 @@ class SlurmJobs:
     def close(self) -> None:
         """Nothing to release: connections are per call."""
 
+    def namespaces(self, job_id: str) -> list[tuple[str, int]]:
+        """The job's namespaces from its extern step's stepd (REQUEST_GET_NS_FD before
+        25.11: the mount namespace of job_container/tmpfs; REQUEST_GET_NS_FDS from 25.11),
+        those that differ from the agent's own, in jobenv.JOIN_KINDS order; "user" and
+        kinds the agent does not know are closed and left out. With no job container
+        plugin (job_container/none) the stepd sends no fd: an empty list. StepdError (an
+        OSError) when the stepd cannot be asked, as pam_slurm_adopt's "stepd_get_ns_fd
+        failed", which it treats as an adoption failure."""
+        ext = next((s for s in self._job_steps(job_id) if s.is_extern), None)
+        if ext is None:
+            raise ProcessLookupError(f"job {job_id} has no extern step on {self.node}")
+        with Stepd(ext.path, self.timeout) as s:
+            typed = s.ns_fds_typed()
+        kept: dict[str, int] = {}
+        pending = list(typed)
+        try:
+            while pending:
+                flag, fd = pending[0]
+                kind = jobenv.KIND_OF_FLAG.get(flag, "")
+                keep = kind in jobenv.JOIN_KINDS and kind not in kept and \
+                    jobenv.differs(fd, kind, self.procfs)
+                pending.pop(0)
+                if keep:
+                    kept[kind] = fd
+                else:
+                    os.close(fd)
+        except BaseException:   # each fd closed once: a closed number may be reused
+            jobenv.close_all(pending)
+            jobenv.close_all(list(kept.items()))
+            raise
+        return [(kind, kept[kind]) for kind in jobenv.JOIN_KINDS if kind in kept]
+
 
 def open_slurm(config: AgentConfig) -> SlurmJobs:
     """The Slurm backend of `config` ([slurm]): this node's facts read from slurm.conf

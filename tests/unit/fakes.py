@@ -116,6 +116,10 @@ class FakeBackend:
         self.adopted: list[tuple[str, int]] = []
         self.ops: list[tuple[str, str]] = []
         self.adopt_error: OSError | None = None
+        # namespaces(): (kind, path) of each one a job's opens; what it raises instead
+        self.ns: dict[str, list[tuple[str, str]]] = {}
+        self.ns_error: OSError | None = None
+        self.ns_opened: list[int] = []
 
     def add(self, job_id: str, user: str, uid: int, *, state: str = "running",
             pids: Sequence[int] = (), env: Mapping[str, str] | None = None,
@@ -192,6 +196,14 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
+
+    def namespaces(self, job_id: str) -> list[tuple[str, int]]:
+        if self.ns_error is not None:
+            raise self.ns_error
+        got = [(kind, os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+               for kind, path in self.ns.get(job_id, [])]
+        self.ns_opened += [fd for _, fd in got]
+        return got
 
 
 # -- a fake slurmstepd ---------------------------------------------------------------------

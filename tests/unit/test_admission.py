@@ -389,7 +389,8 @@ def test_a_failing_decision_is_a_clear_denial_not_silence(registry: JobRegistry,
     class Broken(Admission):
         def decide(self, request: Request, peer: Peer,
                    received: float | None = None,
-                   hung_up: Callable[[], bool] | None = None) -> Reply:
+                   hung_up: Callable[[], bool] | None = None,
+                   namespaces: list[int] | None = None) -> Reply:
             raise RuntimeError("registry on fire")
 
     path = tmp_path / "admission.sock"

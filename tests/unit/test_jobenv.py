@@ -7,8 +7,11 @@ definition, so a misspelt or undefined `CALLERID_...` variable fails here.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+
+import pytest
 
 from node_agent import config, jobenv
 
@@ -51,3 +54,80 @@ def test_the_names_are_distinct_and_what_a_job_gets() -> None:
     assert len(set(jobenv.NAMES)) == len(jobenv.NAMES)
     assert all(NAME.fullmatch(name) for name in jobenv.NAMES)
     assert set(jobenv.of_job("42", "node2")) == {jobenv.JOB_ID, jobenv.NODE}
+
+
+# -- the job's namespaces --------------------------------------------------------------------
+
+def fake_proc(tmp_path: Path, kinds: tuple[str, ...] = jobenv.JOIN_KINDS) -> Path:
+    """A procfs with the caller ("self"), pid 10 in all of its namespaces, and pid 20 in
+    its own of every kind but pid (nsfs inodes compared by (st_dev, st_ino): hard links
+    are the same namespace)."""
+    proc = tmp_path / "proc"
+    for pid in ("self", "10", "20"):
+        (proc / pid / "ns").mkdir(parents=True)
+    for kind in kinds:
+        (proc / "self" / "ns" / kind).write_text("")
+        os.link(proc / "self" / "ns" / kind, proc / "10" / "ns" / kind)
+        if kind == "pid":
+            os.link(proc / "self" / "ns" / kind, proc / "20" / "ns" / kind)
+        else:
+            (proc / "20" / "ns" / kind).write_text(kind)
+    return proc
+
+
+def open_fds() -> set[str]:
+    return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")}
+
+
+def test_namespace_decision(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, ("mnt", "pid", "net"))
+    assert jobenv.namespaces_to_enter(10, str(proc)) == []
+    assert jobenv.namespaces_to_enter(20, str(proc)) == [f"{proc}/20/ns/net",
+                                                         f"{proc}/20/ns/mnt"]
+    assert jobenv.namespaces_to_enter(os.getpid()) == []
+
+
+def test_open_namespaces_opens_only_those_that_differ_in_join_order(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path)
+    assert jobenv.open_namespaces(10, str(proc)) == []
+    got = jobenv.open_namespaces(20, str(proc))
+    try:
+        assert [kind for kind, _ in got] == [k for k in jobenv.JOIN_KINDS if k != "pid"]
+        for kind, fd in got:
+            assert os.readlink(f"/proc/self/fd/{fd}") == str(proc / "20" / "ns" / kind)
+            assert os.get_inheritable(fd) is False     # close-on-exec: no helper gets it
+    finally:
+        jobenv.close_all(got)
+    assert not any(str(proc) in f for f in open_fds())
+
+
+def test_open_namespaces_never_opens_the_user_namespace(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path, (*jobenv.JOIN_KINDS, "user"))
+    got = jobenv.open_namespaces(20, str(proc))
+    jobenv.close_all(got)
+    assert "user" not in jobenv.JOIN_KINDS and "user" not in [k for k, _ in got]
+    assert len(got) == len(jobenv.JOIN_KINDS) - 1
+
+
+def test_open_namespaces_of_a_gone_process_raises_and_leaks_nothing(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path)
+    with pytest.raises(ProcessLookupError):
+        jobenv.open_namespaces(30, str(proc))
+    # One kind missing (an older kernel): skipped, the others opened.
+    os.unlink(proc / "20" / "ns" / "time")
+    got = jobenv.open_namespaces(20, str(proc))
+    jobenv.close_all(got)
+    assert "time" not in [k for k, _ in got] and "mnt" in [k for k, _ in got]
+
+
+def test_open_namespaces_of_a_process_in_the_agents_namespaces_is_empty() -> None:
+    assert jobenv.open_namespaces(os.getpid()) == []
+
+
+def test_clone_flags_are_sched_h() -> None:
+    # <linux/sched.h>; setns() refuses an fd that is not of the flag's kind.
+    assert jobenv.CLONE_FLAGS["mnt"] == 0x20000 and jobenv.CLONE_FLAGS["net"] == 0x40000000
+    assert set(jobenv.JOIN_KINDS) | {"user"} == set(jobenv.CLONE_FLAGS)
+    assert {jobenv.KIND_OF_FLAG[f] for f in jobenv.CLONE_FLAGS.values()} == \
+        set(jobenv.CLONE_FLAGS)

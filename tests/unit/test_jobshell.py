@@ -240,22 +240,6 @@ def test_env_file_round_trips_tricky_values(tmp_path: Path) -> None:
     assert "SSH_CONNECTION" not in got and "TERM" not in got and "bad-name" not in got
 
 
-def test_namespace_decision(tmp_path: Path) -> None:
-    proc = tmp_path / "proc"
-    for pid in ("self", "10", "20"):
-        (proc / pid / "ns").mkdir(parents=True)
-    for kind in ("mnt", "pid", "net"):
-        (proc / "self" / "ns" / kind).write_text("")
-        os.link(proc / "self" / "ns" / kind, proc / "10" / "ns" / kind)   # same namespaces
-        (proc / "20" / "ns" / kind).write_text("")                         # all different
-    os.unlink(proc / "20" / "ns" / "pid")
-    os.link(proc / "self" / "ns" / "pid", proc / "20" / "ns" / "pid")
-    assert jobshell.namespaces_to_enter(10, str(proc)) == []
-    assert jobshell.namespaces_to_enter(20, str(proc)) == [f"{proc}/20/ns/net",
-                                                           f"{proc}/20/ns/mnt"]
-    assert jobshell.namespaces_to_enter(os.getpid()) == []
-
-
 def test_session_dir_visibility_in_a_jobs_mount_namespace(tmp_path: Path) -> None:
     d = tmp_path / "run" / "sessions" / "j1-abc"
     d.mkdir(parents=True)

@@ -197,18 +197,32 @@ def test_bad_timeout_keeps_an_earlier_good_one() -> None:
 
 
 def test_unknown_and_malformed_options_are_ignored() -> None:
-    o = pam_adopt.Options.parse(["nodename=x", "debug"])
-    assert len(o.problems) == 2 and "unknown option 'nodename'" in o.problems[0]
+    o = pam_adopt.Options.parse(["nosuchoption=x", "debug"])
+    assert len(o.problems) == 2 and "unknown option 'nosuchoption'" in o.problems[0]
+
+
+def test_pam_slurm_adopts_other_options_are_accepted() -> None:
+    o = pam_adopt.Options.parse(["nodename=cn017", "disable_x11=1", "join_container=false"])
+    assert (o.nodename, o.disable_x11, o.join_container, o.problems) == (
+        "cn017", "1", "false", [])
+    for bad in ("nodename=", "nodename=a b", "nodename=x=y"):
+        o = pam_adopt.Options.parse([bad])
+        assert o.nodename == "" and o.problems == [
+            f"nodename={bad[9:]!r} is not a node name; using the agent's"]
+    o = pam_adopt.Options.parse(["join_container=no", "disable_x11=yes"])
+    assert (o.join_container, o.disable_x11, len(o.problems)) == ("true", "0", 2)
 
 
 def test_request_is_a_valid_request() -> None:
     deadline = time.monotonic() + 5
     data = pam_adopt.build_request("alice", "sshd", "10.0.0.1", "10.0.0.1 1 10.0.0.2 22",
-                                   pam_adopt.Options.parse(["action_unknown=deny"]), deadline)
+                                   pam_adopt.Options.parse(["action_unknown=deny",
+                                                            "nodename=node2"]), deadline)
     req = pamcontract.decode_request(data)  # unknown keys would raise
     assert req == Request(user="alice", service="sshd", rhost="10.0.0.1",
                           ssh_connection="10.0.0.1 1 10.0.0.2 22", action_no_jobs="deny",
-                          action_unknown="deny", action_adopt_failure="deny", timeout=5.0,
+                          action_unknown="deny", action_adopt_failure="deny",
+                          join_container="true", nodename="node2", timeout=5.0,
                           deadline=deadline)  # every digit of the deadline kept
     # Every field of the contract's request, in its order.
     keys = [line.split("=")[0] for line in data.decode().split("\n")[1:] if line]
@@ -220,8 +234,10 @@ def test_request_is_a_valid_request() -> None:
 def test_the_modules_copies_equal_the_contract() -> None:
     for name in ("DEFAULT_SOCKET", "DEFAULT_TIMEOUT", "MAX_TIMEOUT", "DEFAULT_SERVICE",
                  "CHOICES", "AGENT_OPTIONS", "MSG_GENERIC", "MSG_GENERIC_DEFAULT",
-                 "PROTOCOL_LINE", "REPLY_KEYS", "DECISIONS"):
+                 "MSG_ADOPT_FAILED", "PROTOCOL_LINE", "REPLY_KEYS", "DECISIONS"):
         assert getattr(pam_adopt, name) == getattr(pamcontract, name), name
+    for name in ("JOIN_KINDS", "CLONE_FLAGS"):
+        assert getattr(pam_adopt, name) == getattr(jobenv, name), name
     assert loader.DEFAULT_SOCKET == pamcontract.DEFAULT_SOCKET  # the early connection's
 
 
@@ -256,7 +272,7 @@ def test_the_agent_uses_the_contract() -> None:
 def documented_options(text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
     """{option: (default, values)} of the module docstring's list."""
     found = {}
-    for m in re.finditer(r"^    (\w+)=(\S+)\s+default (\S+)$", text, re.M):
+    for m in re.finditer(r"^    (\w+)=(\S+)\s+default (\S+|\(.+\))$", text, re.M):
         found[m.group(1)] = (m.group(3), tuple(m.group(2).split("|")))
     return found
 
@@ -266,8 +282,8 @@ def test_the_documented_options_are_the_contracts() -> None:
     doc = documented_options(pam_adopt.__doc__ or "")
     assert list(doc) == list(pamcontract.OPTIONS)
     readme = (REPO / "deploy" / "pam" / "README.md").read_text()
-    rows = {name: (re.findall(r"`([^`]+)`", values), default) for name, values, default
-            in re.findall(r"^\| `(\w+)` \| ([^|]+) \| `([^`]+)` \|", readme, re.M)}
+    rows = {name: (re.findall(r"`([^`]+)`", values), default.strip("`")) for name, values,
+            default in re.findall(r"^\| `(\w+)` \| ([^|]+) \| ([^|]+?) \|", readme, re.M)}
     assert list(rows) == list(pamcontract.OPTIONS)
     for key, (default, allowed) in pamcontract.CHOICES.items():
         assert doc[key] == (default, allowed), key
