@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -87,6 +89,7 @@ class FakeAgent:
         self.reply = reply
         self.close_silent = False
         self.held: list[socket.socket] = []
+        self.send_fds: list[str] = []  # paths opened and sent with each reply (SCM_RIGHTS)
         threading.Thread(target=self.loop, daemon=True).start()
 
     def loop(self) -> None:
@@ -110,8 +113,17 @@ class FakeAgent:
                 self.held.append(conn)  # silent: never answer
                 continue
             answer = self.reply(req)
-            conn.sendall(answer if isinstance(answer, bytes) else
-                         pamcontract.encode_reply(answer))
+            data = answer if isinstance(answer, bytes) else pamcontract.encode_reply(answer)
+            fds = [os.open(p, os.O_RDONLY | os.O_CLOEXEC) for p in self.send_fds]
+            try:
+                if fds:
+                    conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                           struct.pack(f"{len(fds)}i", *fds))])
+                else:
+                    conn.sendall(data)
+            finally:
+                for fd in fds:
+                    os.close(fd)
             conn.close()
 
     def close(self) -> None:
@@ -562,3 +574,194 @@ def test_early_connection_is_used_for_the_default_path_only(
     pam_adopt.EARLY = (str(agent_path), other)
     assert call(FakePamh("root"), f"socket={agent_path}") == FakePamh.PAM_IGNORE
     assert pam_adopt.EARLY is None and other.fileno() == -1
+
+
+# -- the job's namespaces (join_container) ---------------------------------------------------
+
+NS = {"mnt": "/proc/self/ns/mnt", "net": "/proc/self/ns/net", "uts": "/proc/self/ns/uts"}
+
+
+def nsfs_fds() -> list[int]:
+    """This process's fds open on a namespace ("mnt:[4026531841]")."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.partition(":")[0] in NS and target.endswith("]"):
+            out.append(int(name))
+    return out
+
+
+def fds_back_to(before: list[int]) -> bool:
+    """Whether the namespace fds open in this process are `before` again: the module's
+    all closed when it returns, the fake agent's once its thread has sent them."""
+    deadline = time.monotonic() + 10
+    while nsfs_fds() != before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.fixture
+def entered(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, int], int]]:
+    """setns() recorded instead of done (this test process must stay where it is):
+    (the namespace's (st_dev, st_ino), the CLONE_NEW* flag) of each call."""
+    calls: list[tuple[tuple[int, int], int]] = []
+
+    def fake_setns(fd: int, flag: int) -> None:
+        st = os.fstat(fd)
+        calls.append(((st.st_dev, st.st_ino), flag))
+
+    monkeypatch.setattr(pam_adopt, "setns", fake_setns)
+    return calls
+
+
+def ns_of(kind: str) -> tuple[int, int]:
+    st = os.stat(NS[kind])
+    return st.st_dev, st.st_ino
+
+
+def adopted(*kinds: str) -> Answer:
+    return lambda r: Reply("ALLOW", reason="one-job", job_id="42", namespaces=kinds,
+                           env={jobenv.JOB_ID: "42"})
+
+
+@pytest.fixture
+def syslog(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    lines: list[str] = []
+    monkeypatch.setattr(pam_adopt.Log, "_send", lambda self, sev, msg: lines.append(msg))
+    return lines
+
+
+def test_the_module_asks_for_the_namespaces_by_default(agent: Callable[..., FakeAgent],
+                                                       agent_path: Path) -> None:
+    a = agent(adopted())
+    call(FakePamh(), f"socket={agent_path}")
+    call(FakePamh(), f"socket={agent_path}", "join_container=false")
+    assert [r.join_container for r in a.requests] == ["true", "false"]
+
+
+def test_the_module_enters_the_namespaces_in_order_and_closes_every_fd(
+        agent: Callable[..., FakeAgent], agent_path: Path,
+        entered: list[tuple[tuple[int, int], int]], syslog: list[str]) -> None:
+    a = agent(adopted("net", "mnt"))
+    a.send_fds = [NS["net"], NS["mnt"]]
+    before = nsfs_fds()
+    pamh = FakePamh()
+    assert call(pamh, f"socket={agent_path}") == FakePamh.PAM_SUCCESS
+    assert entered == [(ns_of("net"), 0x40000000), (ns_of("mnt"), 0x00020000)]
+    assert fds_back_to(before)
+    assert pamh.env[jobenv.JOB_ID] == "42"
+    assert "entered its net,mnt namespaces" in syslog[-1], syslog
+
+
+def test_a_job_without_namespaces_costs_no_setns(agent: Callable[..., FakeAgent],
+                                                 agent_path: Path,
+                                                 entered: list[object]) -> None:
+    agent(adopted())
+    assert call(FakePamh(), f"socket={agent_path}") == FakePamh.PAM_SUCCESS
+    assert entered == []
+
+
+@pytest.mark.parametrize("reply, options", [
+    (adopted("mnt"), ["join_container=false"]),                  # not asked for
+    (lambda r: Reply("DENY", reason="no-jobs", message="no"), []),  # not an adoption
+    (lambda r: Reply("ALLOW", reason="unknown-allow"), []),     # admitted, in no job
+    (adopted(), []),                                            # fds the reply does not name
+], ids=["unasked", "deny", "no-job", "unnamed"])
+def test_fds_the_module_did_not_ask_for_are_closed_and_logged(
+        agent: Callable[..., FakeAgent], agent_path: Path, entered: list[object],
+        syslog: list[str], reply: Answer, options: list[str]) -> None:
+    a = agent(reply)
+    a.send_fds = [NS["mnt"]]
+    before = nsfs_fds()
+    call(FakePamh(), f"socket={agent_path}", *options)
+    assert entered == [] and fds_back_to(before)
+    assert any("the agent sent 1 fds" in ln and "closed, unused" in ln for ln in syslog), \
+        syslog
+
+
+@pytest.mark.parametrize("kinds, paths, why", [
+    (("mnt", "net"), ["mnt"], "1 namespace fds for mnt,net"),
+    (("mnt",), ["mnt", "net"], "2 namespace fds for mnt"),
+    (("user",), ["mnt"], "will not enter user namespaces"),
+    (("mnt", "bogus"), ["mnt", "net"], "will not enter bogus namespaces"),
+    (("mnt",), ["mnt"] * 9, "(cut off)"),
+], ids=["fewer", "more", "user", "unknown", "truncated"])
+@pytest.mark.parametrize("action, rc", [("deny", FakePamh.PAM_PERM_DENIED),
+                                        ("allow", FakePamh.PAM_SUCCESS)])
+def test_namespaces_that_cannot_be_entered_are_an_adoption_failure(
+        agent: Callable[..., FakeAgent], agent_path: Path, entered: list[object],
+        syslog: list[str], kinds: tuple[str, ...], paths: list[str], why: str,
+        action: str, rc: int) -> None:
+    a = agent(adopted(*kinds))
+    a.send_fds = [NS[p] for p in paths]
+    before = nsfs_fds()
+    pamh = FakePamh()
+    assert call(pamh, f"socket={agent_path}", f"action_adopt_failure={action}") == rc
+    assert entered == [] and fds_back_to(before)
+    assert pamh.told == ([pam_adopt.MSG_ADOPT_FAILED] if action == "deny" else [])
+    assert (jobenv.JOB_ID in pamh.env) == (action == "allow")
+    (line,) = [ln for ln in syslog if "cannot enter job 42's namespaces" in ln]
+    assert why in line and line.endswith(f"action_adopt_failure={action}"), line
+
+
+def test_a_failing_setns_is_an_adoption_failure_that_says_which(
+        agent: Callable[..., FakeAgent], agent_path: Path, syslog: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def setns(fd: int, flag: int) -> None:
+        if flag == 0x00020000:
+            raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(pam_adopt, "setns", setns)
+    a = agent(adopted("net", "mnt"))
+    a.send_fds = [NS["net"], NS["mnt"]]
+    before = nsfs_fds()
+    pamh = FakePamh()
+    assert call(pamh, f"socket={agent_path}") == FakePamh.PAM_PERM_DENIED  # default deny
+    assert pamh.told == [pam_adopt.MSG_ADOPT_FAILED] and fds_back_to(before)
+    assert any("setns mnt: Operation not permitted (entered net)" in ln for ln in syslog)
+
+
+ENTER_FOR_REAL = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import importlib.util
+spec = importlib.util.spec_from_file_location("pam_adopt", sys.argv[2])
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+impl = mod.impl
+if sys.argv[4] == "ctypes":
+    os.__dict__.pop("setns", None)   # Python 3.12+: take the ctypes path all the same
+received = impl.Received()
+received.fds = [os.open(f"/proc/{sys.argv[3]}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)]
+print("ctypes" in sys.modules, end=" ")
+print(impl.join_namespaces(["mnt"], received), end=" ")
+received.close()
+print("ctypes" in sys.modules, os.readlink("/proc/self/ns/mnt"))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["ctypes", "os"])
+def test_setns_enters_a_real_mount_namespace(how: str) -> None:
+    if how == "os" and not hasattr(os, "setns"):
+        pytest.skip("os.setns is Python 3.12+")
+    job = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        mine = os.readlink("/proc/self/ns/mnt")
+        while os.readlink(f"/proc/{job.pid}/ns/mnt") == mine:   # until unshare is done
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        out = subprocess.run([sys.executable, "-I", "-c", ENTER_FOR_REAL, str(REPO),
+                              str(MODULE), str(job.pid), how],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        assert out.split() == ["False", "['mnt']", str(how == "ctypes"),
+                               os.readlink(f"/proc/{job.pid}/ns/mnt")]
+    finally:
+        job.kill()
+        job.wait()
