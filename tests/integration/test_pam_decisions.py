@@ -213,9 +213,9 @@ def test_blackholed_source_agent_costs_at_most_the_timeout(lab: Any, probe: Any)
 
 def test_unknown_and_malformed_options_are_logged_not_fatal(lab: Any, probe: Any) -> None:
     jobs(lab, "alice", ["a"])
-    lab.set_pam("node2", ["nodename=x", "debug", "timeout=-3"])
+    lab.set_pam("node2", ["nosuchoption=x", "debug", "timeout=-3"])
     p = probe("alice", job="a")
     assert p.rc == 0 and p.reason == "one-job", p
     log = lab.syslog()
-    assert "ignoring unknown option 'nodename'" in log
+    assert "ignoring unknown option 'nosuchoption'" in log
     assert "timeout='-3'" in log
