@@ -948,21 +948,32 @@ class JobRegistry:
         """The namespaces of the job's main process that differ from the agent's (a job
         that made its own, e.g. ``unshare -m`` for a private /tmp), as (kind, fd).
 
-        Race: the pid may be reused between reading it and opening its namespaces. So the
-        process's start time is read first, and after opening it must still be the same
-        process and still in the job; else the fds are closed and ProcessLookupError
-        raised (the job's main process exited meanwhile: its end is near)."""
-        main = self.main_pid(job_id)
-        if main is None:
-            return []
-        try:
-            start = callerid.proc_start_ticks(main, self.procfs)
-        except (OSError, ValueError):
-            raise ProcessLookupError(f"job {job_id}: its process {main} is gone") from None
+        The main process the registry recorded, while it lives (its pid and start time:
+        no cgroup is read, and a login into a job without namespaces pays a few stats);
+        else the job's first process that is no session's. Race: the pid may be reused
+        before its namespaces are opened. So its start time is known first, and after
+        opening it must still be the same process (and, when it was found in the job's
+        cgroups, still in them); else the fds are closed and ProcessLookupError raised
+        (the process exited meanwhile: the job's end is near)."""
+        rec = self.get(job_id)
+        if rec is None:
+            raise ProcessLookupError(f"job {job_id} is gone")
+        main, start = rec.job.main_pid, rec.main_start
+        recorded = main is not None and start is not None and self._same_process(main, start)
+        if not recorded:
+            main = self.main_pid(job_id)
+            if main is None:
+                return []
+            try:
+                start = callerid.proc_start_ticks(main, self.procfs)
+            except (OSError, ValueError):
+                raise ProcessLookupError(f"job {job_id}: its process {main} is gone") from None
+        assert main is not None
         got = jobenv.open_namespaces(main, self.procfs)
         if not got:
             return got
-        if main not in self.layout.procs(job_id) or not self._same_process(main, start):
+        if not self._same_process(main, start) or (
+                not recorded and main not in self.layout.procs(job_id)):
             jobenv.close_all(got)
             raise ProcessLookupError(f"job {job_id}: its process {main} went away while "
                                      "its namespaces were opened")

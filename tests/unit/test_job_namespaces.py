@@ -97,13 +97,55 @@ def test_native_a_job_in_the_agents_namespaces_has_none(registry: JobRegistry,
     assert registry.namespaces("42") == []
 
 
+def started(registry: JobRegistry, job: str, argv: list[str]) -> int:
+    """A job whose main process the registry started (and recorded); its pid, once the
+    process has its own mount namespace when argv makes one."""
+    registry.start(job, "root", argv)
+    rec = registry.get(job)
+    assert rec is not None and rec.job.main_pid is not None and rec.main_start is not None
+    pid = rec.job.main_pid
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/comm").read_text().strip() != "sleep":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return pid
+
+
 @pytest.mark.root
+@pytest.mark.parametrize("unshare", [True, False])
+def test_native_the_recorded_main_process_costs_no_cgroup_read(
+        registry: JobRegistry, monkeypatch: pytest.MonkeyPatch, unshare: bool) -> None:
+    argv = ["unshare", "-m", "--propagation", "private", "sleep", "60"] if unshare else \
+        ["sleep", "60"]
+    pid = started(registry, "42", argv)
+    try:
+        def no_cgroups(*args: object) -> set[int]:
+            raise AssertionError("a cgroup was read")
+
+        monkeypatch.setattr(registry.layout, "procs", no_cgroups)
+        got = registry.namespaces("42")
+        try:
+            assert [k for k, _ in got] == (["mnt"] if unshare else [])
+            assert [ns_id(fd) for _, fd in got] == (
+                [ns_id(f"/proc/{pid}/ns/mnt")] if unshare else [])
+        finally:
+            jobenv.close_all(got)
+    finally:
+        os.kill(pid, 9)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("how", ["attached", "recorded"])
 def test_native_a_pid_reused_while_opening_gives_nothing(
         registry: JobRegistry, process: Callable[..., int],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    pid = process("-m", "--propagation", "private")
-    registry.start("42", "alice")
-    registry.attach("42", pid)
+        monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    if how == "attached":
+        pid = process("-m", "--propagation", "private")
+        registry.start("42", "alice")
+        registry.attach("42", pid)
+    else:
+        pid = started(registry, "42", ["unshare", "-m", "--propagation", "private",
+                                       "sleep", "60"])
     real = callerid.proc_start_ticks
     calls = iter([0, 1])
 
@@ -112,9 +154,13 @@ def test_native_a_pid_reused_while_opening_gives_nothing(
 
     monkeypatch.setattr(callerid, "proc_start_ticks", other_process_the_second_time)
     before = open_paths()
-    with pytest.raises(ProcessLookupError, match="went away while its namespaces"):
-        registry.namespaces("42")
-    assert open_paths() == before
+    try:
+        with pytest.raises(ProcessLookupError, match="went away while its namespaces"):
+            registry.namespaces("42")
+        assert open_paths() == before
+    finally:
+        if how == "recorded":
+            os.kill(pid, 9)
 
 
 # -- Slurm ------------------------------------------------------------------------------------
