@@ -703,8 +703,11 @@ class JobShellSessions:
                 sshd_env.update(LD_PRELOAD=self.nss_wrapper, NSS_WRAPPER_PASSWD=str(d / "passwd"),
                                 NSS_WRAPPER_GROUP=str(d / "group"))
             cgroup = self.jobs.session_cgroup(job_id, sid)
+            procs = cgroup.create()
             spec = {
-                "cgroup_procs": cgroup.create(),
+                "cgroup_procs": procs,
+                # no cgroup of its own (Slurm's extern step): the launcher keeps the tree
+                "reaper": not procs,
                 "namespaces": namespaces,
                 "uid": job.uid, "gid": job.gid, "groups": groups,
                 # sshd cds to the home directory and session-setup to the job's; "/" exists

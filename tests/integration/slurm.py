@@ -26,12 +26,14 @@ def squeue_state(the_lab: lab_mod.Lab, job: int) -> str:
     return r.stdout.strip()
 
 
-def sbatch_sleep(the_lab: lab_mod.Lab, user: str, node: str) -> int:
-    """``sbatch -w NODE --wrap 'sleep 300'`` as ``user`` from node1; the job id once the
-    job is RUNNING (bounded wait)."""
+def sbatch_sleep(the_lab: lab_mod.Lab, user: str, node: str, *, cwd: str = "/tmp",
+                 env: dict[str, str] | None = None) -> int:
+    """``sbatch -w NODE --wrap 'sleep 300'`` as ``user`` from node1 (in `cwd`, with `env`
+    added to the submitting environment, which sbatch exports to the job); the job id once
+    the job is RUNNING (bounded wait)."""
     out = the_lab.run("node1", ["sbatch", "--parsable", "-w", node, "-o", "/dev/null",
                                 "-J", "lab-test", "--wrap", "sleep 300"],
-                      user=user, cwd="/tmp").stdout
+                      user=user, cwd=cwd, env=env).stdout
     job = int(out.strip().split(";")[0])
     deadline = time.monotonic() + RUNNING_TIMEOUT
     state = ""

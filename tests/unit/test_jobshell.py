@@ -854,6 +854,35 @@ def test_a_launcher_that_cannot_be_enrolled_is_killed_unreleased(
     assert procs.read_text() == "" and not mark.exists()    # joined nothing, ran nothing
 
 
+def test_a_reaper_launcher_ends_the_whole_tree_with_its_process(tmp_path: Path) -> None:
+    """``reaper``: what the exec'd process started -- in the background, after setsid,
+    after a double fork -- is killed when it exits; the status is the exec'd process's."""
+    pids = tmp_path / "pids"
+    script = (f"sleep 300 & echo $! >> {pids}; setsid sleep 300 & echo $! >> {pids}; "
+              f"(setsid sh -c 'echo $$ >> {pids}; exec sleep 300' &); "
+              f"while [ $(wc -l < {pids}) -lt 3 ]; do sleep 0.05; done; exit 5")
+    spec = {"cgroup_procs": [], "reaper": True, "uid": os.getuid(), "gid": os.getgid(),
+            "groups": [], "cwd": "/", "argv": ["sh", "-c", script],
+            "env": {"PATH": spawn.LOGIN_PATH}, "output": os.devnull}
+    proc = spawn.start(spec, timeout=30)
+    assert proc.wait(30) == 5
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 3
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in started) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in started if Path(f"/proc/{p}").exists() and "Z" not in _state(p)] == []
+
+
+def _state(pid: int) -> str:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "Z"
+    return text[text.rfind(")") + 2:].split()[0]
+
+
 def test_recover_removes_what_an_earlier_run_left(registry: JobRegistry, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """After a crash: session directories (an older agent's were the user's, with
