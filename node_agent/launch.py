@@ -7,9 +7,11 @@ so it starts fast and cannot be influenced by the environment) instead of using
 
     python3 -I -S launch.py SPEC_FD STATUS_FD
 
-The spec arrives as JSON on SPEC_FD; anything that goes wrong before exec is written to
-STATUS_FD, which is made close-on-exec, so the agent reads EOF on success and a message
-on failure.
+The spec arrives as one line of JSON on SPEC_FD, followed by a "go" (`GO`): the agent
+may hold the launcher between the two while it has a scheduler put the launcher's pid
+into the job (spawn.start's ``enroll``); EOF instead of the "go" ends the launcher before
+it has done anything. Anything that goes wrong before exec is written to STATUS_FD, which
+is made close-on-exec, so the agent reads EOF on success and a message on failure.
 
 Order matters: the process writes itself into every cgroup *before* it enters a
 namespace, drops privileges or execs, so the job's first instruction already runs inside
@@ -56,6 +58,9 @@ import sys
 TYPE_CHECKING = False   # typing costs 4 ms at start-up; mypy reads this as true
 if TYPE_CHECKING:
     from typing import Any
+
+#: What the agent writes after the spec to let the launcher go on (module docstring).
+GO = b"g"
 
 _PLAIN_PATH = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
 
@@ -185,7 +190,10 @@ def main() -> None:
     os.set_inheritable(status_fd, False)
     try:
         with os.fdopen(spec_fd, "rb") as f:
-            spec = json.load(f)
+            spec = json.loads(f.readline())
+            if f.read(len(GO)) != GO:
+                raise RuntimeError("the agent did not release the launcher (it could not "
+                                   "put it into the job)")
         pid = str(os.getpid())
         for procs in spec["cgroup_procs"]:
             with open(procs, "w") as f:
