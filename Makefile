@@ -74,6 +74,7 @@ bench-all: bench
 	$(VPY) tests/benchmarks/bench_auth.py
 	$(VPY) tests/benchmarks/bench_starvation.py
 	$(VPY) tests/benchmarks/bench_slurm_logins.py --rounds 40
+	$(VPY) tests/benchmarks/bench_slurm_ssh_to_job.py --rounds 40
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

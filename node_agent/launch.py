@@ -7,9 +7,11 @@ so it starts fast and cannot be influenced by the environment) instead of using
 
     python3 -I -S launch.py SPEC_FD STATUS_FD
 
-The spec arrives as JSON on SPEC_FD; anything that goes wrong before exec is written to
-STATUS_FD, which is made close-on-exec, so the agent reads EOF on success and a message
-on failure.
+The spec arrives as one line of JSON on SPEC_FD, followed by a "go" (`GO`): the agent
+may hold the launcher between the two while it has a scheduler put the launcher's pid
+into the job (spawn.start's ``enroll``); EOF instead of the "go" ends the launcher before
+it has done anything. Anything that goes wrong before exec is written to STATUS_FD, which
+is made close-on-exec, so the agent reads EOF on success and a message on failure.
 
 Order matters: the process writes itself into every cgroup *before* it enters a
 namespace, drops privileges or execs, so the job's first instruction already runs inside
@@ -19,6 +21,10 @@ outside a cgroup the agent can kill as a whole.
 Optional spec keys (used by ssh-to-job sessions, `node_agent.agent.sessions`):
 - ``namespaces``: paths like ``/proc/<pid>/ns/net`` to enter with setns(2) after joining
   the cgroups and before dropping privileges (all are opened first, then entered in order);
+- ``reaper``: fork after joining the cgroups, the parent staying (root, in the agent's
+  namespaces) until everything the exec'd process started has ended, and SIGKILLing what
+  is left once that process exits (:func:`_fork_reaper`): the tree of a session that has
+  no cgroup of its own to be killed as a whole. The agent's child is then that parent;
 - ``stdio``: ``"inherit"`` keeps the inherited stdin/stdout (pipes to the agent) and sends
   only stderr to ``output``; the default is stdin from /dev/null, stdout+stderr to ``output``;
 - ``session``: ``{"dir": D, "bases": [...], "files": [[name, mode, text], ...]}``, for a job
@@ -56,6 +62,9 @@ import sys
 TYPE_CHECKING = False   # typing costs 4 ms at start-up; mypy reads this as true
 if TYPE_CHECKING:
     from typing import Any
+
+#: What the agent writes after the spec to let the launcher go on (module docstring).
+GO = b"g"
 
 _PLAIN_PATH = re.compile(r"(/[A-Za-z0-9_.+-]+)+")
 
@@ -185,7 +194,10 @@ def main() -> None:
     os.set_inheritable(status_fd, False)
     try:
         with os.fdopen(spec_fd, "rb") as f:
-            spec = json.load(f)
+            spec = json.loads(f.readline())
+            if f.read(len(GO)) != GO:
+                raise RuntimeError("the agent did not release the launcher (it could not "
+                                   "put it into the job)")
         pid = str(os.getpid())
         for procs in spec["cgroup_procs"]:
             with open(procs, "w") as f:
@@ -194,6 +206,8 @@ def main() -> None:
             os.close(status_fd)   # in its cgroups: the agent's timeout takes over
             status_fd = -1
             _remove_as_user(spec)
+        if spec.get("reaper"):
+            _fork_reaper(status_fd)
         if spec.get("namespaces"):
             _enter_namespaces(spec["namespaces"])
         else:
@@ -240,6 +254,70 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
         except OSError as e:
             refused = refused or e
     raise refused or FileNotFoundError(2, "No such file or directory in PATH", argv[0])
+
+
+PR_SET_CHILD_SUBREAPER = 36   # <linux/prctl.h>
+
+
+def _fork_reaper(status_fd: int) -> None:
+    """The ``reaper`` key: stay, as the parent of what is exec'd, until the whole tree has
+    ended. Returns in the child, which goes on to exec; the parent never returns.
+
+    For a session that has no cgroup of its own (Slurm: the job's extern step is shared
+    with adopted logins and other sessions), the parent marks its tree: as a child
+    subreaper it inherits every process of the tree that is orphaned (a double fork, a
+    daemon, ``setsid``), so the tree is everything the session started. When the exec'd
+    process (sshd) exits, the parent SIGKILLs what is left of the tree and exits with
+    sshd's status. It stays root, in the agent's namespaces (it forks before they are
+    entered), so the job's user can neither signal nor trace it; it holds none of the
+    session's pipes."""
+    import ctypes  # only here: only such sessions pay for it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+    child = os.fork()
+    if child == 0:
+        return
+    try:
+        os.close(status_fd)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+    except OSError:
+        pass
+    status = 0
+    child_done = False
+    while True:
+        try:
+            pid, st = os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid == child:
+            status, child_done = st, True
+        if child_done:
+            _kill_children()
+    os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status)
+             else 128 + os.WTERMSIG(status))
+
+
+def _kill_children() -> None:
+    """SIGKILL this process's children (those of a subreaper: its orphans too)."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children", "rb") as f:
+            pids = [int(p) for p in f.read().split()]
+    except OSError:
+        return
+    for pid in pids:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
 
 
 def _drop_privileges(spec: dict[str, Any]) -> None:

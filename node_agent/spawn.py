@@ -20,7 +20,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from node_agent import launch
 
@@ -33,12 +33,18 @@ class LaunchError(RuntimeError):
 
 def start(spec: Mapping[str, object], *, pipes: bool = False,
           pass_fds: Collection[int] = (), timeout: float | None = None,
-          ) -> subprocess.Popen[bytes]:
+          enroll: Callable[[int], None] | None = None) -> subprocess.Popen[bytes]:
     """Start the launcher with `spec` (see launch.py); with `pipes`, the process's stdin
     and stdout are pipes to the caller (ssh-to-job), else /dev/null; `pass_fds` are
     inherited (the spec can name them as /proc/self/fd/N). Raises LaunchError when the
     launcher reports a failure before exec, or has not got there within `timeout` seconds
-    (it is killed: before exec it has no children); the child has been reaped then."""
+    (it is killed: before exec it has no children); the child has been reaped then.
+
+    `enroll` puts the launcher into the job where the launcher cannot do it itself (a
+    scheduler writes its own cgroups: Slurm's slurmstepd, REQUEST_ADD_EXTERN_PID): it is
+    called with the launcher's pid while the launcher waits, held, before it touches
+    anything (launch.py reads a "go" after the spec); when it raises, the launcher is
+    killed unreleased and the error propagates."""
     spec_r, spec_w = os.pipe()
     status_r, status_w = os.pipe()
     stdio = subprocess.PIPE if pipes else subprocess.DEVNULL
@@ -53,11 +59,22 @@ def start(spec: Mapping[str, object], *, pipes: bool = False,
         os.close(spec_r)
         os.close(status_w)
     try:
-        data = memoryview(json.dumps(spec).encode())   # may exceed a pipe's buffer
-        while data:
-            data = data[os.write(spec_w, data):]
-    finally:
+        # One line of JSON (json.dumps escapes newlines), then the "go": may exceed a
+        # pipe's buffer, which the launcher reads meanwhile.
+        _write_all(spec_w, json.dumps(spec).encode() + b"\n")
+        if enroll is not None:
+            enroll(proc.pid)
+        _write_all(spec_w, launch.GO)
+    except BaseException:
         os.close(spec_w)
+        os.close(status_r)
+        proc.kill()   # held before anything: it has started nothing
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+        raise
+    os.close(spec_w)
     try:
         err = _read_status(status_r, timeout)
     except TimeoutError:
@@ -72,6 +89,12 @@ def start(spec: Mapping[str, object], *, pipes: bool = False,
                 pipe.close()
         raise LaunchError(err)
     return proc
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _read_status(fd: int, timeout: float | None) -> str:

@@ -451,8 +451,8 @@ class JobViewDir:
         try:
             try:
                 proc = spawn.start({**spec, "cgroup_procs": procs}, pass_fds=(fd,),
-                                   timeout=timeout)
-            except (OSError, spawn.LaunchError) as e:
+                                   timeout=timeout, enroll=where.cgroup.enroll)
+            except (OSError, ValueError, spawn.LaunchError) as e:
                 log.info("%s: cannot start the clean-up helper in %s: %s", what, where, e)
                 return False
             try:
@@ -687,8 +687,12 @@ class JobShellSessions:
             if fake_passwd:
                 sshd_env.update(LD_PRELOAD=self.nss_wrapper, NSS_WRAPPER_PASSWD=str(d / "passwd"),
                                 NSS_WRAPPER_GROUP=str(d / "group"))
+            cgroup = self.jobs.session_cgroup(job_id, sid)
+            procs = cgroup.create()
             spec = {
-                "cgroup_procs": self._cgroup_procs(job_id, sid),
+                "cgroup_procs": procs,
+                # no cgroup of its own (Slurm's extern step): the launcher keeps the tree
+                "reaper": not procs,
                 "namespaces": namespaces,
                 "uid": job.uid, "gid": job.gid, "groups": groups,
                 # sshd cds to the home directory and session-setup to the job's; "/" exists
@@ -710,9 +714,9 @@ class JobShellSessions:
             else:
                 files["sshd.log"] = ""   # the user cannot create it in a directory of root's
                 _write_session_files(d, files, job.uid, job.gid)
-            proc = self._launch(spec, job_id)
-            session = Session(sid, d, proc, " ".join(host_key), user, job_id,
-                              self.jobs.session_cgroup(job_id, sid), job_view)
+            proc = self._launch(spec, job_id, cgroup)
+            session = Session(sid, d, proc, " ".join(host_key), user, job_id, cgroup,
+                              job_view)
         except BaseException:
             self._undo_open(job_id, sid, d, proc, job_view)
             raise
@@ -766,14 +770,15 @@ class JobShellSessions:
         if r.returncode != 0:
             raise JobStartFailed(f"ssh-keygen failed: {r.stderr.decode(errors='replace')}")
 
-    def _cgroup_procs(self, job_id: str, sid: str) -> list[str]:
-        return self.jobs.session_cgroup(job_id, sid).create()
-
-    def _launch(self, spec: dict[str, object], job_id: str) -> subprocess.Popen[bytes]:
+    def _launch(self, spec: dict[str, object], job_id: str,
+                cgroup: JobCgroup) -> subprocess.Popen[bytes]:
         try:
-            proc = spawn.start(spec, pipes=True, timeout=SSHD_START_TIMEOUT)
+            proc = spawn.start(spec, pipes=True, timeout=SSHD_START_TIMEOUT,
+                               enroll=cgroup.enroll)
         except spawn.LaunchError as e:
             raise JobStartFailed(f"job {job_id}: cannot start sshd: {e}") from None
+        except (OSError, ValueError) as e:   # the scheduler did not take it (enroll)
+            raise JobStartFailed(f"job {job_id}: cannot put sshd into the job: {e}") from None
         # Bigger pipes, bigger reads: a bulk copy moves in fewer gRPC frames (each costs
         # ~0.1 ms of CPU in Python's gRPC, whatever its size).
         for f in (proc.stdin, proc.stdout):

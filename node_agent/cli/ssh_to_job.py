@@ -43,6 +43,7 @@ from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.cli.common import CATEGORIES, CliError, UsageError, run
 from node_agent.client import AgentClient
 from node_agent.errors import AuthError, ImpostorError, InvalidRequest
+from node_agent.jobs import slurmctl
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.relaybuf import Pacer, read_gathered
 
@@ -69,7 +70,8 @@ options:
   -version              print the version and exit
   -debug                verbose ssh (-v) and relay messages
   -name NODE            ask this node's agent (default: the agent of the node
-                        ssh-to-job runs on)
+                        ssh-to-job runs on; with backend = "slurm", of the job's
+                        BatchHost, from one squeue call)
   -ssh "PROG ARGS"      run PROG instead of ssh: scp, "scp -r", sftp, ...
   -keygen-options "..." extra ssh-keygen options for the session key
   -shells SH1,SH2       login shells to try in the job (absolute paths, at most 16):
@@ -368,6 +370,23 @@ def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_ret
         sleep(RETRY_INTERVAL)
 
 
+def slurm_node(job_id: str, auto_retry: bool) -> str:
+    """The node of Slurm job `job_id` whose agent opens the session: its BatchHost (the
+    first node of an salloc allocation), from one squeue call (node_agent.jobs.slurmctl).
+    Whether the caller may enter the job is the agent's to say."""
+    try:
+        info = slurmctl.query_job(job_id)
+    except slurmctl.SlurmJobUnknown:
+        raise CliError("Not found", f"no job {job_id} in Slurm") from None
+    except slurmctl.SlurmQueryError as e:
+        raise CliError("Slurm", str(e)) from None
+    if not info.running or not info.batch_host:
+        hint = ("; -auto-retry waits for a Slurm job once it runs on its nodes (slurmctld "
+                "is not polled)") if auto_retry and not info.nodes else ""
+        raise CliError("Not running", f"job {job_id} is {info.state} in Slurm{hint}")
+    return info.batch_host
+
+
 # -- the session --------------------------------------------------------------------------
 
 class _Signalled(BaseException):
@@ -426,7 +445,10 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
     key: subprocess.Popen[str] | None = None
     try:
         key = start_keygen(tmp, args.keygen_options)
-        where = locate([dial.agent_target(cfg, args.name)], args.job_id, auth,
+        node = args.name
+        if node is None and cfg.backend == "slurm":
+            node = slurm_node(args.job_id, args.auto_retry)
+        where = locate([dial.agent_target(cfg, node)], args.job_id, auth,
                        auto_retry=args.auto_retry, err=err, sleep=sleep,
                        local_node=cfg.node_name)
         finish_keygen(key)

@@ -35,7 +35,13 @@ class JobRecord:
 class JobCgroup(Protocol):
     """One cgroup (a directory in every hierarchy the backend uses) that the agent runs
     processes in: an ssh-to-job session's leaf inside a job, or a helper's cgroup outside
-    any job. `str()` names it for logs."""
+    any job. `str()` names it for logs.
+
+    A process gets in in two steps: the launcher writes its pid to the ``cgroup.procs``
+    files that `create` or `join` return, then the agent calls `enroll` with its pid while
+    it waits (node_agent.spawn). A backend whose cgroups only the scheduler writes returns
+    no files and enrolls through the scheduler (Slurm: into the job's extern step, the
+    "cgroup" then being the session's processes there); the others enroll nothing."""
 
     def create(self) -> list[str]:
         """Make it (idempotent) and return the ``cgroup.procs`` files a process writes its
@@ -45,6 +51,11 @@ class JobCgroup(Protocol):
     def join(self) -> list[str]:
         """The ``cgroup.procs`` files of a cgroup that must already exist; CgroupError
         when it is gone."""
+        ...
+
+    def enroll(self, pid: int) -> None:
+        """Put `pid`, a held launcher that joined the files above, in (see the class
+        docstring); raises (OSError, ValueError) when it cannot."""
         ...
 
     def exists(self) -> bool:

@@ -307,6 +307,9 @@ class LayoutCgroup:
             raise callerid.CgroupError(f"{self} is gone")
         return [str(p / "cgroup.procs") for p in paths]
 
+    def enroll(self, pid: int) -> None:
+        """Nothing: the launcher joined the leaf itself, through `create`'s files."""
+
     def exists(self) -> bool:
         """Whether the leaf exists in any hierarchy."""
         return any(p.is_dir() for p in self._paths())

@@ -21,10 +21,14 @@ the node:
 Without ``PrologFlags=contain`` there are no extern steps: no job can be joined, which
 the agent says at start-up and in every refusal (`why_no_jobs`).
 
-Selected with ``backend = "slurm"`` in agent.toml (`open_slurm`). ssh-to-job sessions
-inside Slurm jobs are not available from this backend yet: a session
-asks for a cgroup this backend cannot make (Slurm's are written only through slurmstepd),
-and the request is answered "not supported".
+An ssh-to-job session runs in the job's extern step, as ``srun --overlap`` runs in a step
+of the job: its launcher is enrolled with REQUEST_ADD_EXTERN_PID before it does anything
+(`_SessionProcs`). The clean-up helper of a session whose files had to be made in a job's
+own mount namespace runs there too while the job runs; once the job has ended there is no
+cgroup outside the job for it (`helper_cgroup`: "not supported") and the directory stays in
+the job's view, which Slurm's job_container/tmpfs removes with the job.
+
+Selected with ``backend = "slurm"`` in agent.toml (`open_slurm`).
 """
 
 from __future__ import annotations
@@ -32,15 +36,17 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import signal
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from callerid import CgroupLayout, Job, ProcCgroup
+from callerid import CgroupError, CgroupLayout, Job, ProcCgroup
 from node_agent import jobenv
 from node_agent.config import AgentConfig
-from node_agent.errors import NotSupported, StartupError
+from node_agent.errors import JobNotFound, NotSupported, StartupError
 from node_agent.jobs.base import ENDING, RUNNING, STARTING, JobCgroup, JobRecord
 from node_agent.jobs.slurmconf import (
     SlurmNodeConfig,
@@ -62,6 +68,137 @@ _STATES = {"starting": STARTING, "running": RUNNING}
 STEPD_TIMEOUT = 2.0   # one stepd call; the stepd itself never times out
 
 
+def _stat(pid: int, procfs: str) -> tuple[int, int, int] | None:
+    """(ppid, session id, start time) of a process, from /proc/<pid>/stat; None if gone
+    (a zombie too: it has exited, only its parent's wait is missing)."""
+    try:
+        with open(f"{procfs}/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rfind(b")") + 2:].split()
+    if fields[:1] in ([b"Z"], [b"X"]):
+        return None
+    try:
+        return int(fields[1]), int(fields[3]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _kill(pid: int, start: int, procfs: str) -> bool:
+    """SIGKILL `pid` if it is still the process that started at `start`."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        st = _stat(pid, procfs)
+        if st is None or st[2] != start:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class _SessionProcs:
+    """An ssh-to-job session in a Slurm job, as a `JobCgroup`.
+
+    Slurm's cgroups are written only by slurmstepd, so the session gets none of its own:
+    its launcher is enrolled into the job's extern step with REQUEST_ADD_EXTERN_PID (as a
+    login adopted by pam_slurm_adopt, or a process of ``srun --overlap``), which puts it in
+    the step's cgroups, its accounting and its end. The session's processes are then those
+    of the extern step (REQUEST_STEP_LIST_PIDS) that descend from the launcher (sshd), and
+    those in a process session (setsid) led by one of them -- a shell's ``nohup cmd &``.
+    What leaves that tree and session on purpose (a double fork after setsid), or outlives
+    both, stays in the extern step and ends with the job, as what an adopted ssh login
+    leaves does. With `session` None: all the sessions of the job this agent opened."""
+
+    def __init__(self, jobs: SlurmJobs, job_id: str, session: str | None) -> None:
+        self.jobs, self.job_id, self.session = jobs, job_id, session
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} " + (f"ssh session {self.session}" if self.session
+                                        else "ssh sessions") + " (in the extern step)"
+
+    def create(self) -> list[str]:
+        """No file to write (the launcher is enrolled); JobNotFound unless the job has an
+        extern step here."""
+        if self.jobs.extern_step(self.job_id) is None:
+            raise JobNotFound(self.job_id, self.jobs.node)
+        return []
+
+    def join(self) -> list[str]:
+        """As create, for a session that must be open: CgroupError when it is not."""
+        if self.session is None or not self.jobs.session_root(self.job_id, self.session):
+            raise CgroupError(f"{self} is gone")
+        return self.create()
+
+    def enroll(self, pid: int) -> None:
+        """REQUEST_ADD_EXTERN_PID, and `pid` becomes the session's root."""
+        if self.session is None:
+            raise ValueError("enroll: a session, not all of a job's")
+        st = _stat(pid, self.jobs.procfs)
+        if st is None:
+            raise ProcessLookupError(f"pid {pid} is gone")
+        self.jobs.adopt(self.job_id, pid)
+        self.jobs.set_session_root(self.job_id, self.session, (pid, st[2]))
+
+    def exists(self) -> bool:
+        """Whether any of its processes runs."""
+        return bool(self.procs())
+
+    def procs(self) -> set[int]:
+        """Its processes (the class docstring)."""
+        return set(self._procs())
+
+    def _procs(self) -> dict[int, int]:
+        """Its processes and their start times."""
+        roots = self.jobs.session_roots(self.job_id, self.session)
+        ext = self.jobs.extern_step(self.job_id)
+        if not roots or ext is None:
+            return {}
+        try:
+            with Stepd(ext.path, self.jobs.timeout) as s:
+                pids = s.pids()
+        except (StepdError, OSError) as e:
+            log.debug("%s: %s: %s", self, ext.path, e)
+            return {}
+        stats = {p: st for p in pids if (st := _stat(p, self.jobs.procfs)) is not None}
+        children: dict[int, list[int]] = {}
+        for p, (ppid, _, _) in stats.items():
+            children.setdefault(ppid, []).append(p)
+        tree = {pid for pid, start in roots if pid in stats and stats[pid][2] == start}
+        todo = list(tree)
+        while todo:
+            for child in children.get(todo.pop(), []):
+                if child not in tree:
+                    tree.add(child)
+                    todo.append(child)
+        return {p: st[2] for p, st in stats.items() if p in tree or st[1] in tree}
+
+    def kill(self, timeout: float) -> int:
+        """SIGKILL its processes until none is left (bounded by `timeout`); how many.
+        Each through a pidfd, once its start time is checked: a pid reused since the
+        listing is spared."""
+        deadline = time.monotonic() + timeout
+        killed: set[tuple[int, int]] = set()
+        while found := self._procs():
+            killed |= {(pid, start) for pid, start in found.items() if _kill(pid, start,
+                                                                              self.jobs.procfs)}
+            if time.monotonic() > deadline:
+                raise CgroupError(f"{self}: processes left after {timeout:g} s: "
+                                  f"{sorted(found)}")
+            time.sleep(0.01)
+        return len(killed)
+
+    def remove(self) -> None:
+        """Forget the session (its processes are killed by `kill`)."""
+        self.jobs.set_session_root(self.job_id, self.session, None)
+
+
 class _NoCgroup:
     """The `JobCgroup` of a backend that cannot make cgroups for the agent: nothing
     exists, nothing can be made ("not supported")."""
@@ -74,12 +211,16 @@ class _NoCgroup:
 
     def create(self) -> list[str]:
         """Refused: Slurm's cgroups are written only through slurmstepd."""
-        raise NotSupported(f"{self.what}: ssh-to-job sessions in Slurm jobs are not "
-                           "available yet")
+        raise NotSupported(f"{self.what}: the Slurm backend makes no cgroup outside the "
+                           "jobs (Slurm's are written only through slurmstepd)")
 
     def join(self) -> list[str]:
         """Refused, as create()."""
         return self.create()
+
+    def enroll(self, pid: int) -> None:
+        """Refused, as create()."""
+        self.create()
 
     def exists(self) -> bool:
         """Never."""
@@ -109,6 +250,8 @@ class SlurmJobs:
         self.procfs = procfs
         self.timeout = timeout
         self._uids: dict[tuple[str, int], int] = {}   # (socket path, its inode) -> uid
+        # (job, session id) -> (pid, start time) of the session's launcher (sshd)
+        self._sessions: dict[tuple[str, str], tuple[int, int]] = {}
         self._lock = threading.Lock()
         self._warned_spool = False
         try:
@@ -273,7 +416,7 @@ class SlurmJobs:
 
     def adopt(self, job_id: str, pid: int) -> None:
         """REQUEST_ADD_EXTERN_PID to the job's extern step."""
-        ext = next((s for s in self._job_steps(job_id) if s.is_extern), None)
+        ext = self.extern_step(job_id)
         if ext is None:
             raise ValueError(f"job {job_id} has no extern step on {self.node}"
                               + (f" ({self.why_no_jobs()})" if self.why_no_jobs() else ""))
@@ -281,11 +424,36 @@ class SlurmJobs:
             s.add_extern_pid(pid)
 
     def session_cgroup(self, job_id: str, session: str | None = None) -> JobCgroup:
-        """Not available yet (module docstring)."""
-        return _NoCgroup(f"job {job_id}" + (f" session {session}" if session else ""))
+        """An ssh-to-job session's processes in the job's extern step (`_SessionProcs`)."""
+        return _SessionProcs(self, job_id, session)
+
+    def extern_step(self, job_id: str) -> StepSocket | None:
+        """The job's extern step here, or None."""
+        return next((s for s in self._job_steps(job_id) if s.is_extern), None)
+
+    def session_roots(self, job_id: str, session: str | None) -> list[tuple[int, int]]:
+        """(pid, start time) of the launchers of the job's sessions (or of one)."""
+        with self._lock:
+            return [root for (job, sid), root in self._sessions.items()
+                    if job == job_id and session in (None, sid)]
+
+    def session_root(self, job_id: str, session: str) -> tuple[int, int] | None:
+        """(pid, start time) of one session's launcher, or None."""
+        with self._lock:
+            return self._sessions.get((job_id, session))
+
+    def set_session_root(self, job_id: str, session: str | None,
+                         root: tuple[int, int] | None) -> None:
+        """Record a session's launcher (or forget it, or all the job's, with None)."""
+        with self._lock:
+            for key in [k for k in self._sessions if k[0] == job_id
+                        and session in (None, k[1])]:
+                del self._sessions[key]
+            if root is not None and session is not None:
+                self._sessions[(job_id, session)] = root
 
     def helper_cgroup(self, name: str) -> JobCgroup:
-        """Not available yet (module docstring)."""
+        """None outside the jobs (module docstring)."""
         return _NoCgroup(f"helper {name}")
 
     def leftover_helper_cgroups(self) -> list[JobCgroup]:

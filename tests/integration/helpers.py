@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import threading
 import time
@@ -105,3 +106,47 @@ def login_burst(lab: Any, work: Path, jobs: Mapping[str, str], per: int,
     return elapsed, [BurstLogin(src, job, (out / f"{i}.out").read_text(),
                                 (out / f"{i}.err").read_text())
                      for src, job, out, _p in procs for i in range(1, per + 1)]
+
+
+class Tmux:
+    """A private tmux server of `user` in `node`; panes stay after their command exits
+    (remain-on-exit), so the last screen can still be read."""
+
+    def __init__(self, lab: Any, node: str, user: str, where: Path) -> None:
+        self.lab, self.node, self.user = lab, node, user
+        where.mkdir(mode=0o777, exist_ok=True)
+        where.chmod(0o777)
+        self.sock = str(where / "tmux.sock")
+        conf = where / "tmux.conf"
+        conf.write_text("set -g remain-on-exit on\nset -g history-limit 5000\n")
+        conf.chmod(0o644)
+        self.conf = str(conf)
+
+    def tmux(self, *argv: str, env: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+        result: subprocess.CompletedProcess[str] = self.lab.run(
+            self.node, ["tmux", "-f", self.conf, "-S", self.sock, *argv], user=self.user,
+            env=env)
+        return result
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.tmux("new-session", "-d", "-x", "160", "-y", "50", shlex.join(argv), env=env)
+
+    def keys(self, *keys: str) -> None:
+        self.tmux("send-keys", "-t", "0", *keys)
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-J", "-t", "0", "-S", "-5000").stdout
+
+    def wait(self, what: Callable[[], Any], timeout: float = 30.0, why: str = "") -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            got = what()
+            if got:
+                return got
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {why or what}; screen:\n{self.screen()}")
+
+    def kill(self) -> None:
+        self.lab.run(self.node, ["tmux", "-S", self.sock, "kill-server"], user=self.user,
+                     check=False)

@@ -197,7 +197,8 @@ def test_slurm_config_and_pam_slurm_stack() -> None:
                  "AuthInfo=socket=/nonexistent/lab-dir/munge/run/munge.socket.2",
                  "SlurmdSpoolDir=/nonexistent/lab-dir/slurm/spool/%n",
                  "ProctrackType=proctrack/cgroup", "TaskPlugin=task/none",
-                 "PrologFlags=contain", "JobAcctGatherType=jobacct_gather/none"):
+                 "PrologFlags=contain", "JobAcctGatherType=jobacct_gather/linux",
+                 "JobAcctGatherFrequency=task=1"):
         assert line in conf
     assert [line.split()[:2] for line in conf if line.startswith("NodeName=")] == [
         ["NodeName=node1", "NodeAddr=10.77.0.11"], ["NodeName=node2", "NodeAddr=10.77.0.12"]]

@@ -5,8 +5,9 @@ as the last account module of node2's sshd, and the outcomes are printed side by
 An outcome is where the login landed, or how it was refused:
 "job A" / "job B" (the job's extern step, from /proc/self/cgroup in the session),
 "no job" (admitted, not adopted), "denied: no jobs" (the module's sentence), or
-"denied (rc N)". They must be equal except where DIFFERENCES says why pam_adopt's is
-better (deploy/slurm/README.md has the same table).
+"denied (rc N)"; in the accounting row, "extern step +CPU" when sstat shows the login's
+CPU in the job's extern step. They must be equal except where DIFFERENCES says why
+pam_adopt's is better (deploy/slurm/README.md has the same table).
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ import pytest
 
 import lab as lab_mod
 from tests.integration.conftest import it_lab
-from tests.integration.slurm import sbatch_sleep, scancel
+from tests.integration.slurm import burning_session, sbatch_sleep, scancel, step_cpu
 
 pytestmark = pytest.mark.root
 
 MODULES = ("slurm", "adopt")     # pam_slurm_adopt, pam_adopt
 SLURMD_PORT, AGENT_PORT = 6818, 411
+#: CPU seconds the accounting test's login burns (sstat shows whole seconds, truncated).
+BURN_S = 2.5
 
 #: scenario -> (pam_slurm_adopt's outcome, pam_adopt's, why), where they differ by design.
 DIFFERENCES: dict[str, tuple[str, str, str]] = {
@@ -146,6 +149,46 @@ def test_one_job(lab: lab_mod.Lab, table: Table) -> None:
         scancel(lab, job)
     assert got["adopt"] == "job C"
     check(table, "bob, one job (C) on node2", got)
+
+
+def test_login_is_accounted_in_the_extern_step(lab: lab_mod.Lab, table: Table) -> None:
+    """The lab runs jobacct_gather/linux: the stepd accounts for what it adopted. bob's
+    login into his job burns BURN_S s of CPU and stays; sstat (the stepd's figures, no
+    slurmdbd here) then shows the job's extern step grown by the burn's whole seconds (it
+    counts the adopted sshd and all it started). The control: alice's job K on the same node, with
+    no login, keeps its extern step at 0 s through both logins."""
+    control = sbatch_sleep(lab, "alice", "node2")
+    got, figures = {}, []
+    try:
+        for module in MODULES:
+            lab.set_pam_module("node2", module)
+            job = sbatch_sleep(lab, "bob", "node2")
+            try:
+                before = step_cpu(lab, job, "bob")["extern"]
+                p, burned = burning_session(lab, "bob", BURN_S)
+                try:
+                    after = step_cpu(lab, job, "bob")["extern"]
+                finally:
+                    p.kill()
+                    p.wait()
+            finally:
+                scancel(lab, job)
+            # The burn's whole seconds (2 of 2.5): sstat truncates to whole seconds, and
+            # /proc's utime + stime, which the stepd sums, to 10 ms ticks.
+            want = int(burned - 0.05)
+            assert want >= 0.75 * BURN_S, burned
+            got[module] = ("extern step +CPU" if after - before >= want
+                           else f"not accounted ({before} -> {after} s)")
+            figures.append(f"{before}->{after} s")
+        kept = step_cpu(lab, control, "alice")
+    finally:
+        scancel(lab, control)
+        lab.set_pam_module("node2", "adopt")
+    assert kept["extern"] == 0, kept
+    assert got["adopt"] == "extern step +CPU", got
+    check(table, f"bob, one job, login burns {BURN_S} s CPU (sstat)", got)
+    table.rows[-1] = (*table.rows[-1][:3], f"extern {' / '.join(figures)}; no-login job "
+                      f"{kept['extern']} s")
 
 
 def test_no_job(lab: lab_mod.Lab, ab: dict[str, int], table: Table) -> None:

@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shlex
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from node_agent.config import DEFAULT_MAX_SESSIONS_PER_USER
-from tests.integration.helpers import adoptctl, process_alive
+from tests.integration.helpers import Tmux, adoptctl, process_alive
 
 pytestmark = pytest.mark.root
 
@@ -130,50 +129,6 @@ def test_job_end_kills_open_sessions(lab: Any, shared_dir: Path) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
-
-
-class Tmux:
-    """A private tmux server of `user` in `node`; panes stay after their command exits
-    (remain-on-exit), so the last screen can still be read."""
-
-    def __init__(self, lab: Any, node: str, user: str, where: Path) -> None:
-        self.lab, self.node, self.user = lab, node, user
-        where.mkdir(mode=0o777, exist_ok=True)
-        where.chmod(0o777)
-        self.sock = str(where / "tmux.sock")
-        conf = where / "tmux.conf"
-        conf.write_text("set -g remain-on-exit on\nset -g history-limit 5000\n")
-        conf.chmod(0o644)
-        self.conf = str(conf)
-
-    def tmux(self, *argv: str, env: dict[str, str] | None = None,
-             ) -> subprocess.CompletedProcess[str]:
-        result: subprocess.CompletedProcess[str] = self.lab.run(
-            self.node, ["tmux", "-f", self.conf, "-S", self.sock, *argv], user=self.user,
-            env=env)
-        return result
-
-    def start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.tmux("new-session", "-d", "-x", "160", "-y", "50", shlex.join(argv), env=env)
-
-    def keys(self, *keys: str) -> None:
-        self.tmux("send-keys", "-t", "0", *keys)
-
-    def screen(self) -> str:
-        return self.tmux("capture-pane", "-p", "-J", "-t", "0", "-S", "-5000").stdout
-
-    def wait(self, what: Callable[[], Any], timeout: float = 30.0, why: str = "") -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = what()
-            if got:
-                return got
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {why or what}; screen:\n{self.screen()}")
-
-    def kill(self) -> None:
-        self.lab.run(self.node, ["tmux", "-S", self.sock, "kill-server"], user=self.user,
-                     check=False)
 
 
 def job_pids(lab: Any, job_id: str) -> list[int]:

@@ -86,6 +86,9 @@ class FakeCgroup:
             raise CgroupError(f"{self.name} is gone")
         return [f"/fake/{self.name}/cgroup.procs"]
 
+    def enroll(self, pid: int) -> None:
+        self.ops.append(("enroll", self.name))
+
     def exists(self) -> bool:
         return self.made
 

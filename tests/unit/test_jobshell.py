@@ -793,6 +793,80 @@ def test_a_launcher_that_never_gets_to_exec_is_killed_after_the_timeout(
     assert started[0].returncode == -signal.SIGKILL      # killed and reaped
 
 
+def _touch_spec(procs: Path, mark: Path) -> dict[str, object]:
+    return {"cgroup_procs": [str(procs)], "uid": os.getuid(), "gid": os.getgid(),
+            "groups": [], "cwd": "/", "argv": ["touch", str(mark)],
+            "env": {"PATH": spawn.LOGIN_PATH}, "output": os.devnull}
+
+
+def test_the_launcher_is_enrolled_while_held_before_it_touches_anything(
+        tmp_path: Path) -> None:
+    """spawn.start's ``enroll`` (Slurm's REQUEST_ADD_EXTERN_PID) sees the launcher's pid
+    before the launcher has joined its cgroups or run anything."""
+    procs, mark = tmp_path / "cgroup.procs", tmp_path / "ran"
+    procs.write_text("")
+    seen: list[tuple[int, str, bool]] = []
+
+    def enroll(pid: int) -> None:
+        time.sleep(0.2)   # a held launcher does not go on by itself meanwhile
+        seen.append((pid, procs.read_text(), mark.exists()))
+
+    proc = spawn.start(_touch_spec(procs, mark), timeout=30, enroll=enroll)
+    assert proc.wait(30) == 0
+    assert seen == [(proc.pid, "", False)]
+    assert procs.read_text() == str(proc.pid) and mark.exists()
+
+
+def test_a_launcher_that_cannot_be_enrolled_is_killed_unreleased(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    procs, mark = tmp_path / "cgroup.procs", tmp_path / "ran"
+    procs.write_text("")
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def popen(*a: object, **kw: object) -> subprocess.Popen[bytes]:
+        started.append(real(*a, **kw))  # type: ignore[call-overload]
+        return started[-1]
+
+    def enroll(pid: int) -> None:
+        raise OSError("slurmstepd refused pid")
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(OSError, match="slurmstepd refused"):
+        spawn.start(_touch_spec(procs, mark), timeout=30, enroll=enroll)
+    assert started[0].returncode is not None                 # reaped
+    assert procs.read_text() == "" and not mark.exists()    # joined nothing, ran nothing
+
+
+def test_a_reaper_launcher_ends_the_whole_tree_with_its_process(tmp_path: Path) -> None:
+    """``reaper``: what the exec'd process started -- in the background, after setsid,
+    after a double fork -- is killed when it exits; the status is the exec'd process's."""
+    pids = tmp_path / "pids"
+    script = (f"sleep 300 & echo $! >> {pids}; setsid sleep 300 & echo $! >> {pids}; "
+              f"(setsid sh -c 'echo $$ >> {pids}; exec sleep 300' &); "
+              f"while [ $(wc -l < {pids}) -lt 3 ]; do sleep 0.05; done; exit 5")
+    spec = {"cgroup_procs": [], "reaper": True, "uid": os.getuid(), "gid": os.getgid(),
+            "groups": [], "cwd": "/", "argv": ["sh", "-c", script],
+            "env": {"PATH": spawn.LOGIN_PATH}, "output": os.devnull}
+    proc = spawn.start(spec, timeout=30)
+    assert proc.wait(30) == 5
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 3
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() and "Z" not in _state(p) for p in started) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p for p in started if Path(f"/proc/{p}").exists() and "Z" not in _state(p)] == []
+
+
+def _state(pid: int) -> str:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return "Z"
+    return text[text.rfind(")") + 2:].split()[0]
+
+
 def test_recover_removes_what_an_earlier_run_left(registry: JobRegistry, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """After a crash: session directories (an older agent's were the user's, with

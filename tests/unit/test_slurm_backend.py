@@ -6,17 +6,20 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import signal
+import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from callerid import ProcCgroup
+from callerid import CgroupError, ProcCgroup
 from node_agent.agent.admission import Admission, Peer
 from node_agent.config import AgentConfig, SlurmConfig
-from node_agent.errors import NotSupported, StartupError
+from node_agent.errors import JobNotFound, NotSupported, StartupError
 from node_agent.jobs import JobBackend, JobControl, open_backend
 from node_agent.jobs.slurm import SlurmJobs
 from node_agent.jobs.slurmconf import BATCH_STEP, EXTERN_STEP, SlurmNodeConfig
@@ -190,12 +193,95 @@ def test_newest_follows_the_versions_rule(spool: Path, tmp_path: Path,
     assert v2.newest(v2.list_jobs()).job.id == "43"
 
 
-def test_sessions_are_not_supported_yet(spool: Path, tmp_path: Path) -> None:
+def _tree(root: int) -> list[int]:
+    """Every process whose parent chain or session leads to `root` (found in /proc)."""
+    stat = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rfind(")") + 2:].split()
+            stat[int(entry)] = (int(fields[1]), int(fields[3]))
+    out = {root}
+    changed = True
+    while changed:
+        more = {p for p, (ppid, sid) in stat.items() if ppid in out or sid in out}
+        changed = not more <= out
+        out |= more
+    return sorted(out)
+
+
+def test_a_session_is_its_launchers_tree_in_the_extern_step(
+        spool: Path, tmp_path: Path, stepds: Callable[..., FakeStepd]) -> None:
+    """Enrolled with REQUEST_ADD_EXTERN_PID; its processes: the launcher's tree, and what
+    left it within the launcher's process session (a double fork); not the rest of the
+    extern step; a pid that is no longer the launcher (its start time differs) is none."""
+    ext = stepds(42, EXTERN_STEP)
+    stepds(42, BATCH_STEP)
+    launcher = subprocess.Popen(
+        ["sh", "-c", "sleep 300 & setsid sleep 300 & (sleep 300 &); echo up; wait"],
+        start_new_session=True, stdout=subprocess.PIPE, text=True)
+    other = subprocess.Popen(["sleep", "300"])   # an adopted login's, say
+    try:
+        assert launcher.stdout is not None and launcher.stdout.readline() == "up\n"
+        deadline = time.monotonic() + 10
+        while len(tree := _tree(launcher.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(tree) == 4, tree
+        ext.pids = [*tree, other.pid]
+        jobs = SlurmJobs(config(spool, tmp_path))
+        cg, others = jobs.session_cgroup("42", "abc"), jobs.session_cgroup("42", "def")
+        assert cg.create() == [] and not cg.exists()
+        with pytest.raises(CgroupError):
+            cg.join()              # not open yet
+        cg.enroll(launcher.pid)
+        assert (22, launcher.pid) in ext.requests
+        assert cg.procs() == set(tree) and others.procs() == set()
+        assert jobs.session_cgroup("42").procs() == set(tree)
+        assert cg.join() == []
+        # the same pid with another start time: not the launcher any more
+        jobs.set_session_root("42", "abc", (launcher.pid, 1))
+        assert cg.procs() == set()
+        cg.enroll(launcher.pid)
+        assert cg.kill(timeout=10) == 4
+        assert launcher.wait(10) == -signal.SIGKILL and other.poll() is None
+        cg.remove()
+        assert jobs.session_roots("42", None) == []
+    finally:
+        for p in _tree(launcher.pid) if launcher.poll() is None else []:
+            os.kill(p, signal.SIGKILL)
+        other.kill()
+        other.wait()
+        launcher.wait()
+
+
+def test_no_session_without_the_jobs_extern_step(
+        spool: Path, tmp_path: Path, stepds: Callable[..., FakeStepd]) -> None:
+    stepds(42, BATCH_STEP)
     jobs = SlurmJobs(config(spool, tmp_path))
-    cg = jobs.session_cgroup("42", "abc")
-    assert not cg.exists() and cg.procs() == set()
+    with pytest.raises(JobNotFound):
+        jobs.session_cgroup("42", "abc").create()
+    with pytest.raises(JobNotFound):
+        jobs.session_cgroup("43", "abc").create()
+
+
+def test_a_refused_enrollment_records_no_session(
+        spool: Path, tmp_path: Path, stepds: Callable[..., FakeStepd]) -> None:
+    stepds(42, EXTERN_STEP).extern_rc = -1
+    jobs = SlurmJobs(config(spool, tmp_path))
+    with pytest.raises(StepdRefused):
+        jobs.session_cgroup("42", "abc").enroll(os.getpid())
+    assert jobs.session_roots("42", None) == []
+
+
+def test_no_cgroups_outside_the_jobs(spool: Path, tmp_path: Path) -> None:
+    jobs = SlurmJobs(config(spool, tmp_path))
+    helper = jobs.helper_cgroup("abc")
+    assert not helper.exists() and helper.procs() == set()
     with pytest.raises(NotSupported):
-        cg.create()
+        helper.create()
     assert jobs.leftover_helper_cgroups() == [] and jobs.scratch_cgroups() is None
     assert SlurmJobs(config(spool, tmp_path), scratch="/cg/callerid").scratch_cgroups() == \
         "/cg/callerid"

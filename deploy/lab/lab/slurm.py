@@ -15,8 +15,11 @@ What the lab writes (all in ``DIR/slurm/``; the host's /etc/slurm is never writt
 
 The configuration is the one SLURM-NOTES.md records as working on these machines:
 ``ProctrackType=proctrack/cgroup``, ``PrologFlags=contain`` (an extern step for every
-job, which pam_slurm_adopt adopts into), ``TaskPlugin=task/none``,
-``JobAcctGatherType=jobacct_gather/none``; cgroup.conf ``CgroupPlugin=cgroup/v1``,
+job, which pam_slurm_adopt adopts into), ``TaskPlugin=task/none``; plus
+``JobAcctGatherType=jobacct_gather/linux`` (``JobAcctGatherFrequency=task=1``), so that
+the stepds account for their processes, adopted ones included, and ``sstat`` shows a
+running step's figures (there is no slurmdbd: ``AccountingStorageType=accounting_storage/none``,
+finished steps' figures are not kept); cgroup.conf ``CgroupPlugin=cgroup/v1``,
 ``CgroupAutomount=no`` and every ``Constrain*=no``, so that Slurm uses only the v1 freezer
 hierarchy (never memory). slurmd runs in its node's cgroup namespace, rooted at
 ``<freezer>/NAME/<node>``: the ``/slurm_<node>/uid_<uid>/job_<id>/step_<step>`` groups it
@@ -105,7 +108,11 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
             "ProctrackType=proctrack/cgroup",
             "TaskPlugin=task/none",
             "PrologFlags=contain",
-            "JobAcctGatherType=jobacct_gather/none",
+            # Accounting of running steps, read with sstat (it asks the stepd: no slurmdbd).
+            # linux, not cgroup: jobacct_gather/cgroup reads the cpuacct and memory
+            # controllers, and the lab never uses memory. task=1: samples every second.
+            "JobAcctGatherType=jobacct_gather/linux",
+            "JobAcctGatherFrequency=task=1",
             "AccountingStorageType=accounting_storage/none",
             "JobCompType=jobcomp/none",
             "SelectType=select/cons_tres",
