@@ -300,8 +300,14 @@ class Stepd:
         mount namespace (CLONE_NEWNS)."""
         if self.version < V25_11:
             self._request(_REQUEST_GET_NS_FD)
-            # The sender's fd number, only as "is one coming": > 0 yes (22.05 - 25.05).
-            if self._read_int("REQUEST_GET_NS_FD") <= 0:
+            # The sender's fd number, only as "is one coming": > 0 yes, 0 no job container
+            # (what 22.05.8 answers without JobContainerType, checked in the lab), -1 the
+            # plugin failed, which pam_slurm_adopt counts as an adoption failure.
+            sent = self._read_int("REQUEST_GET_NS_FD")
+            if sent < 0:
+                raise self._fail("REQUEST_GET_NS_FD: the job container plugin could not "
+                                 "open the job's namespace")
+            if sent == 0:
                 return []
             return [(_CLONE_NEWNS, self._recv_fd("REQUEST_GET_NS_FD"))]
         self._request(_REQUEST_GET_NS_FDS)

@@ -263,6 +263,7 @@ class FakeStepd:
         self.container = {4242}
         self.extern_rc: int | None = 0
         self.ns: list[tuple[int, str]] = []      # (type, path to open and send)
+        self.ns_failed = False                   # REQUEST_GET_NS_FD answers -1
         self.sluid = 0x1234_5678_9ABC
         self.handlers: dict[int, Callable[[socket.socket], bool]] = {
             5: lambda c: self._int(c, self.state),
@@ -309,8 +310,10 @@ class FakeStepd:
         return self._int(conn, self.extern_rc)
 
     def _get_ns_fd(self, conn: socket.socket) -> bool:
+        if self.ns_failed:
+            return self._int(conn, -1)   # the job container plugin failed
         if not self.ns:
-            return self._int(conn, -1)
+            return self._int(conn, 0)    # no job container (22.05.8, checked in the lab)
         fd = os.open(self.ns[0][1], os.O_RDONLY)
         try:
             self._int(conn, fd)          # the sender's own fd number, as 22.05 sends it

@@ -239,7 +239,10 @@ def test_slurm_25_11_keeps_what_to_join_in_order_and_closes_the_rest(
 def test_slurm_a_stepd_that_fails_is_an_error_not_nothing(
         spool: Path, tmp_path: Path, stepd: Callable[[int], FakeStepd]) -> None:
     fake = stepd(V22_05)
-    fake.handlers[26] = lambda conn: False     # hangs up: pam_slurm_adopt's -1
+    fake.ns_failed = True                      # answers -1: the plugin failed
+    with pytest.raises(StepdError, match="could not open the job's namespace"):
+        slurm(spool, tmp_path).namespaces("42")
+    fake.handlers[26] = lambda conn: False     # hangs up
     with pytest.raises(StepdError):
         slurm(spool, tmp_path).namespaces("42")
     with pytest.raises(ProcessLookupError, match="no extern step"):

@@ -238,7 +238,10 @@ def test_ns_fd_22_05(make_fake: Callable[..., FakeStepd], sock_path: str,
         fake.ns = []
         assert conn.ns_fds() == []
         assert conn.state() == 2
-    assert [op for op, _ in fake.requests] == [26, 5, 26, 5]
+        fake.ns_failed = True
+        with pytest.raises(StepdError, match="could not open the job's namespace"):
+            conn.ns_fds()
+    assert [op for op, _ in fake.requests] == [26, 5, 26, 5, 26]
 
 
 def test_ns_fds_25_11(make_fake: Callable[..., FakeStepd], sock_path: str,
