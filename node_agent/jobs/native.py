@@ -953,34 +953,37 @@ class JobRegistry:
 
         The main process the registry recorded, while it lives (its pid and start time:
         no cgroup is read, and a login into a job without namespaces pays a few stats);
-        else the job's first process that is no session's. Race: the pid may be reused
-        before its namespaces are opened. So its start time is known first, and after
-        opening it must still be the same process (and, when it was found in the job's
-        cgroups, still in them); else the fds are closed and ProcessLookupError raised
-        (the process exited meanwhile: the job's end is near)."""
+        else the first of the job's processes that is no session's and stays long enough.
+        Race: a pid may be reused before its namespaces are opened. So its start time is
+        known first, and after opening it must still be the same process (and, when it
+        was found in the job's cgroups, still in them); else its fds are closed and, for
+        the main process, ProcessLookupError raised (its job's end is near), for another,
+        the next one tried."""
         rec = self.get(job_id)
         if rec is None:
             raise ProcessLookupError(f"job {job_id} is gone")
         main, start = rec.job.main_pid, rec.main_start
-        recorded = main is not None and start is not None and self._same_process(main, start)
-        if not recorded:
-            main = self.main_pid(job_id)
-            if main is None:
-                return []
-            try:
-                start = callerid.proc_start_ticks(main, self.procfs)
-            except (OSError, ValueError):
-                raise ProcessLookupError(f"job {job_id}: its process {main} is gone") from None
-        assert main is not None
-        got = jobenv.open_namespaces(main, self.procfs)
-        if not got:
+        if main is not None and start is not None and self._same_process(main, start):
+            got = jobenv.open_namespaces(main, self.procfs)
+            if got and not self._same_process(main, start):
+                jobenv.close_all(got)
+                raise ProcessLookupError(f"job {job_id}: its process {main} went away "
+                                         "while its namespaces were opened")
             return got
-        if not self._same_process(main, start) or (
-                not recorded and main not in self.layout.procs(job_id)):
+        # No main process (a job made by `job start`, or its main process has exited): the
+        # job's other processes, each skipped when it exits meanwhile -- adopted logins come
+        # and go. None left: no namespace of the job's outlives its processes.
+        sessions = self.session_cgroup(job_id).procs()
+        for pid in (p for p in self.pids(job_id) if p not in sessions):
+            try:
+                start = callerid.proc_start_ticks(pid, self.procfs)
+                got = jobenv.open_namespaces(pid, self.procfs)
+            except (OSError, ValueError):
+                continue
+            if self._same_process(pid, start) and pid in self.layout.procs(job_id):
+                return got
             jobenv.close_all(got)
-            raise ProcessLookupError(f"job {job_id}: its process {main} went away while "
-                                     "its namespaces were opened")
-        return got
+        return []
 
 
 def open_registry(config: AgentConfig) -> JobRegistry:

@@ -155,12 +155,33 @@ def test_native_a_pid_reused_while_opening_gives_nothing(
     monkeypatch.setattr(callerid, "proc_start_ticks", other_process_the_second_time)
     before = open_paths()
     try:
-        with pytest.raises(ProcessLookupError, match="went away while its namespaces"):
-            registry.namespaces("42")
+        if how == "recorded":   # the main process gone: the job's end is near
+            with pytest.raises(ProcessLookupError, match="went away while its namespaces"):
+                registry.namespaces("42")
+        else:                   # another of the job's processes: skipped, none left
+            assert registry.namespaces("42") == []
         assert open_paths() == before
     finally:
         if how == "recorded":
             os.kill(pid, 9)
+
+
+@pytest.mark.root
+def test_native_processes_that_come_and_go_are_skipped(
+        registry: JobRegistry, process: Callable[..., int],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job without a main process (`job start`) whose first process exits while it is
+    looked at (an adopted login that ends): the next one is taken, not an error."""
+    keeper = process("-m", "--propagation", "private")
+    registry.start("42", "alice")
+    registry.attach("42", keeper)
+    monkeypatch.setattr(registry, "pids", lambda job_id: [999_999_999, keeper])
+    got = registry.namespaces("42")
+    try:
+        assert [k for k, _ in got] == ["mnt"]
+        assert [ns_id(fd) for _, fd in got] == [ns_id(f"/proc/{keeper}/ns/mnt")]
+    finally:
+        jobenv.close_all(got)
 
 
 # -- Slurm ------------------------------------------------------------------------------------
