@@ -8,8 +8,10 @@ import pwd
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import lab as lab_mod
+from tests.integration.conftest import it_lab
 
 #: Bounds of the waits below (a loaded 2-core machine; each is normally well under 1 s).
 RUNNING_TIMEOUT = 30.0
@@ -129,3 +131,17 @@ def _seconds(elapsed: str) -> int:
     for part in hms.split(":"):
         secs = secs * 60 + int(float(part))
     return secs + 86400 * int(days or 0)
+
+
+def slurm_lab(pam: str = "") -> Iterator[lab_mod.Lab]:
+    """A module's lab (a fixture's body): the integration lab's name and dir, with Slurm
+    and the agents (`backend = "slurm"`), torn down after; `pam`: the module every node's
+    port-22 sshd gets ("adopt", "slurm"), else the lab's default."""
+    the_lab = it_lab()
+    try:
+        the_lab.up(agents=True, slurm=True)
+        for node in the_lab.nodes if pam else []:
+            the_lab.set_pam_module(node, pam)
+        yield the_lab
+    finally:
+        the_lab.down()

@@ -16,13 +16,13 @@ import pytest
 
 import lab as lab_mod
 from node_agent.pamcontract import MSG_NO_JOBS
-from tests.integration.conftest import it_lab
 from tests.integration.helpers import process_alive
 from tests.integration.slurm import (
     KILL_TIMEOUT,
     held_session,
     sbatch_sleep,
     scancel,
+    slurm_lab,
     uid_of,
 )
 
@@ -31,15 +31,8 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[lab_mod.Lab]:
-    """This module's lab: the integration lab's name and dir, Slurm and the agents."""
-    the_lab = it_lab()
-    try:
-        the_lab.up(agents=True, slurm=True)
-        for node in the_lab.nodes:
-            the_lab.set_pam_module(node, "adopt")
-        yield the_lab
-    finally:
-        the_lab.down()
+    """This module's lab: Slurm, the agents, pam_adopt on every node."""
+    yield from slurm_lab(pam="adopt")
 
 
 @pytest.fixture

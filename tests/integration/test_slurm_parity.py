@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import lab as lab_mod
-from tests.integration.conftest import it_lab
-from tests.integration.slurm import burning_session, sbatch_sleep, scancel, step_cpu
+from tests.integration.slurm import burning_session, sbatch_sleep, scancel, slurm_lab, step_cpu
 
 pytestmark = pytest.mark.root
 
@@ -69,13 +68,8 @@ def table(request: pytest.FixtureRequest) -> Iterator[Table]:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[lab_mod.Lab]:
-    """Slurm and the agents (backend = "slurm"); alice's jobs A then B on both nodes."""
-    the_lab = it_lab()
-    try:
-        the_lab.up(agents=True, slurm=True)
-        yield the_lab
-    finally:
-        the_lab.down()
+    """Slurm and the agents (backend = "slurm")."""
+    yield from slurm_lab()
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,15 @@ from pathlib import Path
 import pytest
 
 import lab as lab_mod
-from tests.integration.conftest import it_lab
 from tests.integration.helpers import Tmux, process_alive
-from tests.integration.slurm import KILL_TIMEOUT, sbatch_sleep, scancel, squeue_state, uid_of
+from tests.integration.slurm import (
+    KILL_TIMEOUT,
+    sbatch_sleep,
+    scancel,
+    slurm_lab,
+    squeue_state,
+    uid_of,
+)
 
 pytestmark = pytest.mark.root
 
@@ -28,12 +34,7 @@ pytestmark = pytest.mark.root
 @pytest.fixture(scope="module")
 def lab() -> Iterator[lab_mod.Lab]:
     """This module's lab: Slurm and the agents with their Slurm backend."""
-    the_lab = it_lab()
-    try:
-        the_lab.up(agents=True, slurm=True)
-        yield the_lab
-    finally:
-        the_lab.down()
+    yield from slurm_lab()
 
 
 @pytest.fixture(scope="module")
