@@ -225,7 +225,13 @@ def sshd_config_text(d: Path) -> str:
         "X11Forwarding yes",
         "X11UseLocalhost yes",
         "AllowAgentForwarding no",
-        "AllowTcpForwarding no",
+        # ssh -L / -D (VS Code Remote-SSH): sshd, the job's user in the job's network
+        # namespace, connects where that user could from inside the job anyway. Nothing
+        # listens for the client (no -R, no gateway ports), no Unix-socket forwarding.
+        "AllowTcpForwarding local",
+        "PermitListen none",
+        "GatewayPorts no",
+        "AllowStreamLocalForwarding no",
         "PermitTunnel no",
         "Subsystem sftp internal-sftp",
         f"ForceCommand {d}/session-setup",

@@ -60,6 +60,8 @@ SILENCE_WAIT = 10.0
 
 USAGE = """\
 usage: ssh-to-job [options] JOBID [remote-command ...]
+       ssh-to-job -ssh-config [-ssh-dir DIR] [-config FILE] >> ~/.ssh/config
+       ssh-to-job -proxy HOST [-port PORT] [-ssh-dir DIR] [-config FILE] [-debug]
 
 Open an ssh session inside a running job: the job's user, cgroups, namespaces,
 environment and working directory. No sshd listens on the network; the session rides
@@ -81,6 +83,17 @@ options:
   -X / -x               enable / disable X11 forwarding
   -config FILE          agent configuration (default: $CALLERID_ADOPT_CONFIG, then
                         /etc/callerid-adopt/agent.toml)
+
+ssh job.42 from any ssh client (scp, sftp, rsync -e ssh, ssh -L, VS Code, Ansible):
+  -ssh-config           print a "Host job.*" block for ~/.ssh/config (put it above any
+                        "Host *"); makes the dedicated key ~/.ssh/ssh-to-job/id_ed25519
+                        on first use. Then: ssh job.42, or ssh job.42--node17 for the
+                        job on a named node
+  -proxy HOST           the block's ProxyCommand (ssh runs it with %h and -port %p):
+                        relays ssh's stdin/stdout to the session, after writing the
+                        session's host key to ~/.ssh/ssh-to-job/known_hosts
+  -ssh-dir DIR          the key and known_hosts directory instead of ~/.ssh/ssh-to-job
+                        (a 0700 directory of yours)
 
 examples:
   ssh-to-job 42                          # a shell inside job 42
@@ -775,6 +788,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
     err = err or sys.stderr
 
     def body() -> int:
+        from node_agent.cli import ssh_proxy  # imports this module: not at the top
+        if ssh_proxy.wanted(argv):
+            return ssh_proxy.main(argv, out, err, authenticator)
         args = parse_args(argv)
         if args.help:
             out.write(USAGE)

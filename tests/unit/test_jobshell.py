@@ -213,7 +213,10 @@ def test_config_and_setup_script(tmp_path: Path) -> None:
     for line in [f"HostKey {tmp_path}/host_key", f"AuthorizedKeysFile {tmp_path}/authorized_keys",
                  "StrictModes no", "UsePAM no", "PidFile none", "PasswordAuthentication no",
                  "KbdInteractiveAuthentication no", "PermitTTY yes",
-                 "Subsystem sftp internal-sftp", f"ForceCommand {tmp_path}/session-setup"]:
+                 "Subsystem sftp internal-sftp", f"ForceCommand {tmp_path}/session-setup",
+                 # ssh -L/-D into the job (ssh job.42, VS Code), nothing listening for -R
+                 "AllowTcpForwarding local", "PermitListen none", "GatewayPorts no",
+                 "AllowStreamLocalForwarding no", "PermitTunnel no"]:
         assert line in cfg.splitlines()
     script = jobshell.session_setup_text(tmp_path, "/work dir/x'y", "j1", [5, 3], "/bin/bash",
                                          nss_wrapper=False)
