@@ -1,0 +1,254 @@
+"""`ssh job.42` in the lab: plain OpenSSH clients with the block `ssh-to-job -ssh-config`
+prints (real sshd -i, munged, cgroups, the lab's agents; native backend).
+
+The lab users' homes are the machine's own (/home/alice), shared with every other lab
+and test run, so the block goes into a file of the test's (`ssh -F FILE`, as a user's
+~/.ssh/config would hold it) and the keys into a directory of the test's (`-ssh-dir`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.helpers import adoptctl
+
+pytestmark = pytest.mark.root
+
+JOB = "prx1"
+WEB = "prx-web"
+WEB_PORT = 8765     # inside the job's node (node1): loopback only
+LOCAL_PORT = 18765  # on the client's node (node2)
+
+
+@pytest.fixture(scope="module")
+def work(lab: Any, shared_dir: Path) -> Iterator[Path]:
+    work = shared_dir / "prx-work"
+    work.mkdir()
+    work.chmod(0o777)
+    (work / "marker.txt").write_text("served from inside the job\n")
+    (work / "marker.txt").chmod(0o644)
+    adoptctl(lab, "node1", "job", "run", "--id", JOB, "--user", "alice", "--cwd", str(work),
+             "--", "/bin/sleep", "1000000")
+    # A job whose main process listens on node1's loopback (ssh -L reaches it).
+    adoptctl(lab, "node1", "job", "run", "--id", WEB, "--user", "alice", "--cwd", str(work),
+             "--", "/usr/bin/python3", "-m", "http.server", "--bind", "127.0.0.1",
+             str(WEB_PORT))
+    yield work
+    adoptctl(lab, "node1", "job", "end", JOB, check=False)
+    adoptctl(lab, "node1", "job", "end", WEB, check=False)
+
+
+def ssh_config(lab: Any, shared_dir: Path, user: str, name: str = "") -> tuple[Path, Path]:
+    """(config file, key directory) for `user`: the printed block, as the user gets it."""
+    keys = shared_dir / f"prx-keys-{user}{name}"
+    r = lab.run("node1", [lab.venv_bin("ssh-to-job"), "-ssh-config", "-ssh-dir", str(keys)],
+                user=user)
+    config = shared_dir / f"prx-config-{user}{name}"
+    config.write_text(r.stdout)
+    config.chmod(0o644)
+    return config, keys
+
+
+@pytest.fixture(scope="module")
+def alice(lab: Any, shared_dir: Path) -> tuple[Path, Path]:
+    return ssh_config(lab, shared_dir, "alice")
+
+
+def sh(lab: Any, node: str, script: str, user: str = "alice", timeout: float = 90,
+       ) -> subprocess.CompletedProcess[str]:
+    r: subprocess.CompletedProcess[str] = lab.run(node, ["sh", "-c", script], user=user,
+                                                  check=False, timeout=timeout)
+    return r
+
+
+def sessions_left(lab: Any) -> list[str]:
+    out: str = lab.run("node1", ["sh", "-c", "ls /run/callerid-adopt/sessions 2>/dev/null || "
+                                             "true"]).stdout
+    return out.split()
+
+
+def wait_no_sessions(lab: Any) -> None:
+    deadline = time.monotonic() + 10
+    while sessions_left(lab) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sessions_left(lab) == []
+
+
+def test_the_block(alice: tuple[Path, Path], lab: Any) -> None:
+    config, keys = alice
+    text = config.read_text()
+    assert "Host job.*" in text and "StrictHostKeyChecking yes" in text
+    assert f"{lab.venv_bin('ssh-to-job')} -ssh-dir {keys} -proxy %h -port %p" in text
+    assert keys.stat().st_mode & 0o777 == 0o700
+    assert (keys / "id_ed25519").stat().st_mode & 0o777 == 0o600
+
+
+def test_ssh_true_and_a_command(lab: Any, work: Path, alice: tuple[Path, Path]) -> None:
+    config, keys = alice
+    r = sh(lab, "node1", f"ssh -F {config} job.{JOB} true")
+    assert r.returncode == 0, r.stderr
+    r = sh(lab, "node1", f"ssh -F {config} job.{JOB} "
+           "'hostname; pwd; echo $CALLERID_JOB_ID; grep ^0:: /proc/self/cgroup; exit 3'")
+    assert r.returncode == 3, r.stderr
+    host, cwd, job, cgroup = r.stdout.splitlines()
+    assert (host, cwd, job) == ("node1", str(work), JOB)
+    assert cgroup.startswith(f"0::/callerid/job_{JOB}/ssh-to-job/")
+    # From another node, naming the job's node (no agent search needed).
+    r = sh(lab, "node2", f"ssh -F {config} job.{JOB}--node1 hostname")
+    assert (r.returncode, r.stdout.strip()) == (0, "node1"), r.stderr
+    # Each proxy took its host key entry away again.
+    assert (keys / "known_hosts").read_text() == ""
+    wait_no_sessions(lab)
+
+
+def test_host_key_checking_is_strict(lab: Any, work: Path, alice: tuple[Path, Path],
+                                     shared_dir: Path) -> None:
+    """The block's checking is on: with known_hosts elsewhere (the proxy's entry unseen),
+    ssh refuses the session's key instead of asking or accepting it."""
+    config, keys = alice
+    other = shared_dir / "prx-config-elsewhere"
+    other.write_text(config.read_text().replace(f"UserKnownHostsFile {keys}/known_hosts",
+                                                "UserKnownHostsFile /dev/null"))
+    other.chmod(0o644)
+    assert other.read_text() != config.read_text()
+    r = sh(lab, "node1", f"ssh -F {other} job.{JOB} echo reached")
+    assert r.returncode == 255 and "reached" not in r.stdout
+    assert "Host key verification failed" in r.stderr, r.stderr
+    wait_no_sessions(lab)
+
+
+def test_scp_sftp_rsync(lab: Any, work: Path, alice: tuple[Path, Path],
+                        shared_dir: Path) -> None:
+    config, _ = alice
+    src = shared_dir / "prx-src.bin"
+    src.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    src.chmod(0o644)
+    out = shared_dir / "prx-out"
+    out.mkdir()
+    out.chmod(0o777)
+    batch = shared_dir / "prx-sftp-batch"
+    batch.write_text(f"get up.bin {out}/sftp.bin\nput {src} sftp-up.bin\n")
+    batch.chmod(0o644)
+    e = shlex.quote(f"ssh -F {config}")
+    for script in (f"scp -F {config} {src} job.{JOB}:up.bin",
+                   f"scp -F {config} job.{JOB}:up.bin {out}/scp.bin",
+                   f"sftp -F {config} -b {batch} job.{JOB}",
+                   f"rsync -e {e} job.{JOB}:up.bin {out}/rsync.bin",
+                   f"rsync -e {e} {src} job.{JOB}:rsync-up.bin"):
+        r = sh(lab, "node2" if "rsync" in script else "node1",
+               script.replace(f"job.{JOB}", f"job.{JOB}--node1") if "rsync" in script
+               else script)
+        assert r.returncode == 0, (script, r.stderr)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    for f in (out / "scp.bin", out / "sftp.bin", out / "rsync.bin", work / "up.bin",
+              work / "sftp-up.bin", work / "rsync-up.bin"):
+        assert hashlib.sha256(f.read_bytes()).hexdigest() == digest, f
+    wait_no_sessions(lab)
+
+
+def test_local_forward_reaches_a_port_inside_the_job(lab: Any, work: Path,
+                                                     alice: tuple[Path, Path]) -> None:
+    """ssh -L on node2 reaches 127.0.0.1:WEB_PORT of node1, where the job listens:
+    node2 itself cannot (its loopback is its own), so the bytes went through the job."""
+    config, _ = alice
+    fetch = ("python3 -c 'import urllib.request as u; print(u.urlopen("
+             "\"http://127.0.0.1:%d/marker.txt\", timeout=5).read().decode(), end=\"\")'")
+    direct = sh(lab, "node2", fetch % WEB_PORT)
+    assert direct.returncode != 0 and "Connection refused" in direct.stderr
+    fwd = lab.popen("node2", ["ssh", "-F", str(config), "-N", "-o", "ExitOnForwardFailure=yes",
+                              "-L", f"127.0.0.1:{LOCAL_PORT}:127.0.0.1:{WEB_PORT}",
+                              f"job.{WEB}--node1"], user="alice", stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            r = sh(lab, "node2", fetch % LOCAL_PORT)
+            if r.returncode == 0 or time.monotonic() > deadline or fwd.poll() is not None:
+                break
+            time.sleep(0.3)
+        assert r.returncode == 0, (r.stderr, fwd.poll())
+        assert r.stdout == "served from inside the job\n"
+    finally:
+        fwd.terminate()
+        fwd.communicate(timeout=30)
+    wait_no_sessions(lab)
+
+
+def test_vscode_style_session_with_dynamic_forward(lab: Any, work: Path,
+                                                  alice: tuple[Path, Path]) -> None:
+    """What VS Code Remote-SSH runs (`ssh -T -D PORT HOST bash`, its script on stdin, then
+    connections through the SOCKS port to a port inside the remote)."""
+    config, _ = alice
+    fwd = lab.popen("node2", ["ssh", "-F", str(config), "-T", "-D", f"127.0.0.1:{LOCAL_PORT}",
+                              f"job.{WEB}--node1", "bash"], user="alice",
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True)
+    try:
+        assert fwd.stdin is not None and fwd.stdout is not None
+        fwd.stdin.write('echo "ready $CALLERID_JOB_ID $(hostname)"\n')
+        fwd.stdin.flush()
+        assert fwd.stdout.readline().strip() == f"ready {WEB} node1"
+        r = sh(lab, "node2", f"curl -sS --max-time 10 --socks5 127.0.0.1:{LOCAL_PORT} "
+               f"http://127.0.0.1:{WEB_PORT}/marker.txt")
+        assert (r.returncode, r.stdout) == (0, "served from inside the job\n"), r.stderr
+        fwd.stdin.close()  # bash ends, and the session with it
+        assert fwd.wait(timeout=30) == 0
+    finally:
+        if fwd.poll() is None:
+            fwd.kill()
+            fwd.wait()
+    wait_no_sessions(lab)
+
+
+def test_remote_forward_is_refused(lab: Any, work: Path, alice: tuple[Path, Path]) -> None:
+    """Nothing may listen for the client: -R fails (and so does the command with it)."""
+    config, _ = alice
+    r = sh(lab, "node1", f"ssh -F {config} -o ExitOnForwardFailure=yes "
+           f"-R 127.0.0.1:18766:127.0.0.1:22 job.{JOB} true")
+    assert r.returncode == 255 and "remote port forwarding failed" in r.stderr, r.stderr
+    wait_no_sessions(lab)
+
+
+def test_two_at_once_and_a_key_made_on_first_use(lab: Any, work: Path, shared_dir: Path,
+                                                 ) -> None:
+    """A key directory that does not exist yet: the proxies make it and the key; two
+    sessions at once each keep their own host key entry."""
+    config, keys = ssh_config(lab, shared_dir, "alice", "-fresh")
+    lab.run("node1", ["rm", "-rf", str(keys)])
+    r = sh(lab, "node1", f"ssh -F {config} job.{JOB} 'sleep 2; echo one' & "
+           f"ssh -F {config} job.{JOB} 'sleep 2; echo two'; wait $!")
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.split()) == ["one", "two"], r.stderr
+    assert (keys / "known_hosts").read_text() == ""
+    assert sorted(p.name for p in keys.iterdir()) == ["id_ed25519", "id_ed25519.pub",
+                                                      "known_hosts", "lock"]
+    wait_no_sessions(lab)
+
+
+def test_bob_is_refused_before_any_sshd_starts(lab: Any, work: Path,
+                                               shared_dir: Path) -> None:
+    config, keys = ssh_config(lab, shared_dir, "bob")
+    log = Path(lab.dir) / "logs" / "agent-node1.log"
+    mark = log.stat().st_size
+    before = lab.run("node1", ["pgrep", "-c", "-u", "bob", "sshd"], check=False).stdout.strip()
+    for node, host in (("node1", f"job.{JOB}"), ("node2", f"job.{JOB}--node1")):
+        r = sh(lab, node, f"ssh -F {config} {host} true", user="bob")
+        ours = [line for line in r.stderr.splitlines() if line.startswith("ssh-to-job: ")]
+        assert r.returncode == 255 and len(ours) == 1, r.stderr
+        assert ours[0].startswith(f"ssh-to-job: Not found: no job {JOB} on ") and \
+            ours[0].endswith(" (or not yours)"), ours
+    after = lab.run("node1", ["pgrep", "-c", "-u", "bob", "sshd"], check=False).stdout.strip()
+    assert before == after
+    assert sessions_left(lab) == []
+    with log.open() as f:
+        f.seek(mark)
+        assert "opened session" not in f.read()
+    assert not (keys / "known_hosts").exists()
