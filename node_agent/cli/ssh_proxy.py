@@ -82,6 +82,9 @@ LOCK = "lock"
 LOCK_TIMEOUT = 10.0     # waiting for another proxy's update of known_hosts (a moment)
 KEYGEN_TIMEOUT = 30.0
 MARK = "ssh-to-job:"
+# Not in a job host name: what ssh splits or refuses, and known_hosts' pattern characters
+# (the name is written there as the session's host).
+_NOT_IN_HOSTS = frozenset("@/:*?!,[]#\\'\"`$;&<>|(){}")
 
 # Options of the two modes -> takes a value?
 _OPTIONS = {"proxy": True, "port": True, "ssh-dir": True, "config": True, "debug": False,
@@ -165,7 +168,8 @@ def job_of_host(host: str) -> str:
     job, sep, node = rest.rpartition(NODE_SEPARATOR)
     if not sep:
         job, node = rest, ""
-    if not job or (sep and not node) or any(c in rest for c in "@/: \t\n"):
+    if not job or (sep and not node) or any(c in _NOT_IN_HOSTS or not c.isprintable()
+                                            or c.isspace() for c in rest):
         raise UsageError(f"{host!r} is not a job host name (job.ID or job.ID--NODE)")
     return f"{job}@{node}" if node else job
 

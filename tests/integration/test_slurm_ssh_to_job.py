@@ -220,3 +220,29 @@ def test_name_reaches_another_node_of_the_allocation(lab: lab_mod.Lab) -> None:
         assert r.stdout.strip() == "node2", r.stderr
     finally:
         scancel(lab, job)
+
+
+def test_ssh_job_from_a_node_outside_it(lab: lab_mod.Lab, job: int, shared_dir: Path) -> None:
+    """`ssh job.ID` with the printed block (tests/integration/test_ssh_job_proxy.py has
+    the rest): the proxy finds the Slurm job's node as ssh-to-job does (one squeue)."""
+    keys = shared_dir / "slurm-prx-keys"
+    r = stj(lab, "-ssh-config", "-ssh-dir", str(keys))
+    assert r.returncode == 0, r.stderr
+    config = shared_dir / "slurm-prx-config"
+    config.write_text(r.stdout)
+    config.chmod(0o644)
+    r = lab.run("node1", ["ssh", "-F", str(config), f"job.{job}",
+                          "hostname; echo $CALLERID_JOB_ID"], user="alice", check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["node2", str(job)]
+    assert (keys / "known_hosts").read_text() == ""
+    r = stj(lab, "-ssh-config", "-ssh-dir", str(shared_dir / "slurm-prx-keys-bob"), user="bob")
+    bobs = shared_dir / "slurm-prx-config-bob"
+    bobs.write_text(r.stdout)
+    bobs.chmod(0o644)
+    r = lab.run("node1", ["ssh", "-F", str(bobs), f"job.{job}", "true"], user="bob",
+                check=False)
+    ours = [line for line in r.stderr.splitlines() if line.startswith("ssh-to-job: ")]
+    assert r.returncode == 255 and len(ours) == 1, r.stderr
+    assert ours[0].startswith(f"ssh-to-job: Not found: no job {job} on ") and \
+        ours[0].endswith(" (or not yours)"), ours

@@ -9,6 +9,7 @@ and test run, so the block goes into a file of the test's (`ssh -F FILE`, as a u
 from __future__ import annotations
 
 import hashlib
+import pwd
 import shlex
 import subprocess
 import time
@@ -235,9 +236,11 @@ def test_two_at_once_and_a_key_made_on_first_use(lab: Any, work: Path, shared_di
 
 def test_bob_is_refused_before_any_sshd_starts(lab: Any, work: Path,
                                                shared_dir: Path) -> None:
+    """bob's proxy finds no job of his (ListJobs answers as for a missing one), so it never
+    asks for a session; asked directly, OpenJobShell refuses him before starting anything
+    (shared_dir/open_job_shell.py, as in test_ssh_to_job_attacks.py)."""
     config, keys = ssh_config(lab, shared_dir, "bob")
-    log = Path(lab.dir) / "logs" / "agent-node1.log"
-    mark = log.stat().st_size
+    mark = len(lab.agent_log("node1"))
     before = lab.run("node1", ["pgrep", "-c", "-u", "bob", "sshd"], check=False).stdout.strip()
     for node, host in (("node1", f"job.{JOB}"), ("node2", f"job.{JOB}--node1")):
         r = sh(lab, node, f"ssh -F {config} {host} true", user="bob")
@@ -245,10 +248,14 @@ def test_bob_is_refused_before_any_sshd_starts(lab: Any, work: Path,
         assert r.returncode == 255 and len(ours) == 1, r.stderr
         assert ours[0].startswith(f"ssh-to-job: Not found: no job {JOB} on ") and \
             ours[0].endswith(" (or not yours)"), ours
+    probe = [lab.venv_bin("python"), str(shared_dir / "open_job_shell.py"), "node1", JOB]
+    assert lab.run("node1", probe, user="bob").stdout.strip() == \
+        f"NOT_FOUND: no job {JOB} on node1"
     after = lab.run("node1", ["pgrep", "-c", "-u", "bob", "sshd"], check=False).stdout.strip()
     assert before == after
     assert sessions_left(lab) == []
-    with log.open() as f:
-        f.seek(mark)
-        assert "opened session" not in f.read()
+    log = lab.agent_log("node1")[mark:]
+    bob = pwd.getpwnam("bob").pw_uid
+    assert f"SECURITY: uid {bob} asked node1 for a shell in job {JOB}" in log, log
+    assert "opened session" not in log
     assert not (keys / "known_hosts").exists()

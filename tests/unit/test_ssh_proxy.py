@@ -41,7 +41,8 @@ def test_job_of_host(host: str, job: str) -> None:
 
 
 @pytest.mark.parametrize("host", ["node1", "job.", "job.42--", "job.--node1", "jobs.42",
-                                  "job.4/2", "job.a@b", "job.4 2", "job.4:2"])
+                                  "job.4/2", "job.a@b", "job.4 2", "job.4:2", "job.4*2",
+                                  "job.4,2", "job.[4]", "job.!4", "job.4\x00"])
 def test_job_of_host_refuses_other_names(host: str) -> None:
     with pytest.raises(UsageError, match="not a job host name"):
         sp.job_of_host(host)
