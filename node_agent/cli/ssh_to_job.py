@@ -9,7 +9,8 @@ same time runs the user's ssh (or scp, sftp, rsync's ssh). ssh's `ProxyCommand` 
 hands that connection to ssh (`ProxyUseFdpass`), so ssh talks to this process directly
 and one process relays between ssh and the stream, with half-close. The session's host
 key arrives in the stream's first frame and is written into the private known_hosts
-before a single byte reaches ssh, so strict host key checking stays on.
+before a single byte reaches ssh, so strict host key checking stays on. `-ssh-config` and
+`-proxy` (`ssh job.42` from any ssh client) are node_agent/cli/ssh_proxy.py's.
 
 The command line is built by one pure function, `build_command()` (ClusterShell's
 Worker/Ssh.py), so tests check it before anything runs. Exit status: the remote
