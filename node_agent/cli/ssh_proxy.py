@@ -492,16 +492,20 @@ def run_proxy(args: ProxyArgs, cfg: Any, auth: Authenticator, err: TextIO, *,
         rc = 128 + e.signum
         thread.join(END_GRACE)
     finally:
+        # No signal may cut the clean-up short: ssh's SIGHUP is often followed by the
+        # terminal's (a closed tmux pane, a dropped login), which left the entry behind.
+        for s in saved:
+            signal.signal(s, signal.SIG_IGN)
         state["closing"] = True
         if state["call"] is not None:
             state["call"].cancel()
         thread.join(5)
-        for s, h in saved.items():
-            signal.signal(s, h)
         if state["added"]:
             with contextlib.suppress(OSError, CliError):
                 remove_host_key(directory, mark)
         shutil.rmtree(tmp, ignore_errors=True)
+        for s, h in saved.items():
+            signal.signal(s, h)
     if state["error"]:
         category, _, message = state["error"].partition(": ")
         raise CliError(category, message or category)

@@ -9,6 +9,7 @@ and test run, so the block goes into a file of the test's (`ssh -F FILE`, as a u
 from __future__ import annotations
 
 import hashlib
+import os
 import pwd
 import shlex
 import subprocess
@@ -19,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.helpers import adoptctl
+from tests.integration.helpers import Tmux, adoptctl
 
 pytestmark = pytest.mark.root
 
@@ -83,6 +84,15 @@ def wait_no_sessions(lab: Any) -> None:
     assert sessions_left(lab) == []
 
 
+def wait_entries_gone(keys: Path) -> None:
+    """Each proxy removes its known_hosts entry when it ends (after ssh's SIGHUP, the
+    agent may take a moment to end the session)."""
+    deadline = time.monotonic() + 10
+    while (keys / "known_hosts").read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (keys / "known_hosts").read_text() == ""
+
+
 def test_the_block(alice: tuple[Path, Path], lab: Any) -> None:
     config, keys = alice
     text = config.read_text()
@@ -124,6 +134,55 @@ def test_host_key_checking_is_strict(lab: Any, work: Path, alice: tuple[Path, Pa
     assert r.returncode == 255 and "reached" not in r.stdout
     assert "Host key verification failed" in r.stderr, r.stderr
     wait_no_sessions(lab)
+
+
+def test_interactive_shell_in_a_terminal(lab: Any, work: Path, alice: tuple[Path, Path],
+                                         shared_dir: Path) -> None:
+    config, keys = alice
+    t = Tmux(lab, "node1", "alice", shared_dir / "prx-tmux")
+    try:
+        t.start(["sh", "-c", '"$@"; echo "STATUS=$?"', "sh", "ssh", "-F", str(config),
+                 f"job.{JOB}"])
+        t.wait(lambda: "$" in t.screen() or "#" in t.screen(), why="a prompt")
+        t.keys('echo "T$((1+1))=$(tty) J$((1+1))=$CALLERID_JOB_ID"', "Enter")
+        screen = t.wait(lambda: (lambda s: s if "T2=" in s else "")(t.screen()),
+                        why="the answer")
+        assert "T2=/dev/pts/" in screen and f"J2={JOB}" in screen, screen
+        t.keys("exit 4", "Enter")
+        t.wait(lambda: "STATUS=" in t.screen(), why="ssh to end")
+        assert "STATUS=4" in t.screen(), t.screen()
+    finally:
+        t.kill()
+    wait_no_sessions(lab)
+    wait_entries_gone(keys)
+
+
+def test_ssh_killed_ends_the_session_and_the_proxy(lab: Any, work: Path,
+                                                   alice: tuple[Path, Path]) -> None:
+    """kill -9 of ssh: the proxy sees its stdin end, the session ends (sshd gets the
+    EOF), the proxy exits and takes its known_hosts entry with it."""
+    config, keys = alice
+    ssh = lab.popen("node1", ["ssh", "-F", str(config), f"job.{JOB}", "echo up; sleep 1000"],
+                    user="alice", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert ssh.stdout is not None and ssh.stdout.readline().strip() == "up"
+        assert f"job.{JOB} " in (keys / "known_hosts").read_text()
+        assert sshds_in_node1(lab, "alice")  # (what the bob test counts, seen here)
+        proxies = lab.run("node1", ["pgrep", "-u", "alice", "-f", "--", f"-proxy job.{JOB} -port"],
+                          check=False).stdout.split()
+        assert len(proxies) == 1, proxies
+        ssh.kill()
+        ssh.wait()
+    finally:
+        if ssh.poll() is None:
+            ssh.kill()
+            ssh.wait()
+    wait_no_sessions(lab)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proxies[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{proxies[0]}").exists()
+    wait_entries_gone(keys)
 
 
 def test_scp_sftp_rsync(lab: Any, work: Path, alice: tuple[Path, Path],
@@ -234,6 +293,22 @@ def test_two_at_once_and_a_key_made_on_first_use(lab: Any, work: Path, shared_di
     wait_no_sessions(lab)
 
 
+def sshds_in_node1(lab: Any, user: str) -> set[int]:
+    """`user`'s sshd processes in node1's network namespace (all labs share one pid
+    namespace: other labs' sessions are not counted)."""
+    netns = lab.run("node1", ["readlink", "/proc/self/ns/net"]).stdout.strip()
+    uid, found = pwd.getpwnam(user).pw_uid, set()
+    for entry in Path("/proc").iterdir():
+        try:
+            if (entry.name.isdigit() and entry.stat().st_uid == uid
+                    and (entry / "comm").read_text().strip() == "sshd"
+                    and os.readlink(entry / "ns" / "net") == netns):
+                found.add(int(entry.name))
+        except OSError:  # Race: it exited meanwhile
+            continue
+    return found
+
+
 def test_bob_is_refused_before_any_sshd_starts(lab: Any, work: Path,
                                                shared_dir: Path) -> None:
     """bob's proxy finds no job of his (ListJobs answers as for a missing one), so it never
@@ -241,7 +316,7 @@ def test_bob_is_refused_before_any_sshd_starts(lab: Any, work: Path,
     (shared_dir/open_job_shell.py, as in test_ssh_to_job_attacks.py)."""
     config, keys = ssh_config(lab, shared_dir, "bob")
     mark = len(lab.agent_log("node1"))
-    before = lab.run("node1", ["pgrep", "-c", "-u", "bob", "sshd"], check=False).stdout.strip()
+    before = sshds_in_node1(lab, "bob")
     for node, host in (("node1", f"job.{JOB}"), ("node2", f"job.{JOB}--node1")):
         r = sh(lab, node, f"ssh -F {config} {host} true", user="bob")
         ours = [line for line in r.stderr.splitlines() if line.startswith("ssh-to-job: ")]
@@ -251,7 +326,7 @@ def test_bob_is_refused_before_any_sshd_starts(lab: Any, work: Path,
     probe = [lab.venv_bin("python"), str(shared_dir / "open_job_shell.py"), "node1", JOB]
     assert lab.run("node1", probe, user="bob").stdout.strip() == \
         f"NOT_FOUND: no job {JOB} on node1"
-    after = lab.run("node1", ["pgrep", "-c", "-u", "bob", "sshd"], check=False).stdout.strip()
+    after = sshds_in_node1(lab, "bob")
     assert before == after
     assert sessions_left(lab) == []
     log = lab.agent_log("node1")[mark:]
