@@ -19,6 +19,7 @@ PACKAGES=(
     libnss-wrapper tmux rsync       # ssh-to-job: users without passwd entries, tty tests, rsync
     slurmctld slurmd slurm-client   # real Slurm in the lab (lab.py up --slurm), 22.05 on bookworm
     libpam-slurm-adopt              # pam_slurm_adopt, the module pam_adopt replaces
+    ansible-core                    # ssh job.42 with Ansible (its lab test)
 )
 #: Units of the packages above that must never start on the host (the lab runs its own).
 MASKED_UNITS=(slurmctld.service slurmd.service)

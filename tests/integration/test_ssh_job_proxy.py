@@ -12,6 +12,7 @@ import hashlib
 import os
 import pwd
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -266,6 +267,34 @@ def test_vscode_style_session_with_dynamic_forward(lab: Any, work: Path,
             fwd.kill()
             fwd.wait()
     wait_no_sessions(lab)
+
+
+@pytest.mark.skipif(shutil.which("ansible") is None,
+                    reason="no ansible (deploy/install-deps.sh installs ansible-core)")
+def test_ansible(lab: Any, work: Path, alice: tuple[Path, Path], shared_dir: Path) -> None:
+    """Ansible's ping, copy (its file transfer) and shell modules in the job, through the
+    same ssh configuration. Its own files go to a directory of the test's, not to the
+    shared /home/alice; no ControlPersist master is left behind."""
+    config, keys = alice
+    home = shared_dir / "prx-ansible"
+    home.mkdir(mode=0o777)
+    home.chmod(0o777)
+    (home / "f.txt").write_text("copied by ansible\n")
+    (home / "f.txt").chmod(0o644)
+    env = {"ANSIBLE_HOME": str(home / "home"), "ANSIBLE_LOCAL_TEMP": str(home / "local"),
+           "ANSIBLE_REMOTE_TEMP": str(home / "remote"), "ANSIBLE_NOCOLOR": "1",
+           "ANSIBLE_SSH_ARGS": f"-F {config} -o ControlMaster=no",
+           "ANSIBLE_PYTHON_INTERPRETER": "/usr/bin/python3"}
+    for module, arg in (("ping", ""), ("copy", f"src={home}/f.txt dest={work}/ansible.txt"),
+                        ("shell", "echo $CALLERID_JOB_ID $(hostname)")):
+        r = lab.run("node1", ["ansible", "all", "-i", f"job.{JOB},", "-m", module,
+                              *(["-a", arg] if arg else [])], user="alice", env=env,
+                    check=False, timeout=120)
+        assert r.returncode == 0, (module, r.stdout, r.stderr)
+    assert f"{JOB} node1" in r.stdout, r.stdout
+    assert (work / "ansible.txt").read_text() == "copied by ansible\n"
+    wait_no_sessions(lab)
+    wait_entries_gone(keys)
 
 
 def test_remote_forward_is_refused(lab: Any, work: Path, alice: tuple[Path, Path]) -> None:
