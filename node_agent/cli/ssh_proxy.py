@@ -382,7 +382,9 @@ def remove_host_key(directory: str, mark: str) -> None:
 
 def locate_job(cfg: Any, job_id: str, auth: Authenticator, err: TextIO) -> Located:
     """Where `job_id` (``ID`` or ``ID@NODE``) runs, found as ssh-to-job finds it
-    (run_session: the named node's agent, Slurm's BatchHost, else this node's agent)."""
+    (run_session: the named node's agent, Slurm's BatchHost, else this node's agent).
+    The proxy's one call into job location: issue 12's backend location replaces this
+    body when it lands."""
     job, _, node = job_id.partition("@")
     name: str | None = node or None
     if name is None and cfg.backend == "slurm":
