@@ -53,10 +53,13 @@ SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name
 
 # Clients ping every 5 s (dial.KEEPALIVE_OPTIONS), also while an ssh-to-job session is
 # idle: accept that instead of answering with GOAWAY ("too many pings"). The server pings
-# too, so a client that vanished ends its session within seconds.
+# too, so a client that vanished ends its session within seconds. The option's name is
+# gRPC's GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, whose string has no
+# "recv" in it; a name gRPC does not know is ignored without a word (then the default,
+# 5 min, ended every session idle for ~15 s: tests/integration/test_ssh_job_proxy.py).
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 4000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 4000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),

@@ -186,6 +186,16 @@ def test_ssh_killed_ends_the_session_and_the_proxy(lab: Any, work: Path,
     wait_entries_gone(keys)
 
 
+def test_an_idle_session_lives(lab: Any, work: Path, alice: tuple[Path, Path]) -> None:
+    """A session quiet for 20 s over TCP (an editor's idle connection): the client's
+    keepalive pings every 5 s are accepted (they drew a GOAWAY "too many pings" after
+    ~15 s while the agent set an option name gRPC does not know)."""
+    config, _ = alice
+    r = sh(lab, "node2", f"ssh -F {config} job.{JOB}--node1 'sleep 20; echo done'")
+    assert (r.returncode, r.stdout) == (0, "done\n"), r.stderr
+    wait_no_sessions(lab)
+
+
 def test_scp_sftp_rsync(lab: Any, work: Path, alice: tuple[Path, Path],
                         shared_dir: Path) -> None:
     config, _ = alice
@@ -297,12 +307,17 @@ def test_ansible(lab: Any, work: Path, alice: tuple[Path, Path], shared_dir: Pat
     wait_entries_gone(keys)
 
 
-def test_remote_forward_is_refused(lab: Any, work: Path, alice: tuple[Path, Path]) -> None:
-    """Nothing may listen for the client: -R fails (and so does the command with it)."""
+def test_remote_forward_is_refused_and_w_works(lab: Any, work: Path,
+                                               alice: tuple[Path, Path]) -> None:
+    """Nothing may listen for the client: -R fails (and so does the command with it).
+    `ssh -W` (how ProxyJump reaches a host beyond) to a TCP port in the job works."""
     config, _ = alice
     r = sh(lab, "node1", f"ssh -F {config} -o ExitOnForwardFailure=yes "
            f"-R 127.0.0.1:18766:127.0.0.1:22 job.{JOB} true")
     assert r.returncode == 255 and "remote port forwarding failed" in r.stderr, r.stderr
+    r = sh(lab, "node2", f"printf 'GET /marker.txt HTTP/1.0\\r\\n\\r\\n' | "
+           f"ssh -F {config} -W 127.0.0.1:{WEB_PORT} job.{WEB}--node1")
+    assert r.returncode == 0 and "served from inside the job" in r.stdout, r.stderr
     wait_no_sessions(lab)
 
 
