@@ -37,13 +37,13 @@ from typing import Any, TextIO
 
 import grpc
 
-from node_agent import __version__, dial, relaybuf, shellwire
+from node_agent import __version__, relaybuf, shellwire
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
+from node_agent.cli import locate as locate_mod
 from node_agent.cli.common import CATEGORIES, CliError, UsageError, run
 from node_agent.client import AgentClient
 from node_agent.errors import AuthError, ImpostorError, InvalidRequest
-from node_agent.jobs import slurmctl
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.relaybuf import Pacer, read_gathered
 
@@ -59,25 +59,31 @@ END_GRACE = 3.0
 SILENCE_WAIT = 10.0
 
 USAGE = """\
-usage: ssh-to-job [options] JOBID [remote-command ...]
+usage: ssh-to-job [options] JOBID[@NODE] [remote-command ...]
 
 Open an ssh session inside a running job: the job's user, cgroups, namespaces,
 environment and working directory. No sshd listens on the network; the session rides
 the node agent's gRPC stream. Options take one or two dashes (-name or --name).
 
+Finding the job (from any node, a login node too): JOBID@NODE (as `adoptctl jobs`
+prints it) or -name NODE asks that node's agent; else with backend = "slurm" one
+squeue call names the job's BatchHost; else the agents of the configuration's
+`nodes` are asked, locate_parallel at a time, and the first that runs the job
+wins; without `nodes`, the agent of the node ssh-to-job runs on.
+
 options:
   -help                 show this help and exit
   -version              print the version and exit
-  -debug                verbose ssh (-v) and relay messages
-  -name NODE            ask this node's agent (default: the agent of the node
-                        ssh-to-job runs on; with backend = "slurm", of the job's
-                        BatchHost, from one squeue call)
+  -debug                verbose ssh (-v), relay messages, where the job was found
+                        and which nodes did not answer
+  -name NODE            ask this node's agent, without searching
   -ssh "PROG ARGS"      run PROG instead of ssh: scp, "scp -r", sftp, ...
   -keygen-options "..." extra ssh-keygen options for the session key
   -shells SH1,SH2       login shells to try in the job (absolute paths, at most 16):
                         the first executable one wins (default: your $SHELL; else
                         /bin/sh)
-  -auto-retry           the job is not running yet: wait until it runs
+  -auto-retry           the job is not running yet: wait until it runs (the same
+                        search again every 2 s)
   -X / -x               enable / disable X11 forwarding
   -config FILE          agent configuration (default: $CALLERID_ADOPT_CONFIG, then
                         /etc/callerid-adopt/agent.toml)
@@ -85,6 +91,7 @@ options:
 examples:
   ssh-to-job 42                          # a shell inside job 42
   ssh-to-job 42 hostname                 # a command; its exit status is ours
+  ssh-to-job 42@node17 hostname          # the job on node17: no search
   ssh-to-job -ssh scp 42 remote:out.dat .       # any placeholder host name
   ssh-to-job -ssh scp 42 input.dat remote:      # upload
   ssh-to-job -ssh sftp 42
@@ -193,11 +200,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Ar
         raise UsageError("missing JOBID (see ssh-to-job -help)")
     job_id = argv[i]
     remote = tuple(argv[i + 1:])
-    if "@" in job_id:  # `user@JOB`, as an ssh-style caller may write it
-        user, _, job_id = job_id.rpartition("@")
-        opts.setdefault("login_user", user)
-    if not job_id:
-        raise UsageError("empty JOBID")
+    # JOB or JOB@NODE (node_agent/cli/locate.py parses it; checked here for the one line).
+    locate_mod.parse_ref(job_id)
     try:
         ssh = tuple(shlex.split(opts.get("ssh", "ssh")))
         keygen = tuple(shlex.split(opts.get("keygen-options", "")))
@@ -314,77 +318,37 @@ def proxy_argv(sock: str, python: str | None = None) -> list[str]:
 
 # -- finding the job ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Located:
-    """Where a job was found: the agent's target, the job, its node."""
-    target: str
-    job: pb.Job
-    node: str
+# Located, and everything about where a job runs, is node_agent/cli/locate.py's (issue 12).
+Located = locate_mod.Located
+
+
+def find_job(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
+             sleep: Callable[[float], None] = time.sleep) -> Located:
+    """Where the job of `args` runs, by the CLIs' one location module: -name NODE or a
+    JOB@NODE reference asks that node; else the backend's way (Slurm: one squeue call;
+    native: the fan-out over the configuration's `nodes`, or this node's agent)."""
+    ref = locate_mod.parse_ref(args.job_id)
+    if args.name and ref.node and args.name != ref.node:
+        raise UsageError(f"-name {args.name} and {args.job_id} name different nodes")
+    return locate_mod.Locator(cfg, auth, err, debug=args.debug, prog=PROG, sleep=sleep).locate(
+        ref.job_id, node=args.name or ref.node, auto_retry=args.auto_retry)
 
 
 def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_retry: bool,
            err: TextIO, sleep: Callable[[float], None] = time.sleep,
            timeout: float = 10.0, local_node: str | None = None) -> Located:
     """Ask each agent for the job; the first that has it running wins. With auto_retry,
-    a job that is absent or not running yet is waited for; any other error ends it."""
-    announced = False
-    while True:
-        found: Located | None = None
-        last_error: grpc.RpcError | None = None
-        answered = False
-        for target in targets:
-            try:
-                with AgentClient(target, auth, timeout=timeout, local_node=local_node) as c:
-                    reply = c.list_jobs(job_id=job_id)
-            except grpc.RpcError as e:
-                last_error = e
-                continue
-            answered = True
-            for j in reply.jobs:
-                if j.id == job_id:
-                    found = Located(target, j, j.node or reply.node)
-                    break
-            if found:
-                break
-        if found and found.job.state == "running":
-            if announced:
-                err.write("\n")
-            return found
-        if not answered and last_error is not None:
-            raise last_error
-        if found and found.job.state == "ending":  # it will not run again: no use waiting
-            if announced:
-                err.write("\n")
-            raise CliError("Not running", f"job {job_id} is ending on {found.node}")
-        if not auto_retry:
-            if found:
-                raise CliError("Not running", f"job {job_id} is {found.job.state or 'not running'}"
-                               f" on {found.node}")
-            raise CliError("Not found", f"no job {job_id} on {', '.join(targets)} (or not yours)")
-        if not announced:
-            what = f"to be running (now {found.job.state})" if found else "to start"
-            err.write(f"{PROG}: waiting for job {job_id} {what}")
-            announced = True
-        err.write(".")
-        err.flush()
-        sleep(RETRY_INTERVAL)
+    a job that is absent or not running yet is waited for; any other error ends it.
+    (node_agent/cli/locate.py's search over explicit targets; `find_job` is the CLI's.)"""
+    cfg = config_mod.AgentConfig(node_name=local_node) if local_node else config_mod.AgentConfig()
+    return locate_mod.Locator(cfg, auth, err, prog=PROG, sleep=sleep).locate_targets(
+        targets, job_id, auto_retry=auto_retry, timeout=timeout)
 
 
 def slurm_node(job_id: str, auto_retry: bool) -> str:
-    """The node of Slurm job `job_id` whose agent opens the session: its BatchHost (the
-    first node of an salloc allocation), from one squeue call (node_agent.jobs.slurmctl).
-    Whether the caller may enter the job is the agent's to say."""
-    try:
-        info = slurmctl.query_job(job_id)
-    except slurmctl.SlurmJobUnknown:
-        raise CliError("Not found", f"no job {job_id} in Slurm") from None
-    except slurmctl.SlurmQueryError as e:
-        raise CliError("Slurm", str(e)) from None
-    if not info.running or not info.batch_host:
-        hint = ("; -auto-retry waits for a Slurm job once it runs on its nodes (slurmctld "
-                "is not polled)") if auto_retry and not info.nodes else ""
-        raise CliError("Not running", f"job {job_id} is {info.state} in Slurm{hint}")
-    return info.batch_host
+    """The node of Slurm job `job_id`: its BatchHost, from one squeue call
+    (node_agent/cli/locate.py)."""
+    return locate_mod.slurm_batch_host(job_id, auto_retry)
 
 
 # -- the session --------------------------------------------------------------------------
@@ -445,15 +409,10 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
     key: subprocess.Popen[str] | None = None
     try:
         key = start_keygen(tmp, args.keygen_options)
-        node = args.name
-        if node is None and cfg.backend == "slurm":
-            node = slurm_node(args.job_id, args.auto_retry)
-        where = locate([dial.agent_target(cfg, node)], args.job_id, auth,
-                       auto_retry=args.auto_retry, err=err, sleep=sleep,
-                       local_node=cfg.node_name)
+        where = find_job(args, cfg, auth, err, sleep)
         finish_keygen(key)
         relaybuf.keep_buffers_in_heap()  # no page fault per byte relayed
-        relay = Relay(target=where.target, job_id=args.job_id, tmp=tmp, shells=args.shells,
+        relay = Relay(target=where.target, job_id=where.job.id, tmp=tmp, shells=args.shells,
                       auth=auth, err=err, debug=args.debug, local_node=cfg.node_name)
         relay.start()  # the agent starts the session while ssh starts
         cmd = build_command(args.ssh, key=os.path.join(tmp, "key"),

@@ -389,10 +389,11 @@ def adoptctl(agent: Agent, uid: int, *argv: str) -> tuple[int, str, str]:
 
 def test_adoptctl_jobs_and_errors(agent: Agent) -> None:
     rc, out, err = adoptctl(agent, 0, "job", "start", "--id", "42", "--user", "alice")
-    assert rc == 0 and "job 42 of alice started on testnode" in out, err
+    assert rc == 0 and "job 42 of alice started on testnode (42@testnode)" in out, err
     rc, out, _ = adoptctl(agent, 0, "jobs")
     assert rc == 0 and out.splitlines()[0].split()[:3] == ["JOBID", "USER", "STATE"]
-    assert out.splitlines()[1].split()[:3] == ["42", "alice", "running"]
+    # JOB@NODE: what ssh-to-job takes without searching (issue 12)
+    assert out.splitlines()[1].split()[:3] == ["42@testnode", "alice", "running"]
     rc, out, err = adoptctl(agent, 0, "job", "end", "../../etc")
     assert rc == 1 and err.startswith("adoptctl: Invalid argument: ") and "job id" in err.lower()
     rc, out, err = adoptctl(agent, ALICE, "job", "end", "42")

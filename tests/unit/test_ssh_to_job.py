@@ -73,7 +73,8 @@ ALIAS = "job-42.ssh-to-job"
      dict(login_user="alice", passthrough=("-o", "Compression=yes", "-T"), job_id="42")),
     (["-Tq", "-o", "ServerAliveInterval=5", "42"],
      dict(passthrough=("-T", "-q", "-o", "ServerAliveInterval=5"))),
-    (["alice@42", "true"], dict(login_user="alice", job_id="42", remote=("true",))),
+    # JOB@NODE (issue 12): the job id keeps its node; the location module splits it.
+    (["42@node17", "true"], dict(login_user=None, job_id="42@node17", remote=("true",))),
     (["-help"], dict(help=True)),
     (["--help", "42"], dict(help=True)),
     (["-h"], dict(help=True)),
@@ -96,6 +97,7 @@ def test_parse_a_shell_variable_the_agent_would_refuse_is_left_out() -> None:
 @pytest.mark.parametrize("argv", [
     [], ["-debug"], ["-name"], ["--bogus", "42"], ["-Z", "42"], ["--debug=yes", "42"],
     ["-ssh", "", "42"], ["-ssh", "'unterminated", "42"], ["-l"], ["@"],
+    ["42@"], ["@node1"], ["42@node1@x"], ["alice@42@node1"], ["42@node1:22"], ["42@a/b"],
     ["-shells", "bash", "42"], ["-shells", "/bin/sh,/x/../y", "42"],
 ])
 def test_bad_arguments_exit_2(argv: list[str]) -> None:
@@ -337,8 +339,7 @@ def test_main_unknown_job_is_one_clear_line(
     rc = stj.main(["-name", "127.0.0.1", "99"], out=io.StringIO(), err=err,
                   authenticator=auth.as_uid(ALICE))
     assert rc == 1
-    assert err.getvalue() == ("ssh-to-job: Not found: no job 99 on "
-                              f"{target} (or not yours)\n")
+    assert err.getvalue() == "ssh-to-job: Not found: no job 99 on 127.0.0.1 (or not yours)\n"
 
 
 # -- the session --------------------------------------------------------------------------
@@ -349,7 +350,7 @@ def session(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     state: dict[str, Any] = {"rc": 0, "raise": None, "error_line": None}
     monkeypatch.setattr("node_agent.cli.ssh_to_job.config_mod.find",
                         lambda explicit=None: AgentConfig())
-    monkeypatch.setattr(stj, "locate", lambda *a, **k: stj.Located(
+    monkeypatch.setattr(stj, "find_job", lambda *a, **k: stj.Located(
         "unix:/run/a.sock", pb.Job(id="42", user="alice", state="running"), "n1"))
     real_run = subprocess.run
 
@@ -451,7 +452,7 @@ def test_key_dir_exists_while_locating_and_is_gone_when_the_job_is_not_found(
         seen.append(sorted(os.listdir(tmp_path / tmp)))
         raise CliError("Not found", "no job 42 on any agent")
 
-    monkeypatch.setattr(stj, "locate", not_found)
+    monkeypatch.setattr(stj, "find_job", not_found)
     err = io.StringIO()
     assert stj.main(["42"], err=err, authenticator=FakeAuthenticator()) == 1
     assert err.getvalue() == "ssh-to-job: Not found: no job 42 on any agent\n"
