@@ -319,8 +319,9 @@ class Locator:
 
         out = fan_out(nodes, open_client, lambda c: c.list_jobs(job_id=job_id),
                       parallel=self.cfg.locate_parallel, enough=running)
-        self._say(f"asked {len(out.replies) + len(out.unanswered)} of {len(nodes)} nodes "
-                  f"({self.cfg.locate_parallel} at a time) in {out.seconds * 1000:.0f} ms"
+        self._say(f"{len(out.replies)} of {len(nodes)} nodes answered "
+                  f"({self.cfg.locate_parallel} at a time, within {timeout:g} s each) in "
+                  f"{out.seconds * 1000:.0f} ms"
                   + (f": job {job_id} runs on {out.winner}" if out.winner else ""))
         if out.unanswered:
             self._say(f"no answer from {describe_unanswered(out.unanswered)}")

@@ -416,7 +416,7 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
                       auth=auth, err=err, debug=args.debug, local_node=cfg.node_name)
         relay.start()  # the agent starts the session while ssh starts
         cmd = build_command(args.ssh, key=os.path.join(tmp, "key"),
-                            known_hosts=os.path.join(tmp, "known_hosts"), job_id=args.job_id,
+                            known_hosts=os.path.join(tmp, "known_hosts"), job_id=where.job.id,
                             user=where.job.user, proxy=proxy_argv(relay.sock_path),
                             remote=args.remote, debug=args.debug, x11=args.x11,
                             extra=args.passthrough)

@@ -256,7 +256,8 @@ def test_not_found_names_the_nodes_that_did_not_answer() -> None:
         f"no job 42 on {config_mod.fold_nodes(names)} (or not yours); no answer from "
         "node[2,4] (Timeout), node5 (Agent unreachable)")
     debug = err.getvalue()
-    assert "asked 5 of 5 nodes" in debug and "no answer from node[2,4] (Timeout)" in debug
+    assert "2 of 5 nodes answered (32 at a time, within 2 s each)" in debug
+    assert "no answer from node[2,4] (Timeout)" in debug
 
 
 def test_another_users_job_is_not_found_like_a_missing_one() -> None:
