@@ -10,8 +10,8 @@ they need only the configuration and MUNGE. Where the job is, in this order:
 3. the native registry with a `nodes` key: a bounded parallel fan-out of ``ListJobs(job_id)``
    to those nodes' agents (`fan_out`): at most ``locate_parallel`` calls in flight, taken in
    the NodeSet's order, each with the deadline ``locate_timeout``; the first agent that has
-   the job *running* wins and the calls still in flight are cancelled (their channels
-   closed), the nodes not yet asked are not asked. Nodes that did not answer are named
+   the job *running* wins and the calls still in flight are cancelled, the nodes not yet
+   asked are not asked. Nodes that did not answer are named
    (`-debug`, and the error when the job is nowhere);
 4. no `nodes`: this node's own agent (its Unix socket), as before issue 12.
 
@@ -95,6 +95,18 @@ def parse_ref(text: str) -> JobRef:
 
 # -- the fan-out --------------------------------------------------------------------------
 
+class Call(Protocol):
+    """A call in flight (a gRPC future)."""
+
+    def result(self, timeout: float | None = None) -> pb.ListJobsReply:
+        """Its answer (raises its error; grpc.FutureCancelledError once cancelled)."""
+        ...
+
+    def cancel(self) -> bool:
+        """End it now."""
+        ...
+
+
 class JobLister(Protocol):
     """What the fan-out needs of a client (node_agent.client.AgentClient)."""
 
@@ -103,8 +115,13 @@ class JobLister(Protocol):
         """The agent's ListJobs."""
         ...
 
+    def list_jobs_future(self, user: str = "", job_id: str = "", with_pids: bool = False,
+                         ) -> Call:
+        """The agent's ListJobs, as a call that can be cancelled."""
+        ...
+
     def close(self) -> None:
-        """Close the channel; a call in flight on it ends (CANCELLED)."""
+        """Close the channel (once no call is in flight on it)."""
         ...
 
 
@@ -133,17 +150,21 @@ def _why(e: BaseException) -> str:
 
 
 def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
-            request: Callable[[JobLister], pb.ListJobsReply], *, parallel: int,
+            request: Callable[[JobLister], Call], *, parallel: int,
             enough: Callable[[str, pb.ListJobsReply], bool] = lambda node, reply: False,
             ) -> FanOut:
-    """Ask every node's agent (`request` on `open_client(node)`), at most `parallel` at
-    once, in the order of `nodes`; stop as soon as `enough(node, reply)` says so: the
-    calls in flight are cancelled (their clients closed), the rest are not made. Each
-    call's deadline is the client's. Returns when every started call has ended."""
+    """Ask every node's agent (the call `request` starts on `open_client(node)`), at most
+    `parallel` at once, in the order of `nodes`; stop as soon as `enough(node, reply)`
+    says so: the calls in flight are cancelled, the rest are not made. Each call's
+    deadline is the client's. Returns when every started call has ended.
+
+    Calls are cancelled, never their channels closed under them: gRPC Python may crash
+    when a channel is closed while a call on it is in flight (grpc/grpc#16290, #19235); a
+    worker closes its own client once its call has ended."""
     result = FanOut()
     lock = threading.Lock()
     todo: Iterator[str] = iter(nodes)
-    inflight: dict[str, JobLister] = {}
+    inflight: dict[str, Call] = {}
     stop = threading.Event()
     start = time.monotonic()
 
@@ -161,17 +182,28 @@ def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
                 with lock:
                     result.unanswered[node] = _why(e)
                 continue
-            with lock:
-                if stop.is_set():  # the search ended while we opened it
-                    client.close()
-                    result.not_asked.append(node)
-                    return
-                inflight[node] = client
+            reply: pb.ListJobsReply | None = None
+            error: BaseException | None = None
             try:
-                reply: pb.ListJobsReply | None = request(client)
-                error: BaseException | None = None
-            except (grpc.RpcError, ImpostorError, AuthError) as e:
-                reply, error = None, e
+                if stop.is_set():  # the search ended while we opened it
+                    with lock:
+                        result.not_asked.append(node)
+                    return
+                try:
+                    call = request(client)  # (makes the MUNGE credential: may raise)
+                except (grpc.RpcError, ImpostorError, AuthError) as e:
+                    error = e
+                else:
+                    with lock:
+                        inflight[node] = call
+                        if stop.is_set():  # the winner came while we started it
+                            call.cancel()
+                    try:
+                        reply = call.result()
+                    except grpc.FutureCancelledError:
+                        pass  # we cancelled it: the search is over
+                    except (grpc.RpcError, ImpostorError, AuthError) as e:
+                        error = e
             finally:
                 with lock:
                     inflight.pop(node, None)
@@ -182,13 +214,12 @@ def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
                     if not stop.is_set() and enough(node, reply):
                         result.winner = node
                         stop.set()
-                        for other in inflight.values():  # cancels their calls
-                            other.close()
-                elif stop.is_set() and isinstance(error, grpc.RpcError) and \
-                        error.code() == grpc.StatusCode.CANCELLED:
-                    pass  # we cancelled it: the search is over
+                        for other in inflight.values():
+                            other.cancel()
+                elif error is None or (stop.is_set() and isinstance(error, grpc.RpcError)
+                                       and error.code() == grpc.StatusCode.CANCELLED):
+                    pass  # cancelled by us
                 else:
-                    assert error is not None
                     result.unanswered[node] = _why(error)
                     result.last_error = error
                     if isinstance(error, AuthError) and result.auth_error is None:
@@ -317,7 +348,7 @@ class Locator:
         def running(node: str, reply: pb.ListJobsReply) -> bool:
             return any(j.id == job_id and j.state == "running" for j in reply.jobs)
 
-        out = fan_out(nodes, open_client, lambda c: c.list_jobs(job_id=job_id),
+        out = fan_out(nodes, open_client, lambda c: c.list_jobs_future(job_id=job_id),
                       parallel=self.cfg.locate_parallel, enough=running)
         self._say(f"{len(out.replies)} of {len(nodes)} nodes answered "
                   f"({self.cfg.locate_parallel} at a time, within {timeout:g} s each) in "
@@ -349,7 +380,7 @@ class Locator:
             return any(j.id == job_id and j.state == "running" for j in reply.jobs)
 
         out = fan_out(targets, lambda t: self._open(t, timeout),
-                      lambda c: c.list_jobs(job_id=job_id), parallel=1, enough=running)
+                      lambda c: c.list_jobs_future(job_id=job_id), parallel=1, enough=running)
         if not out.replies and out.last_error is not None:
             raise out.last_error
         rnd = _Round(where=", ".join(targets))
@@ -444,7 +475,7 @@ class Locator:
             return self._open(self._target(node), timeout)
 
         out = fan_out(nodes, open_client,
-                      lambda c: c.list_jobs(user=user, with_pids=with_pids),
+                      lambda c: c.list_jobs_future(user=user, with_pids=with_pids),
                       parallel=self.cfg.locate_parallel)
         if not out.replies and out.auth_error is not None:
             raise out.auth_error

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +16,13 @@ import grpc
 import pytest
 
 from node_agent import config as config_mod
+from node_agent.auth import AuthInterceptor
 from node_agent.cli import adoptctl
 from node_agent.cli import locate as loc
 from node_agent.cli.common import CliError, UsageError
 from node_agent.jobs import slurmctl
 from node_agent.proto.v1 import agent_pb2 as pb
+from node_agent.proto.v1 import agent_pb2_grpc
 from tests.unit.fakes import FakeAuthenticator
 
 WAIT = 10.0  # bound of every wait below (never reached when the code is right)
@@ -51,6 +54,7 @@ class Cluster:
     lock: threading.Lock = field(default_factory=threading.Lock)
     asked: list[str] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
     timeouts: list[float] = field(default_factory=list)
     inflight: int = 0
     max_inflight: int = 0
@@ -109,10 +113,35 @@ class FakeClient:
             with c.lock:
                 c.inflight -= 1
 
+    def list_jobs_future(self, user: str = "", job_id: str = "", with_pids: bool = False,
+                         ) -> FakeCall:
+        return FakeCall(self, user, job_id)
+
     def close(self) -> None:
         with self.cluster.lock:
             self.cluster.closed.append(self.node)
-        self.cancelled.set()
+
+
+class FakeCall:
+    """The fake's call: it runs (and blocks) in result(), as a gRPC future's result()
+    waits; cancel() ends it (FutureCancelledError, as gRPC raises)."""
+
+    def __init__(self, client: FakeClient, user: str, job_id: str) -> None:
+        self.client, self.user, self.job_id = client, user, job_id
+
+    def result(self, timeout: float | None = None) -> pb.ListJobsReply:
+        try:
+            return self.client.list_jobs(user=self.user, job_id=self.job_id)
+        except FakeRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                raise grpc.FutureCancelledError() from None
+            raise
+
+    def cancel(self) -> bool:
+        with self.client.cluster.lock:
+            self.client.cluster.cancelled.append(self.client.node)
+        self.client.cancelled.set()
+        return True
 
 
 def job(job_id: str, node: str, state: str = "running", user: str = "alice") -> pb.Job:
@@ -180,7 +209,7 @@ def test_fan_out_never_has_more_than_parallel_calls_in_flight() -> None:
     names = nodes(10)
     cluster = Cluster(held=set(names))
     t, box = in_thread(lambda: loc.fan_out(
-        names, lambda n: FakeClient(cluster, n), lambda c: c.list_jobs(job_id="42"),
+        names, lambda n: FakeClient(cluster, n), lambda c: c.list_jobs_future(job_id="42"),
         parallel=3))
     wait_until(lambda: cluster.inflight == 3)
     cluster.gate.set()  # all answer now
@@ -194,7 +223,7 @@ def test_fan_out_asks_in_order_and_stops_at_the_first_running_match() -> None:
     names = nodes(6)
     cluster = Cluster(jobs={names[3]: [job("42", names[3])]})
     out = loc.fan_out(names, lambda n: FakeClient(cluster, n),
-                      lambda c: c.list_jobs(job_id="42"), parallel=1,
+                      lambda c: c.list_jobs_future(job_id="42"), parallel=1,
                       enough=lambda n, r: any(j.state == "running" for j in r.jobs))
     assert cluster.asked == names[:4]  # in the set's order; nothing after the match
     assert out.winner == names[3] and out.not_asked == names[4:]
@@ -207,7 +236,7 @@ def test_first_running_match_wins_and_the_calls_in_flight_are_cancelled() -> Non
     cluster = Cluster(jobs={names[2]: [job("42", names[2])]},
                       hang={names[0], names[1], names[3]}, held={names[2]})
     t, box = in_thread(lambda: loc.fan_out(
-        names, lambda n: FakeClient(cluster, n), lambda c: c.list_jobs(job_id="42"),
+        names, lambda n: FakeClient(cluster, n), lambda c: c.list_jobs_future(job_id="42"),
         parallel=4, enough=lambda n, r: bool(r.jobs)))
     wait_until(lambda: cluster.inflight == 4)
     cluster.gate.set()
@@ -215,7 +244,8 @@ def test_first_running_match_wins_and_the_calls_in_flight_are_cancelled() -> Non
     assert not t.is_alive(), "the fan-out waited for calls it should have cancelled"
     out = box["result"]
     assert out.winner == names[2]
-    assert set(cluster.closed) == set(names)
+    assert sorted(cluster.cancelled) == [names[0], names[1], names[3]]
+    assert sorted(cluster.closed) == names  # each client closed once its call ended
     assert out.unanswered == {}  # cancelled calls are not failures
 
 
@@ -367,3 +397,62 @@ def test_adoptctl_jobs_all_prints_refs_and_names_the_silent_nodes(
     assert adoptctl.main(["jobs", "--all", "--json"], out=out,
                          authenticator=FakeAuthenticator()) == 0
     assert '"ref": "1@node1"' in out.getvalue()
+
+
+# -- with real gRPC: in-process agents on loopback, real futures, real cancellation -------
+
+class HangingAgent(agent_pb2_grpc.NodeAgentServicer):
+    """ListJobs answers `jobs`, or, with `hang`, holds the call until the client goes
+    away (and records that it saw the cancellation)."""
+
+    def __init__(self, jobs: list[pb.Job], hang: bool = False) -> None:
+        self.jobs, self.hang = jobs, hang
+        self.entered = threading.Event()
+        self.saw_cancel = threading.Event()
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext,
+                 ) -> pb.ListJobsReply:
+        self.entered.set()
+        if self.hang:
+            gone = threading.Event()
+            context.add_callback(gone.set)
+            if gone.wait(WAIT):
+                self.saw_cancel.set()
+            context.abort(grpc.StatusCode.UNAVAILABLE, "gone")
+        return pb.ListJobsReply(node="n", jobs=[j for j in self.jobs if j.id == request.job_id])
+
+
+def test_real_grpc_calls_in_flight_are_cancelled_at_the_match() -> None:
+    auth = FakeAuthenticator()
+    servers, targets, agents = [], {}, {}
+    try:
+        for name, hang in (("node1", True), ("node2", False)):
+            agent = HangingAgent([job("42", name)] if not hang else [], hang=hang)  # type: ignore[abstract]
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                                 interceptors=[AuthInterceptor(auth, {"ip:127.0.0.1"})])
+            agent_pb2_grpc.add_NodeAgentServicer_to_server(agent, server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            servers.append(server)
+            targets[name], agents[name] = f"ipv4:127.0.0.1:{port}", agent
+        # A deadline far beyond the bounded waits below: only the cancellation ends node1's.
+        cfg = cfg_for(["node1", "node2"], locate_timeout=config_mod.MAX_LOCATE_TIMEOUT)
+
+        def target_of(node: str | None) -> str:
+            if node == "node2":  # node2 answers only once node1's call hangs in its agent
+                assert agents["node1"].entered.wait(WAIT)
+            return targets[node or ""]
+
+        err = io.StringIO()
+        t, box = in_thread(lambda: loc.Locator(cfg, auth.as_uid(1000), err, debug=True,
+                                               target_of=target_of).locate("42"))
+        t.join(WAIT)
+        assert not t.is_alive(), "the search waited for node1's call instead of cancelling it"
+        found = box["result"]
+        assert (found.node, found.target) == ("node2", targets["node2"])
+        # node1's agent saw its call end (cancelled), long before the call's deadline
+        assert agents["node1"].saw_cancel.wait(WAIT)
+        assert "no answer from" not in err.getvalue()
+    finally:
+        for server in servers:
+            server.stop(0)
