@@ -20,13 +20,21 @@ each:
     fan-out, 1 node     nodes = "node1"         job L1   (the baseline)
     fan-out, 8 nodes    nodes = "node[1-8]"     job L8
     fan-out, 32 nodes   nodes = "node[1-32]"    job L32
+    fan-out, 32, 8 at once                      the same with locate_parallel = 8
     -name node32        nodes = "node[1-32]"    job L32, asked directly (no search)
 
-locate_parallel is the default (32): the 32-node search has every call in flight at once.
+locate_parallel is the default (32) but in the row that says otherwise: the 32-node
+search has every call in flight at once.
 Target: fan-out over 32 nodes <= 3 x one node (ratio of medians).
 
-Then the whole CLI, `ssh-to-job L32 true` with the 32-node set and with `-name node32`
-(cmd_driver.py, timed inside node1), interleaved, --cli-rounds each: what a user waits.
+Then the whole CLI, `ssh-to-job L1 true` with nodes = "node1", `ssh-to-job L32 true` with
+the 32-node set and with `-name node32` (cmd_driver.py, timed inside node1), interleaved,
+--cli-rounds each: what a user waits.
+
+Beside each locate's time, the CPU it cost: the driver's own (the client) and that of the
+lab's agents and munged (psutil, read from the host before and after each locate). The
+lab's nodes share the machine's cores, so a fan-out can go no faster than all of it
+divided by the cores; on a cluster, each agent's share runs on its own node.
 
 The lab's cost: time of `up` and `down`; memory as the sum of the RSS of the lab's daemons
 by kind (agents, munged, sshd when --sshd), read with psutil from their pid files (the
@@ -194,22 +202,52 @@ def main() -> int:
                 {"config": configs[n], "job": f"L{n}", "node": None, "want": f"node{n}"}
             for n in SIZES}
         last = max(SIZES)
+        path = work / f"nodes{last}-p8.toml"
+        path.write_text(Path(configs[last]).read_text().replace(
+            'nodes = "', "locate_parallel = 8\nnodes = \"", 1))
+        path.chmod(0o644)
+        variants[f"fan-out, {last}, 8 at once"] = {"config": str(path), "job": f"L{last}",
+                                                   "node": None, "want": f"node{last}"}
         variants[f"-name node{last}"] = {"config": configs[last], "job": f"L{last}",
                                          "node": f"node{last}", "want": f"node{last}"}
         py = lab.venv_bin("python")
         loc = Driver(lab, "node1", [py, "-u", str(DRIVER)], work)
         drivers.append(loc)
 
+        servers = [psutil.Process(int(p.read_text().split()[0]))
+                   for kind in lab.daemons if kind.name in ("agent", "munged")
+                   for p in kind.pidfiles()]
+        cpu: dict[str, dict[str, list[float]]] = {v: {"client": [], "servers": []}
+                                                  for v in variants}
+
+        def servers_cpu() -> float:
+            return sum(sum(p.cpu_times()[:2]) for p in servers) * 1000
+
         def locate_once(v: dict[str, Any]) -> tuple[bool, float, str]:
+            s0 = servers_cpu()
             r = loc.ask({k: v[k] for k in ("config", "job", "node")})
+            s1 = servers_cpu()
             ok = bool(r["ok"]) and r["node"] == v["want"]
+            cpu[v["name"]]["client"].append(float(r["cpu_ms"]))
+            cpu[v["name"]]["servers"].append(s1 - s0)
             return ok, float(r["ms"]), r["err"] or f"found on {r['node']}"
 
+        for name, v in variants.items():
+            v["name"] = name
         times, failures = interleaved(variants, args.rounds, rng, locate_once)
         figures["locate_ms"] = times
+        figures["locate_cpu_ms"] = cpu
         base = next(iter(variants))
+        cores = os.cpu_count() or 1
         lines = table(f"locating a job (in-process Locator on node1, {args.rounds} rounds, "
                       "job on the last node):", times, base)
+        # Means: the agents' CPU times come in clock ticks (10 ms), so a median of single
+        # locates says 0; their mean over the rounds is what they cost.
+        lines.append(f"  CPU per locate (means; {cores} cores shared by everything):")
+        for name, c in cpu.items():
+            client, srv = statistics.mean(c["client"]), statistics.mean(c["servers"])
+            lines.append(f"  {name:<22} client {client:6.1f} ms  agents+munged {srv:6.1f} ms  "
+                         f"-> no faster than {(client + srv) / cores:6.1f} ms here")
         ratio = (statistics.median(times[f"fan-out, {last} nodes"])
                  / statistics.median(times[base])) if all(times.values()) else float("nan")
         figures["ratio_32_to_1"] = ratio
@@ -221,6 +259,7 @@ def main() -> int:
             cli = Driver(lab, "node1", ["/usr/bin/python3", "-u", str(CMD_DRIVER)], work)
             drivers.append(cli)
             cli_variants = {
+                "ssh-to-job, 1 node": [stj, "-config", configs[1], "L1", "true"],
                 f"ssh-to-job, {last} nodes": [stj, "-config", configs[last], f"L{last}", "true"],
                 f"ssh-to-job -name node{last}": [stj, "-config", configs[last], "-name",
                                                   f"node{last}", f"L{last}", "true"]}
@@ -235,10 +274,10 @@ def main() -> int:
             lines += table(f"the whole CLI (ssh-to-job ... true, {args.cli_rounds} rounds):",
                            cli_times, next(iter(cli_variants)))
         print("\n".join(lines))
-        for v, why in failures.items():
+        for name, why in failures.items():
             if why:
                 failed = True
-                print(f"FAILED {v}: {len(why)} x, e.g. {why[0]}")
+                print(f"FAILED {name}: {len(why)} x, e.g. {why[0]}")
         figures["failures"] = {v: w for v, w in failures.items() if w}
     finally:
         for d in drivers:

@@ -4,7 +4,8 @@ python): bench_locate.py's driver.
 Reads one JSON object per line on stdin, {"config": PATH, "job": ID, "node": NODE or
 null}, and for each runs node_agent/cli/locate.py's Locator.locate(ID, node=NODE) with
 that configuration and real MUNGE, as the CLIs do; prints one JSON line {"ok": BOOL,
-"ms": MILLISECONDS, "node": WHERE, "err": WHY}. Each locate makes its channels anew
+"ms": MILLISECONDS, "cpu_ms": THIS PROCESS'S CPU, "node": WHERE, "err": WHY}. Each
+locate makes its channels anew
 (gRPC's global subchannel pool is turned off for them, so no connection is reused
 between two locates), as a fresh ssh-to-job process would; the process itself stays, so
 the interpreter's start and imports are left out of the figure: it is the search alone.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 import sys
 import time
 from typing import Any
@@ -44,6 +46,7 @@ def main() -> None:
         if cfg is None:
             cfg = configs[req["config"]] = config_mod.load(req["config"])
         auth = MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         try:
             where = locate.Locator(cfg, auth, io.StringIO()).locate(req["job"],
@@ -52,7 +55,10 @@ def main() -> None:
         except (CliError, grpc.RpcError) as e:
             ok, node, err = False, "", str(e)
         ms = (time.perf_counter() - t0) * 1000
-        print(json.dumps({"ok": ok, "ms": ms, "node": node, "err": err}), flush=True)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * 1000
+        print(json.dumps({"ok": ok, "ms": ms, "cpu_ms": cpu, "node": node, "err": err}),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -123,19 +123,44 @@ class FakeClient:
 
 
 class FakeCall:
-    """The fake's call: it runs (and blocks) in result(), as a gRPC future's result()
-    waits; cancel() ends it (FutureCancelledError, as gRPC raises)."""
+    """The fake's call: it runs (and may block) in a thread of its own from its start, as
+    a gRPC future runs in gRPC's threads; done-callbacks run when it ends; cancel() ends
+    a blocked one (FutureCancelledError, as gRPC raises)."""
 
     def __init__(self, client: FakeClient, user: str, job_id: str) -> None:
-        self.client, self.user, self.job_id = client, user, job_id
+        self.client = client
+        self._done = threading.Event()
+        self._callbacks: list[Callable[[Any], None]] = []
+        self._lock = threading.Lock()
+        self._reply: pb.ListJobsReply | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, args=(user, job_id), daemon=True).start()
+
+    def _run(self, user: str, job_id: str) -> None:
+        try:
+            self._reply = self.client.list_jobs(user=user, job_id=job_id)
+        except FakeRpcError as e:
+            self._error = grpc.FutureCancelledError() \
+                if e.code() == grpc.StatusCode.CANCELLED else e
+        with self._lock:
+            self._done.set()
+            callbacks = list(self._callbacks)
+        for fn in callbacks:
+            fn(self)
+
+    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
 
     def result(self, timeout: float | None = None) -> pb.ListJobsReply:
-        try:
-            return self.client.list_jobs(user=self.user, job_id=self.job_id)
-        except FakeRpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED:
-                raise grpc.FutureCancelledError() from None
-            raise
+        assert self._done.wait(WAIT)
+        if self._error is not None:
+            raise self._error
+        assert self._reply is not None
+        return self._reply
 
     def cancel(self) -> bool:
         with self.client.cluster.lock:
