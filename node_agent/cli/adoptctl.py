@@ -162,11 +162,11 @@ def adoptctl_parser() -> argparse.ArgumentParser:
     attach.add_argument("job_id", metavar="ID")
     attach.add_argument("pid", type=int)
     end = jsub.add_parser("end", help="kill every process of the job, remove its cgroups")
-    end.add_argument("job_id", metavar="ID")
+    end.add_argument("job_id", metavar="ID", help="ID, or ID@NODE to ask NODE's agent")
     end.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                      help="how long to wait for the processes to die (default: %(default)s)")
     show = jsub.add_parser("show", help="one job, with its processes and cgroups")
-    show.add_argument("job_id", metavar="ID")
+    show.add_argument("job_id", metavar="ID", help="ID, or ID@NODE to ask NODE's agent")
     show.add_argument("--json", action="store_true")
 
     whois = sub.add_parser("whois", help="which job owns a TCP connection (scontrol callerid)",
@@ -221,7 +221,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
             return 0 if reply.outcome == pb.CallerIdReply.FOUND else EXIT_FAILURE
         # job ...
         jc = args.job_command
-        with _client(args, cfg, auth=authenticator) as c:
+        node = None
+        if jc in ("end", "show"):  # JOB@NODE (as `adoptctl jobs` prints it): that node's agent
+            ref = locate_mod.parse_ref(args.job_id)
+            if ref.node and args.agent:
+                raise UsageError(f"{args.job_id} names its node: leave out --agent")
+            args.job_id, node = ref.job_id, ref.node
+        with _client(args, cfg, node=node, auth=authenticator) as c:
             if jc in ("run", "start"):
                 cmd = list(getattr(args, "cmd", []) or [])
                 if cmd and cmd[0] == "--":

@@ -769,3 +769,30 @@ def test_a_stream_credential_for_another_first_frame_opens_nothing(
         assert e.value.details() == "MUNGE credential was not minted for this request"
         assert shells.opened == []
         assert agent.servicer.sessions.wait_held(0, WAIT)
+
+
+def test_adoptctl_job_show_and_end_take_job_at_node(agent: Agent,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`adoptctl job show/end 42@NODE` ask NODE's agent (at the configured port), as
+    ssh-to-job does: the reference `adoptctl jobs` prints is usable from any node."""
+    from node_agent import config as config_mod
+    from node_agent.config import AgentConfig
+
+    port = int(agent.tcp.rsplit(":", 1)[1])
+    monkeypatch.setattr(config_mod, "find", lambda explicit=None: AgentConfig(
+        port=port, socket="/nonexistent/agent.sock"))
+    agent.client(0).start_job("42", "alice")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        rc = adoptctl_main(list(argv), out=out, err=err, authenticator=agent.auth.as_uid(0))
+        return rc, out.getvalue(), err.getvalue()
+
+    rc, out, err = run("job", "show", "42@127.0.0.1")
+    assert rc == 0 and "job         42\n" in out, err
+    rc, out, err = run("--agent", agent.tcp, "job", "show", "42@127.0.0.1")
+    assert rc == 2 and "leave out --agent" in err
+    rc, out, err = run("job", "show", "42@bad:node")
+    assert rc == 2 and err.startswith("adoptctl: Usage: bad node in job reference")
+    rc, out, err = run("job", "end", "42@127.0.0.1")
+    assert rc == 0 and out.startswith("job 42 ended on testnode"), err
