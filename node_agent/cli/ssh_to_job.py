@@ -31,13 +31,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any, TextIO
 
 import grpc
 
-from node_agent import __version__, dial, relaybuf, shellwire
+from node_agent import __version__, dial, jobids, relaybuf, shellwire
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.cli.common import CATEGORIES, CliError, UsageError, run
@@ -90,6 +90,9 @@ examples:
   ssh-to-job -ssh sftp 42
   rsync -av -e ssh-to-job 42:results/ ./results/ # the job id where a host would be
   ssh-to-job -auto-retry 42              # wait for a job that has not started yet
+  ssh-to-job 42.0                        # CLUSTER.PROC: job 42 where job ids are
+                                         # numbers (Slurm; a PROC other than 0 is an
+                                         # error); elsewhere "42.0" is a name as any
 
 exit status: the remote command's; 1 when the session could not be set up; 2 for bad
 arguments.
@@ -223,6 +226,16 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Ar
                 x11=opts.get("x11"), debug=bool(opts.get("debug")),
                 login_user=opts.get("login_user"), passthrough=tuple(passthrough),
                 config=opts.get("config"))
+
+
+def backend_job_id(args: Args, backend: str) -> Args:
+    """`args` with the job id the backend knows (node_agent.jobids: `42.0` is Slurm's job
+    42); UsageError, one line, for an id that names no job there (`42.1` on Slurm)."""
+    try:
+        job_id = jobids.cluster_proc(args.job_id, backend)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return args if job_id == args.job_id else replace(args, job_id=job_id)
 
 
 # -- the command line -------------------------------------------------------------------
@@ -438,6 +451,7 @@ def finish_keygen(proc: subprocess.Popen[str]) -> None:
 def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
                 sleep: Callable[[float], None] = time.sleep) -> int:
     """Find the job, open a session and run ssh through it; ssh's exit status."""
+    args = backend_job_id(args, cfg.backend)
     handlers = _Handlers()
     handlers.install()
     tmp = tempfile.mkdtemp(prefix="ssh-to-job.")  # mode 0700

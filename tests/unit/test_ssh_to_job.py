@@ -459,6 +459,61 @@ def test_key_dir_exists_while_locating_and_is_gone_when_the_job_is_not_found(
     assert os.listdir(tmp_path) == []  # nothing left: no directory, no key
 
 
+@needs_keygen
+def test_cluster_proc_on_slurm_is_the_cluster(session: dict[str, Any],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("node_agent.cli.ssh_to_job.config_mod.find",
+                        lambda explicit=None: AgentConfig(backend="slurm"))
+    asked: list[str] = []
+
+    def slurm_node(job_id: str, auto_retry: bool) -> str:
+        asked.append(job_id)
+        return "127.0.0.1"   # (an address: no name is looked up)
+
+    monkeypatch.setattr(stj, "slurm_node", slurm_node)
+    located: list[str] = []
+
+    def locate(targets: list[str], job_id: str, *a: Any, **k: Any) -> stj.Located:
+        located.append(job_id)
+        return stj.Located("unix:/run/a.sock", pb.Job(id=job_id, user="alice",
+                                                      state="running"), "n1")
+
+    monkeypatch.setattr(stj, "locate", locate)
+    assert stj.main(["42.0", "true"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 0
+    assert asked == located == ["42"]
+    assert session["cmd"][-3:] == [ALIAS, "--", "true"]
+
+
+def test_cluster_proc_other_than_0_on_slurm_is_a_usage_error(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("node_agent.cli.ssh_to_job.config_mod.find",
+                        lambda explicit=None: AgentConfig(backend="slurm"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(stj, "slurm_node", lambda *a: pytest.fail("Slurm was asked"))
+    err = io.StringIO()
+    assert stj.main(["42.1", "true"], err=err, authenticator=FakeAuthenticator()) == 2
+    assert err.getvalue() == (
+        "ssh-to-job: Usage: invalid job id '42.1': Slurm job ids are plain numbers: "
+        "CLUSTER.PROC means job CLUSTER only when PROC is 0 (42.0 is job 42; 42.1 is no "
+        "job)\n")
+    assert os.listdir(tmp_path) == []   # before anything was made
+
+
+@needs_keygen
+def test_cluster_proc_is_left_alone_on_the_native_registry(
+        session: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    located: list[str] = []
+
+    def locate(targets: list[str], job_id: str, *a: Any, **k: Any) -> stj.Located:
+        located.append(job_id)
+        return stj.Located("unix:/run/a.sock", pb.Job(id=job_id, user="alice",
+                                                      state="running"), "n1")
+
+    monkeypatch.setattr(stj, "locate", locate)
+    assert stj.main(["42.1", "true"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 0
+    assert located == ["42.1"]   # a native job may be named so
+
+
 def test_keygen_failure_is_clear(session: dict[str, Any]) -> None:
     err = io.StringIO()
     assert stj.main(["-keygen-options", "-t nonsense", "42"], err=err,
