@@ -60,6 +60,9 @@ ALIAS = "job-42.ssh-to-job"
     (["-X", "42"], dict(x11=True)),
     (["-x", "42"], dict(x11=False)),
     (["-config", "/c.toml", "42"], dict(config="/c.toml")),
+    (["-remove-on-interrupt", "42"], dict(remove_on_interrupt=True)),
+    (["--remove-on-interrupt", "42"], dict(remove_on_interrupt=True)),
+    (["42"], dict(remove_on_interrupt=False)),
     # Options after the job id belong to the remote command.
     (["42", "-debug", "-X"], dict(debug=False, x11=None, remote=("-debug", "-X"))),
     (["--", "-7"], dict(job_id="-7")),
@@ -237,6 +240,7 @@ class FakeAgent(agent_pb2_grpc.NodeAgentServicer):
     refuse: tuple[grpc.StatusCode, str] | None = None
     open_delay: float = 0.0
     banner: bytes = b"SSH-2.0-Fake\r\n"
+    grant_removal: bool = True   # False: an agent that ignores remove_on_interrupt
 
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext,
                  ) -> pb.ListJobsReply:
@@ -261,8 +265,9 @@ class FakeAgent(agent_pb2_grpc.NodeAgentServicer):
         if self.refuse:
             context.abort(*self.refuse)
         time.sleep(self.open_delay)
-        yield pb.ShellFrame(opened=pb.ShellOpened(host_key=HOST_KEY, node="n1", user="alice",
-                                                  session_id="s1"))
+        yield pb.ShellFrame(opened=pb.ShellOpened(
+            host_key=HOST_KEY, node="n1", user="alice", session_id="s1",
+            remove_on_interrupt=first.open.remove_on_interrupt and self.grant_removal))
         if self.banner:
             yield pb.ShellFrame(data=self.banner)
         for frame in request_iterator:  # echo, then half-close after the client's eof
@@ -370,7 +375,13 @@ def session(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         def __init__(self, **kw: Any) -> None:
             self.sock_path = os.path.join(kw["tmp"], "proxy.sock")
             self.error = ""
+            self.removal = stj.Removal() if kw.get("remove_on_interrupt") else None
             state["relay"] = self
+            state["relay_kw"] = kw
+
+        def remove_job(self) -> str:
+            state["removed"] = True
+            return str(state.get("remove_line", ""))
 
         def start(self) -> None:
             state["started"] = True
@@ -407,6 +418,40 @@ def test_temp_dir_removed_on_ctrl_c(session: dict[str, Any]) -> None:
     assert stj.main(["42"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 130
     assert session["tmp"] and not os.path.exists(session["tmp"])
     assert session["graces"] == [0.0]  # Ctrl-C: the session is cancelled at once
+
+
+@needs_keygen
+@pytest.mark.parametrize(("interrupt", "rc"), [(KeyboardInterrupt(), 130),
+                                               (stj._Signalled(15), 143),
+                                               (stj._Signalled(1), 129)])
+def test_remove_on_interrupt_asks_the_relay_and_says_how_it_went(
+        session: dict[str, Any], interrupt: BaseException, rc: int) -> None:
+    session["raise"] = interrupt
+    session["remove_line"] = "Removed: job 42 ended (3 processes killed)"
+    err = io.StringIO()
+    assert stj.main(["-remove-on-interrupt", "42", "sleep 100"], err=err,
+                    authenticator=FakeAuthenticator()) == rc
+    assert session["relay_kw"]["remove_on_interrupt"] is True
+    assert session["removed"]
+    assert err.getvalue() == "ssh-to-job: Removed: job 42 ended (3 processes killed)\n"
+    assert not os.path.exists(session["tmp"])
+
+
+@needs_keygen
+def test_without_remove_on_interrupt_ctrl_c_removes_nothing(session: dict[str, Any]) -> None:
+    session["raise"] = KeyboardInterrupt()
+    err = io.StringIO()
+    assert stj.main(["42", "sleep 100"], err=err, authenticator=FakeAuthenticator()) == 130
+    assert session["relay_kw"]["remove_on_interrupt"] is False
+    assert "removed" not in session and err.getvalue() == ""
+
+
+@needs_keygen
+def test_remove_on_interrupt_after_a_normal_end_removes_nothing(
+        session: dict[str, Any]) -> None:
+    assert stj.main(["-remove-on-interrupt", "42", "true"], err=io.StringIO(),
+                    authenticator=FakeAuthenticator()) == 0
+    assert "removed" not in session
 
 
 @needs_keygen
@@ -663,6 +708,35 @@ def test_relay_unimplemented_agent(tmp_path: Path) -> None:
     finally:
         server.stop(0)
     assert line.startswith("Not supported: ")
+
+
+def test_relay_refuses_a_session_whose_removal_the_agent_did_not_grant(
+        fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path) -> None:
+    """An agent that does not know -remove-on-interrupt opens a plain session: refused
+    before ssh gets a byte, so that Ctrl-C never silently leaves the job running."""
+    servicer, target, auth = fake_agent
+    servicer.grant_removal = False
+    (tmp_path / "key.pub").write_text("ssh-ed25519 AAAAclientkey ssh-to-job\n")
+    connected: list[bool] = []
+    removal = stj.Removal()
+    error = stj.relay(target=target, job_id="42", pubkey=str(tmp_path / "key.pub"),
+                      known_hosts=str(tmp_path / "known_hosts"), alias=ALIAS, shells=[],
+                      auth=auth.as_uid(ALICE), connect=lambda: connected.append(True),
+                      err=io.StringIO(), removal=removal)
+    assert error == (f"Not supported: the agent at {target} cannot end job 42 on an "
+                     "interrupt (-remove-on-interrupt)")
+    assert connected == [] and not removal.granted.is_set()
+    assert servicer.opens[0][1].remove_on_interrupt
+
+
+def test_relay_remove_job_before_the_session_opened_says_so(tmp_path: Path) -> None:
+    relay = stj.Relay(target="unix:/nonexistent", job_id="42", tmp=str(tmp_path), shells=[],
+                      auth=FakeAuthenticator(), err=io.StringIO(), remove_on_interrupt=True)
+    try:
+        assert relay.remove_job(timeout=1) == ("Not removed: job 42: the session was not "
+                                               "open yet")
+    finally:
+        relay.close()
 
 
 def test_relay_open_deadline(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
