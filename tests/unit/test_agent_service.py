@@ -862,3 +862,30 @@ def test_remove_on_interrupt_is_refused_before_a_session_where_jobs_are_the_sche
                       "scancel)"]
     assert shells.opened == []                  # no session was opened, no sshd started
     assert not removal.granted.is_set()
+
+
+def test_remove_on_a_session_opened_without_it_ends_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shells: FakeShells) -> None:
+    """A hand-made client's `remove` in a plain session (not granted at open) is ignored:
+    the right comes with the open, never with a later frame."""
+    sent = threading.Event()
+    for agent in start_agent(tmp_path, monkeypatch, shells=shells):
+        agent.registry.start("42", "alice")
+
+        def frames() -> Iterator[pb.ShellFrame]:
+            yield OPEN_42
+            yield pb.ShellFrame(remove=True)
+            yield pb.ShellFrame(eof=True)
+            sent.set()
+
+        with agent.client(ALICE) as c:
+            call = c.open_job_shell(frames())
+            first = next(call)
+            assert first.opened.session_id and not first.opened.remove_on_interrupt
+            assert sent.wait(WAIT)
+            time.sleep(0.5)   # (the agent has read them: the stream is in order)
+            assert agent.registry.get("42") is not None
+            shells.opened[0].kill()
+            rest = list(call)
+        assert not any(not isinstance(f, memoryview) and f.HasField("removed") for f in rest)
+        assert agent.registry.get("42") is not None
