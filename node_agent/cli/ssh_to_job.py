@@ -674,7 +674,6 @@ class Relay:
         if self._held is not None:
             self._held.close()
 
-
     def remove_job(self, timeout: float | None = None) -> str:
         """-remove-on-interrupt, once interrupted: have the agent end the job, and wait
         for its answer; the line to print. The relay stops reading ssh (which may outlive
