@@ -116,6 +116,27 @@ def test_the_session_is_slurms_and_ends_alone(lab: lab_mod.Lab, job: int) -> Non
             p.wait()
 
 
+def test_what_a_command_leaves_running_ends_with_its_session(
+        lab: lab_mod.Lab, job: int) -> None:
+    """A background process, one after setsid, one after a double fork: none outlives
+    the session (the launcher, their subreaper, kills them once sshd exits); the job
+    runs on, and what else runs in its extern step is untouched."""
+    before = extern_pids(lab, job)
+    r = stj(lab, str(job),
+            "sleep 300 >/dev/null 2>&1 & echo $!; "
+            "setsid sh -c 'sleep 301 >/dev/null 2>&1 & echo $!'; "
+            "(sh -c 'sleep 302 >/dev/null 2>&1 & echo $!' &); sleep 0.5")
+    assert r.returncode == 0, r.stderr
+    left = [int(p) for p in r.stdout.split()]
+    assert len(left) == 3, r.stdout
+    deadline = time.monotonic() + KILL_TIMEOUT
+    while any(process_alive(p) for p in left) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in left if process_alive(p)] == []
+    assert extern_pids(lab, job) == before
+    assert squeue_state(lab, job) == "RUNNING"
+
+
 def test_scancel_ends_an_open_session(lab: lab_mod.Lab) -> None:
     job = sbatch_sleep(lab, "alice", "node2")
     p = lab.popen("node1", [lab.venv_bin("ssh-to-job"), str(job), "echo $$; exec sleep 300"],
