@@ -66,7 +66,12 @@ SLURM_TIMEOUT = 30.0
 
 
 class SlurmMixin(MungeMixin, ProcessesMixin):
-    """The lab's Slurm: its config files, its daemons, and what ``status`` says of them."""
+    """The lab's Slurm: its config files, its daemons, and what ``status`` says of them.
+
+    ``slurm_job_container``: set before ``up`` to give every job a private /tmp and
+    /dev/shm (job_container/tmpfs, a mount namespace per job)."""
+
+    slurm_job_container = False
 
     @property
     def slurm_dir(self) -> Path:
@@ -127,6 +132,8 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
             "InactiveLimit=0",
             "MinJobAge=30",
         ]
+        if self.slurm_job_container:
+            lines.append("JobContainerType=job_container/tmpfs")
         for node in self.nodes:
             lines.append(f"NodeName={node} NodeAddr={self.ip(node)} CPUs={cpus} "
                          "RealMemory=1000 State=UNKNOWN")
@@ -160,6 +167,15 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
         write_file(d / "etc" / "slurm.conf", self.slurm_config())
         write_file(d / "etc" / "cgroup.conf", self.cgroup_config())
         write_file(d / "etc" / "plugstack.conf", "# no SPANK plugins in the lab\n")
+        if self.slurm_job_container:
+            write_file(d / "etc" / "job_container.conf", self.job_container_config())
+
+    def job_container_config(self) -> str:
+        """job_container.conf: a BasePath of each node's own (they share the host's disk)."""
+        return "\n".join(["# written by deploy/lab/lab.py: job_container/tmpfs",
+                          *(f"NodeName={node} AutoBasePath=true "
+                            f"BasePath={self.slurm_dir / 'jc' / node}" for node in self.nodes),
+                          ""])
 
     # ------------------------------------------------------------ running
 
