@@ -10,6 +10,7 @@
       config      agent.toml              auth      MUNGE credentials, both ways
       dial        reaching an agent       client    typed calls to an agent
       errors      the error catalog       jobenv    the variables a job's processes get
+      jobids      job ids as users write them (CLUSTER.PROC) -> the backend's
       pamcontract the contract with pam_adopt (options, socket, messages, wire format)
       pbconv      callerid's types to and from the gRPC messages, in one place
       shellwire, relaybuf   the ssh-to-job stream on the wire and its buffers

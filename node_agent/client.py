@@ -75,6 +75,15 @@ class AgentClient:
             pb.ListJobsRequest(user=user, job_id=job_id, with_pids=with_pids),
             timeout=self.timeout)
 
+    def list_jobs_future(self, user: str = "", job_id: str = "", with_pids: bool = False,
+                         ) -> Any:
+        """ListJobs as a future (`result()`, `cancel()`): a search that has its answer
+        cancels the calls it no longer needs this way (closing their channels instead, with
+        calls in flight, can crash gRPC Python)."""
+        return self.stub.ListJobs.future(
+            pb.ListJobsRequest(user=user, job_id=job_id, with_pids=with_pids),
+            timeout=self.timeout)
+
     def start_job(self, job_id: str, user: str, argv: Sequence[str] = (), *, cwd: str = "",
                   env: Mapping[str, str] | None = None, output: str = "") -> pb.Job:
         """Start a job (root and admins)."""

@@ -13,6 +13,7 @@ setting back to its default. deploy/agent.toml.example documents every key.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -43,6 +44,20 @@ DEFAULT_MAX_SESSIONS = 64
 DEFAULT_MAX_SESSIONS_PER_USER = 16
 #: ssh-to-job sends its `open` frame as soon as the stream starts; seconds are plenty.
 DEFAULT_OPEN_TIMEOUT = 5.0
+#: Defaults of locate_parallel and locate_timeout (below): how many agents the CLIs ask at
+#: once when they look for a job over `nodes`, and each call's deadline. An agent answers
+#: ListJobs in milliseconds; the deadline is what a dead or black-holed node costs.
+DEFAULT_LOCATE_PARALLEL = 32
+DEFAULT_LOCATE_TIMEOUT = 2.0
+MAX_LOCATE_PARALLEL = 256
+MAX_LOCATE_TIMEOUT = 60
+#: At most this many names in `nodes` (a typo such as node[1-1000000] is refused, not
+#: expanded).
+MAX_NODES = 65536
+# What a folded node set may hold once parsed: host name characters, brackets, ranges and
+# commas. ClusterShell reads `@group` as a group (not resolved here: no group source is
+# consulted) and would take a blank or '@' into a node name.
+_NODESET_TEXT = re.compile(r"[A-Za-z0-9._\-\[\],]*")
 
 
 @dataclass(frozen=True)
@@ -109,11 +124,64 @@ class AgentConfig:
     # Where jobs come from: "native" (the agent's registry, fed by adoptctl) or "slurm"
     # (Slurm's own jobs on this node; see [slurm]).
     backend: str = "native"
+    # The cluster's nodes whose agents the CLIs ask when they look for a job of the native
+    # registry (ssh-to-job JOB, adoptctl jobs --all), in the HPC hostlist syntax parsed
+    # with ClusterShell's NodeSet: "node[001-512],gpu[01-08]". Kept folded; node_names()
+    # expands it. "" = ask only this node's agent.
+    nodes: str = ""
+    # Agents asked at once by that search, and each call's deadline in seconds.
+    locate_parallel: int = DEFAULT_LOCATE_PARALLEL
+    locate_timeout: float = DEFAULT_LOCATE_TIMEOUT
     munge: MungeConfig = field(default_factory=MungeConfig)
     cgroup: CgroupConfig = field(default_factory=CgroupConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     # Where the file came from ("" for built-in defaults), for messages.
     path: str = ""
+
+    def node_names(self) -> list[str]:
+        """The names in `nodes`, in NodeSet order (sorted by name, then by index)."""
+        return expand_nodes(self.nodes) if self.nodes else []
+
+
+def parse_nodes(text: str, where: str = "nodes") -> str:
+    """Check a node set in the hostlist syntax; its folded form (ConfigError when bad).
+
+    >>> parse_nodes("node[001-003],gpu01, node004")
+    'gpu01,node[001-004]'
+    """
+    from ClusterShell.NodeSet import RESOLVER_NOGROUP, NodeSet, NodeSetException
+
+    if not text.strip():
+        raise ConfigError(f"{where}: expected a node set such as \"node[001-512]\", "
+                          f"got {text!r}")
+    try:
+        nodeset = NodeSet(text, resolver=RESOLVER_NOGROUP)
+    except NodeSetException as e:
+        raise ConfigError(f"{where}: not a node set ({e}): {text!r}") from None
+    if len(nodeset) > MAX_NODES:
+        raise ConfigError(f"{where}: {len(nodeset)} nodes, more than {MAX_NODES}: {text!r}")
+    folded = str(nodeset)
+    if not folded or _NODESET_TEXT.fullmatch(folded) is None:
+        raise ConfigError(f"{where}: expected host names and ranges (node[001-512],gpu01), "
+                          f"got {text!r}")
+    return folded
+
+
+def expand_nodes(folded: str) -> list[str]:
+    """The node names of a set checked by parse_nodes."""
+    from ClusterShell.NodeSet import RESOLVER_NOGROUP, NodeSet
+
+    return list(NodeSet(folded, resolver=RESOLVER_NOGROUP))
+
+
+def fold_nodes(names: list[str]) -> str:
+    """Node names -> the short hostlist form for messages: node1,node2,node5 -> node[1-2,5]."""
+    from ClusterShell.NodeSet import RESOLVER_NOGROUP, NodeSet, NodeSetException
+
+    try:
+        return str(NodeSet.fromlist(names, resolver=RESOLVER_NOGROUP))
+    except (ValueError, TypeError, NodeSetException):  # e.g. an IPv6 address: list them
+        return ",".join(names)
 
 
 def _expect(where: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -182,6 +250,8 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
         "max_sessions_per_user": (int, "a number of sessions"),
         "session_open_timeout": ((int, float), "a number of seconds"),
         "backend": (str, "one of " + ", ".join(BACKENDS)),
+        "locate_parallel": (int, "a number of calls"),
+        "locate_timeout": ((int, float), "a number of seconds"),
     }
     for key, value in data.items():
         where = f"{path}: {key}"
@@ -199,6 +269,9 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
             for uid in value:
                 _expect(where, uid, int, "a list of uids")
             kw["admin_uids"] = tuple(value)
+        elif key == "nodes":
+            kw["nodes"] = parse_nodes(_expect(where, value, str, 'a node set ("node[1-9]")'),
+                                      where)
         elif key in simple:
             kind, what = simple[key]
             kw[key] = _expect(where, value, kind, what)
@@ -215,6 +288,11 @@ def parse(data: dict[str, Any], path: str = "<config>") -> AgentConfig:
     if kw.get("max_workers", 1) < 1:
         raise ConfigError(f"{path}: max_workers: expected at least 1")
     _check_session_limits(path, kw)
+    if not 1 <= kw.get("locate_parallel", 1) <= MAX_LOCATE_PARALLEL:
+        raise ConfigError(f"{path}: locate_parallel: expected 1..{MAX_LOCATE_PARALLEL}")
+    if not 0 < kw.get("locate_timeout", 1.0) <= MAX_LOCATE_TIMEOUT:
+        raise ConfigError(f"{path}: locate_timeout: expected more than 0 and at most "
+                          f"{MAX_LOCATE_TIMEOUT} seconds")
     if kw.get("metrics_listen"):
         _check_hostport(f"{path}: metrics_listen", kw["metrics_listen"])
 

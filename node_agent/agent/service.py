@@ -219,6 +219,8 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first frame must be `open`")
         req = first.open
         try:
+            if req.remove_on_interrupt:
+                self._can_remove(req.job_id)   # before anything starts
             session = self.shells.open(req.job_id, ident.uid, self._privileged(ident),
                                        req.public_key, list(req.shells))
         except Exception as e:
@@ -235,7 +237,18 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         # seconds (up to the kill's timeout), so it runs in a thread of its own.
         context.add_callback(lambda: threading.Thread(
             target=session.kill, name=f"shell-kill-{session.session_id}").start())
-        return self._relay(session, request_iterator, slot)
+        removal = _Removal(self, ident.uid, req.job_id) if req.remove_on_interrupt else None
+        return self._relay(session, request_iterator, slot, removal)
+
+    def _can_remove(self, job_id: str) -> None:
+        """-remove-on-interrupt is for backends that end jobs: NotSupported elsewhere, so
+        that the client says so before the session opens, not when Ctrl-C is pressed.
+        (Whose job it is, open() decides next: only its owner, root or an admin uid gets
+        the session, and with it the right to end the job, as condor_rm allows.)"""
+        if not isinstance(self.jobs, JobControl):
+            raise NotSupported(
+                f"-remove-on-interrupt: jobs on {self.node} are ended by their scheduler, "
+                f"not by the agent (end job {job_id} with the scheduler, e.g. scancel)")
 
     def _take_slot(self, ident: Identity, context: grpc.ServicerContext) -> SessionSlot:
         """A slot under the session caps for this stream, or RESOURCE_EXHAUSTED."""
@@ -279,19 +292,29 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         return first
 
     def _relay(self, session: JobShellSession, request_iterator: Iterator[shellwire.Frame],
-               slot: SessionSlot) -> Iterator[pb.ShellFrame | bytes]:
+               slot: SessionSlot, removal: _Removal | None = None,
+               ) -> Iterator[pb.ShellFrame | bytes]:
         counts = [0, 0, 0, 0]  # frames and bytes in, frames and bytes out
 
         def pump_in() -> None:
             try:
                 for frame in request_iterator:
+                    if removal is not None and removal.asked(frame):
+                        removal.remove(session.session_id)
+                        break
                     data, eof = shellwire.unpack(frame)
                     if data:
                         counts[0] += 1
                         counts[1] += len(data)
                         session.write(data)
                     if eof:
-                        break
+                        if removal is None:
+                            break
+                        # -remove-on-interrupt: the client's last word may still come
+                        try:
+                            session.close_stdin()
+                        except OSError:
+                            pass
             except Exception:  # the call ended (cancelled, or sshd went away)
                 pass
             finally:
@@ -300,16 +323,23 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
                 except OSError:
                     pass
 
-        threading.Thread(target=pump_in, name=f"shell-in-{session.session_id}",
-                         daemon=True).start()
+        pump = threading.Thread(target=pump_in, name=f"shell-in-{session.session_id}",
+                                daemon=True)
+        pump.start()
         try:
             yield pb.ShellFrame(opened=pb.ShellOpened(
                 host_key=session.host_key, node=self.node, user=session.user,
-                session_id=session.session_id))
+                session_id=session.session_id, remove_on_interrupt=removal is not None))
             for parts in session:
                 counts[2] += 1
                 counts[3] += sum(len(p) for p in parts)
                 yield shellwire.data_frame(parts)
+            if removal is not None:
+                # The session is over; the client ends its side now, or says `remove`
+                # (it was interrupted). Bounded: a client that says nothing is let go.
+                pump.join(REMOVE_WAIT)
+                if removal.answer is not None:
+                    yield pb.ShellFrame(removed=removal.answer)
             yield pb.ShellFrame(eof=True)
         finally:
             try:
@@ -328,3 +358,41 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
         callerid.validate_job_id(request.job_id)
         rec, killed = self._control().end(request.job_id, timeout=request.timeout or 10.0)
         return pb.EndJobReply(job=job_to_pb(rec, self.jobs), killed=killed)
+
+
+# How long a -remove-on-interrupt session's stream waits, once its sshd is gone, for the
+# client's last word (`remove`, or the end of its requests), ending the job included.
+REMOVE_WAIT = 15.0
+
+
+class _Removal:
+    """-remove-on-interrupt for one session: the job is ended, once, when the client that
+    opened the session (its owner, root or an admin uid: JobShellSessions.open checked)
+    sends `remove`. EndJob stays root's and the admins'; this is the session's own right,
+    asked for at open and granted in `opened`, on the caller's authenticated stream."""
+
+    def __init__(self, servicer: NodeAgentServicer, uid: int, job_id: str) -> None:
+        self.servicer, self.uid, self.job_id = servicer, uid, job_id
+        self.answer: pb.ShellRemoved | None = None
+
+    @staticmethod
+    def asked(frame: shellwire.Frame) -> bool:
+        return not isinstance(frame, memoryview) and frame.WhichOneof("kind") == "remove"
+
+    def remove(self, session_id: str) -> None:
+        """End the job (its sessions, this one included, end with it); `answer` says how
+        it went."""
+        try:
+            _rec, killed = self.servicer._control().end(self.job_id, timeout=10.0)
+        except Exception as e:   # one catalog, as for any call
+            code, message = status_for(e)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("ssh-to-job: ending job %s failed", self.job_id)
+            log.warning("ssh-to-job: session %s: uid %d asked to end job %s "
+                        "(-remove-on-interrupt): %s", session_id, self.uid, self.job_id,
+                        message)
+            self.answer = pb.ShellRemoved(error=message)
+            return
+        log.info("ssh-to-job: session %s: uid %d ended job %s (-remove-on-interrupt): "
+                 "%d processes killed", session_id, self.uid, self.job_id, killed)
+        self.answer = pb.ShellRemoved(killed=killed)

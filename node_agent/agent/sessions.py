@@ -24,7 +24,8 @@ a job, whose processes it kills).
 ``session-setup`` cds to the job's working directory, loads the job's environment (read
 from ``/proc/<main pid>/environ`` when the session opens, written as a quoted sh file),
 exports ``CALLERID_JOB_ID`` and ``CALLERID_JOB_PIDS`` (main pid first) and runs
-``$SSH_ORIGINAL_COMMAND`` with a shell, or a login shell: the first of the client's
+``$SSH_ORIGINAL_COMMAND`` with a shell, or a login shell (greeted as condor_ssh_to_job
+greets when it has a terminal: :func:`session_setup_text`): the first of the client's
 ``shells`` that is an executable file in the job's view, as the user sees it, else
 ``/bin/sh`` (the agent only checks that each is an absolute plain path, and never looks at
 them itself: a stat as root would tell the user about paths only root may see, and could
@@ -240,10 +241,21 @@ def sshd_config_text(d: Path) -> str:
 
 
 def session_setup_text(d: Path, cwd: str, job_id: str, pids: Sequence[int],
-                       shells: Sequence[str], nss_wrapper: bool) -> str:
+                       shells: Sequence[str], nss_wrapper: bool, *, node: str) -> str:
     """The ForceCommand script. *shells* are shellwire.validate_shells' (plain absolute
     paths); the first that is an executable file in the job's view is the session's
-    shell."""
+    shell.
+
+    An interactive login -- no command (``$SSH_ORIGINAL_COMMAND`` empty) and a terminal
+    on both stdin and stdout -- is greeted as condor_ssh_to_job greets (its
+    condor_ssh_to_job_shell_setup), naming *node* as the agent knows it::
+
+        Welcome to node2!
+        Your job 42 is running with pid(s) 4711 4712.
+
+    Nothing else ever is: a command, scp, sftp (``internal-sftp``), rsync and ``ssh -T``
+    have a command or no terminal, and their streams carry the far side's bytes only.
+    The pids line is left out when the job has no process, as HTCondor leaves it out."""
     nss = ""
     if nss_wrapper:
         nss = (f"export LD_PRELOAD={sh_quote(NSS_WRAPPER)} "
@@ -267,6 +279,14 @@ case "${{SSH_ORIGINAL_COMMAND-}}" in
 esac
 if [ -n "${{SSH_ORIGINAL_COMMAND-}}" ]; then
     exec "$shell" -c "$SSH_ORIGINAL_COMMAND"
+fi
+# a login on a terminal: greet it (commands, scp, sftp, rsync, ssh -T stay byte-clean)
+if [ -t 0 ] && [ -t 1 ]; then
+    printf 'Welcome to %s!\\n' {sh_quote(node)}
+    if [ -n "${{{jobenv.JOB_PIDS}}}" ]; then
+        printf 'Your job %s is running with pid(s) %s.\\n' \\
+            "${{{jobenv.JOB_ID}}}" "${{{jobenv.JOB_PIDS}}}"
+    fi
 fi
 exec "$shell" -l
 """
@@ -679,7 +699,8 @@ class JobShellSessions:
                 "authorized_keys": key + "\n",
                 "sshd_config": sshd_config_text(d),
                 "environment": env_file_text(env),
-                "session-setup": session_setup_text(d, cwd, job_id, pids, shells, fake_passwd),
+                "session-setup": session_setup_text(d, cwd, job_id, pids, shells, fake_passwd,
+                                                    node=self.node),
             }
             if fake_passwd:
                 # sshd runs the ForceCommand with this shell: /bin/sh, not one of the

@@ -19,6 +19,7 @@ from callerid import Connection, Endpoint
 from node_agent import __version__, dial
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
+from node_agent.cli import locate as locate_mod
 from node_agent.cli.common import EXIT_FAILURE, CliError, UsageError, run
 from node_agent.client import AgentClient
 from node_agent.proto.v1 import agent_pb2 as pb
@@ -28,6 +29,7 @@ from node_agent.proto.v1 import agent_pb2 as pb
 ADOPTCTL_EPILOG = """\
 examples:
   adoptctl jobs
+  adoptctl jobs --all                               # your jobs on every node of `nodes`
   adoptctl job run --id 42 --user alice -- mpirun ./a.out
   adoptctl job end 42
   adoptctl whois 10.0.0.11:41234 10.0.0.12:22      # which job on 10.0.0.11 owns it?
@@ -49,17 +51,25 @@ def _fmt_time(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))
 
 
-def _print_jobs(reply: pb.ListJobsReply, out: TextIO, as_json: bool) -> None:
+def _ref(j: pb.Job, node: str) -> str:
+    # JOB@NODE: what ssh-to-job and adoptctl take to skip the search (node_agent/cli/locate.py)
+    return locate_mod.format_ref(j.id, j.node or node)
+
+
+def _print_jobs(reply: pb.ListJobsReply | Sequence[pb.ListJobsReply], out: TextIO,
+                as_json: bool) -> None:
+    replies = [reply] if isinstance(reply, pb.ListJobsReply) else list(reply)
+    jobs = [(j, _ref(j, r.node)) for r in replies for j in r.jobs]
     if as_json:
-        json.dump([{"id": j.id, "user": j.user, "uid": j.uid, "state": j.state,
+        json.dump([{"id": j.id, "ref": ref, "user": j.user, "uid": j.uid, "state": j.state,
                     "main_pid": j.main_pid or None, "start_time": j.start_time,
                     "node": j.node, "cgroups": list(j.cgroups), "pids": list(j.pids)}
-                   for j in reply.jobs], out, indent=2)
+                   for j, ref in jobs], out, indent=2)
         out.write("\n")
         return
     rows = [("JOBID", "USER", "STATE", "MAIN_PID", "NPROCS", "STARTED")]
-    for j in reply.jobs:
-        rows.append((j.id, j.user, j.state, str(j.main_pid or "-"), str(len(j.pids)),
+    for j, ref in jobs:
+        rows.append((ref, j.user, j.state, str(j.main_pid or "-"), str(len(j.pids)),
                      _fmt_time(j.start_time)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -120,8 +130,15 @@ def adoptctl_parser() -> argparse.ArgumentParser:
                    help="deadline of each call in seconds (default: %(default)s)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    jobs = sub.add_parser("jobs", help="list the jobs on the node")
+    jobs = sub.add_parser("jobs", help="list the jobs on the node (JOBID as JOB@NODE)",
+                          description="List the jobs of this node's agent (or --agent's), or "
+                          "with --all of every node in the configuration's `nodes`: yours, or "
+                          "everyone's for root and admin_uids. JOBID is JOB@NODE, which "
+                          "ssh-to-job takes without searching.")
     jobs.add_argument("--user", default="", help="only this user's jobs")
+    jobs.add_argument("--all", action="store_true",
+                      help="ask every node of `nodes` (locate_parallel at a time, each within "
+                      "locate_timeout); exit status 1 when a node did not answer")
     jobs.add_argument("--json", action="store_true")
 
     job = sub.add_parser("job", help="manage jobs of the native registry (root)")
@@ -145,11 +162,11 @@ def adoptctl_parser() -> argparse.ArgumentParser:
     attach.add_argument("job_id", metavar="ID")
     attach.add_argument("pid", type=int)
     end = jsub.add_parser("end", help="kill every process of the job, remove its cgroups")
-    end.add_argument("job_id", metavar="ID")
+    end.add_argument("job_id", metavar="ID", help="ID, or ID@NODE to ask NODE's agent")
     end.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
                      help="how long to wait for the processes to die (default: %(default)s)")
     show = jsub.add_parser("show", help="one job, with its processes and cgroups")
-    show.add_argument("job_id", metavar="ID")
+    show.add_argument("job_id", metavar="ID", help="ID, or ID@NODE to ask NODE's agent")
     show.add_argument("--json", action="store_true")
 
     whois = sub.add_parser("whois", help="which job owns a TCP connection (scontrol callerid)",
@@ -177,6 +194,17 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
 
     def body() -> int:
         cfg = config_mod.find(args.config)
+        if args.command == "jobs" and args.all:
+            auth = authenticator or MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
+            found = locate_mod.Locator(cfg, auth, err, prog="adoptctl").list_all(
+                user=args.user, with_pids=True)
+            _print_jobs([found.replies[n] for n in cfg.node_names() if n in found.replies],
+                        out, args.json)
+            if found.unanswered:
+                out.flush()
+                raise CliError("Incomplete", "no answer from "
+                               + locate_mod.describe_unanswered(found.unanswered))
+            return 0
         if args.command == "jobs":
             with _client(args, cfg, auth=authenticator) as c:
                 _print_jobs(c.list_jobs(user=args.user, with_pids=True), out, args.json)
@@ -193,7 +221,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
             return 0 if reply.outcome == pb.CallerIdReply.FOUND else EXIT_FAILURE
         # job ...
         jc = args.job_command
-        with _client(args, cfg, auth=authenticator) as c:
+        node = None
+        if jc in ("end", "show"):  # JOB@NODE (as `adoptctl jobs` prints it): that node's agent
+            ref = locate_mod.parse_ref(args.job_id)
+            if ref.node and args.agent:
+                raise UsageError(f"{args.job_id} names its node: leave out --agent")
+            args.job_id, node = ref.job_id, ref.node
+        with _client(args, cfg, node=node, auth=authenticator) as c:
             if jc in ("run", "start"):
                 cmd = list(getattr(args, "cmd", []) or [])
                 if cmd and cmd[0] == "--":
@@ -205,7 +239,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None,
                                 env=_parse_env(getattr(args, "env", [])),
                                 output=getattr(args, "output", ""))
                 what = f"main pid {j.main_pid}: {shlex.join(cmd)}" if cmd else "no command"
-                out.write(f"job {j.id} of {j.user} started on {j.node}, {what}\n")
+                out.write(f"job {j.id} of {j.user} started on {j.node} ({_ref(j, j.node)}), "
+                          f"{what}\n")
             elif jc == "attach":
                 j = c.attach(args.job_id, args.pid)
                 out.write(f"pid {args.pid} attached to job {j.id} on {j.node}\n")

@@ -8,8 +8,9 @@ stdin and stdout are ssh's connection (a plain ProxyCommand, not ProxyUseFdpass:
 client can run it, and the proxy is the one process between ssh and the agent's stream).
 
 Host names (`job_of_host`, the one parser): ``job.ID``, or ``job.ID--NODE`` for a job
-whose node is named (the ``ID@NODE`` form: ssh itself splits ``user@host`` at the '@', so
-the node rides after ``--``, which neither job ids nor node names contain).
+whose node is named (ssh-to-job's ``ID@NODE``: ssh itself splits ``user@host`` at the '@',
+so the node rides after ``--``, which neither job ids nor node names contain). The job is
+then found as ssh-to-job finds it (`locate_job`).
 
 Keys (``~/.ssh/ssh-to-job/``, or ``-ssh-dir DIR``; a 0700 directory of the user's):
 - ``id_ed25519`` is the user key, made on first use (by ``-ssh-config`` or the first
@@ -57,18 +58,19 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from node_agent import config as config_mod
-from node_agent import dial, relaybuf, shellwire
+from node_agent import relaybuf, shellwire
 from node_agent.auth import Authenticator, MungeAuthenticator
 from node_agent.cli.common import CliError, UsageError
 from node_agent.cli.ssh_to_job import (
     END_GRACE,
     PROG,
+    Args,
     Located,
     _raise_signalled,
     _Signalled,
-    locate,
+    backend_job_id,
+    find_job,
     relay,
-    slurm_node,
 )
 from node_agent.errors import InvalidRequest
 from node_agent.relaybuf import Pacer, read_gathered
@@ -382,15 +384,10 @@ def remove_host_key(directory: str, mark: str) -> None:
 
 def locate_job(cfg: Any, job_id: str, auth: Authenticator, err: TextIO) -> Located:
     """Where `job_id` (``ID`` or ``ID@NODE``) runs, found as ssh-to-job finds it
-    (run_session: the named node's agent, Slurm's BatchHost, else this node's agent).
-    The proxy's one call into job location: issue 12's backend location replaces this
-    body when it lands."""
-    job, _, node = job_id.partition("@")
-    name: str | None = node or None
-    if name is None and cfg.backend == "slurm":
-        name = slurm_node(job, False)
-    return locate([dial.agent_target(cfg, name)], job, auth, auto_retry=False, err=err,
-                  local_node=cfg.node_name)
+    (`find_job`: the named node's agent; else the backend's way, Slurm's squeue or the
+    native registry's fan-out over `nodes`), with ssh-to-job's reading of the id
+    (`backend_job_id`: CLUSTER.PROC)."""
+    return find_job(backend_job_id(Args(job_id=job_id), cfg.backend), cfg, auth, err)
 
 
 class StdioEnd:

@@ -32,19 +32,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import Any, TextIO
 
 import grpc
 
-from node_agent import __version__, dial, relaybuf, shellwire
+from node_agent import __version__, jobids, relaybuf, shellwire
 from node_agent import config as config_mod
 from node_agent.auth import Authenticator, MungeAuthenticator
+from node_agent.cli import locate as locate_mod
 from node_agent.cli.common import CATEGORIES, CliError, UsageError, run
 from node_agent.client import AgentClient
 from node_agent.errors import AuthError, ImpostorError, InvalidRequest
-from node_agent.jobs import slurmctl
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.relaybuf import Pacer, read_gathered
 
@@ -60,7 +60,7 @@ END_GRACE = 3.0
 SILENCE_WAIT = 10.0
 
 USAGE = """\
-usage: ssh-to-job [options] JOBID [remote-command ...]
+usage: ssh-to-job [options] JOBID[@NODE] [remote-command ...]
        ssh-to-job -ssh-config [-ssh-dir DIR] [-config FILE] >> ~/.ssh/config
        ssh-to-job -proxy HOST [-port PORT] [-ssh-dir DIR] [-config FILE] [-debug]
 
@@ -68,19 +68,29 @@ Open an ssh session inside a running job: the job's user, cgroups, namespaces,
 environment and working directory. No sshd listens on the network; the session rides
 the node agent's gRPC stream. Options take one or two dashes (-name or --name).
 
+Finding the job (from any node, a login node too): JOBID@NODE (as `adoptctl jobs`
+prints it) or -name NODE asks that node's agent; else with backend = "slurm" one
+squeue call names the job's BatchHost; else the agents of the configuration's
+`nodes` are asked, locate_parallel at a time, and the first that runs the job
+wins; without `nodes`, the agent of the node ssh-to-job runs on.
+
 options:
   -help                 show this help and exit
   -version              print the version and exit
-  -debug                verbose ssh (-v) and relay messages
-  -name NODE            ask this node's agent (default: the agent of the node
-                        ssh-to-job runs on; with backend = "slurm", of the job's
-                        BatchHost, from one squeue call)
+  -debug                verbose ssh (-v), relay messages, where the job was found
+                        and which nodes did not answer
+  -name NODE            ask this node's agent, without searching
   -ssh "PROG ARGS"      run PROG instead of ssh: scp, "scp -r", sftp, ...
   -keygen-options "..." extra ssh-keygen options for the session key
   -shells SH1,SH2       login shells to try in the job (absolute paths, at most 16):
                         the first executable one wins (default: your $SHELL; else
                         /bin/sh)
-  -auto-retry           the job is not running yet: wait until it runs
+  -auto-retry           the job is not running yet: wait until it runs (the same
+                        search again every 2 s)
+  -remove-on-interrupt  end the job when ssh-to-job is interrupted (Ctrl-C, SIGTERM,
+                        SIGHUP) while the session is open; for the job's owner, where
+                        the agent ends jobs (the native registry); refused before the
+                        session opens elsewhere (Slurm: scancel ends a job)
   -X / -x               enable / disable X11 forwarding
   -config FILE          agent configuration (default: $CALLERID_ADOPT_CONFIG, then
                         /etc/callerid-adopt/agent.toml)
@@ -99,19 +109,28 @@ ssh job.42 from any ssh client (scp, sftp, rsync -e ssh, ssh -L, VS Code, Ansibl
 examples:
   ssh-to-job 42                          # a shell inside job 42
   ssh-to-job 42 hostname                 # a command; its exit status is ours
+  ssh-to-job 42@node17 hostname          # the job on node17: no search
   ssh-to-job -ssh scp 42 remote:out.dat .       # any placeholder host name
   ssh-to-job -ssh scp 42 input.dat remote:      # upload
   ssh-to-job -ssh sftp 42
   rsync -av -e ssh-to-job 42:results/ ./results/ # the job id where a host would be
   ssh-to-job -auto-retry 42              # wait for a job that has not started yet
+  ssh-to-job 42.0                        # CLUSTER.PROC: job 42 where job ids are
+                                         # numbers (Slurm; a PROC other than 0 is an
+                                         # error); elsewhere "42.0" is a name as any
+
+A session lasts as long as its job: when the job ends, its sessions end with it (as
+a Slurm job's end kills its extern step; HTCondor instead keeps the slot until the
+sessions close).
 
 exit status: the remote command's; 1 when the session could not be set up; 2 for bad
-arguments.
+arguments; 128+N when interrupted by signal N.
 """
 
 # Long options (either dash style) -> takes a value?
 _LONG = {"help": False, "version": False, "debug": False, "name": True, "ssh": True,
-         "keygen-options": True, "shells": True, "auto-retry": False, "config": True}
+         "keygen-options": True, "shells": True, "auto-retry": False, "config": True,
+         "remove-on-interrupt": False}
 # ssh-style short options that rsync (or a user's -e "...") may put before the host.
 # Value-taking ones: -l USER (the login is always the job's user), -p PORT (meaningless
 # here), -o OPTION (passed on to ssh after our own, so ours win: ssh keeps the first
@@ -136,6 +155,7 @@ class Args:
     login_user: str | None = None
     passthrough: tuple[str, ...] = ()
     config: str | None = None
+    remove_on_interrupt: bool = False
     help: bool = False
     version: bool = False
 
@@ -207,11 +227,8 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Ar
         raise UsageError("missing JOBID (see ssh-to-job -help)")
     job_id = argv[i]
     remote = tuple(argv[i + 1:])
-    if "@" in job_id:  # `user@JOB`, as an ssh-style caller may write it
-        user, _, job_id = job_id.rpartition("@")
-        opts.setdefault("login_user", user)
-    if not job_id:
-        raise UsageError("empty JOBID")
+    # JOB or JOB@NODE (node_agent/cli/locate.py parses it; checked here for the one line).
+    locate_mod.parse_ref(job_id)
     try:
         ssh = tuple(shlex.split(opts.get("ssh", "ssh")))
         keygen = tuple(shlex.split(opts.get("keygen-options", "")))
@@ -236,7 +253,19 @@ def parse_args(argv: Sequence[str], environ: dict[str, str] | None = None) -> Ar
                 keygen_options=keygen, shells=shells, auto_retry=bool(opts.get("auto-retry")),
                 x11=opts.get("x11"), debug=bool(opts.get("debug")),
                 login_user=opts.get("login_user"), passthrough=tuple(passthrough),
-                config=opts.get("config"))
+                config=opts.get("config"),
+                remove_on_interrupt=bool(opts.get("remove-on-interrupt")))
+
+
+def backend_job_id(args: Args, backend: str) -> Args:
+    """`args` with the job id the backend knows (node_agent.jobids: `42.0` is Slurm's job
+    42); UsageError, one line, for an id that names no job there (`42.1` on Slurm)."""
+    ref = locate_mod.parse_ref(args.job_id)  # JOB@NODE: the job part (cli/locate.py)
+    try:
+        job_id = locate_mod.format_ref(jobids.cluster_proc(ref.job_id, backend), ref.node)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return args if job_id == args.job_id else replace(args, job_id=job_id)
 
 
 # -- the command line -------------------------------------------------------------------
@@ -328,77 +357,37 @@ def proxy_argv(sock: str, python: str | None = None) -> list[str]:
 
 # -- finding the job ----------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Located:
-    """Where a job was found: the agent's target, the job, its node."""
-    target: str
-    job: pb.Job
-    node: str
+# Located, and everything about where a job runs, is node_agent/cli/locate.py's (issue 12).
+Located = locate_mod.Located
+
+
+def find_job(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
+             sleep: Callable[[float], None] = time.sleep) -> Located:
+    """Where the job of `args` runs, by the CLIs' one location module: -name NODE or a
+    JOB@NODE reference asks that node; else the backend's way (Slurm: one squeue call;
+    native: the fan-out over the configuration's `nodes`, or this node's agent)."""
+    ref = locate_mod.parse_ref(args.job_id)
+    if args.name and ref.node and args.name != ref.node:
+        raise UsageError(f"-name {args.name} and {args.job_id} name different nodes")
+    return locate_mod.Locator(cfg, auth, err, debug=args.debug, prog=PROG, sleep=sleep).locate(
+        ref.job_id, node=args.name or ref.node, auto_retry=args.auto_retry)
 
 
 def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_retry: bool,
            err: TextIO, sleep: Callable[[float], None] = time.sleep,
            timeout: float = 10.0, local_node: str | None = None) -> Located:
     """Ask each agent for the job; the first that has it running wins. With auto_retry,
-    a job that is absent or not running yet is waited for; any other error ends it."""
-    announced = False
-    while True:
-        found: Located | None = None
-        last_error: grpc.RpcError | None = None
-        answered = False
-        for target in targets:
-            try:
-                with AgentClient(target, auth, timeout=timeout, local_node=local_node) as c:
-                    reply = c.list_jobs(job_id=job_id)
-            except grpc.RpcError as e:
-                last_error = e
-                continue
-            answered = True
-            for j in reply.jobs:
-                if j.id == job_id:
-                    found = Located(target, j, j.node or reply.node)
-                    break
-            if found:
-                break
-        if found and found.job.state == "running":
-            if announced:
-                err.write("\n")
-            return found
-        if not answered and last_error is not None:
-            raise last_error
-        if found and found.job.state == "ending":  # it will not run again: no use waiting
-            if announced:
-                err.write("\n")
-            raise CliError("Not running", f"job {job_id} is ending on {found.node}")
-        if not auto_retry:
-            if found:
-                raise CliError("Not running", f"job {job_id} is {found.job.state or 'not running'}"
-                               f" on {found.node}")
-            raise CliError("Not found", f"no job {job_id} on {', '.join(targets)} (or not yours)")
-        if not announced:
-            what = f"to be running (now {found.job.state})" if found else "to start"
-            err.write(f"{PROG}: waiting for job {job_id} {what}")
-            announced = True
-        err.write(".")
-        err.flush()
-        sleep(RETRY_INTERVAL)
+    a job that is absent or not running yet is waited for; any other error ends it.
+    (node_agent/cli/locate.py's search over explicit targets; `find_job` is the CLI's.)"""
+    cfg = config_mod.AgentConfig(node_name=local_node) if local_node else config_mod.AgentConfig()
+    return locate_mod.Locator(cfg, auth, err, prog=PROG, sleep=sleep).locate_targets(
+        targets, job_id, auto_retry=auto_retry, timeout=timeout)
 
 
 def slurm_node(job_id: str, auto_retry: bool) -> str:
-    """The node of Slurm job `job_id` whose agent opens the session: its BatchHost (the
-    first node of an salloc allocation), from one squeue call (node_agent.jobs.slurmctl).
-    Whether the caller may enter the job is the agent's to say."""
-    try:
-        info = slurmctl.query_job(job_id)
-    except slurmctl.SlurmJobUnknown:
-        raise CliError("Not found", f"no job {job_id} in Slurm") from None
-    except slurmctl.SlurmQueryError as e:
-        raise CliError("Slurm", str(e)) from None
-    if not info.running or not info.batch_host:
-        hint = ("; -auto-retry waits for a Slurm job once it runs on its nodes (slurmctld "
-                "is not polled)") if auto_retry and not info.nodes else ""
-        raise CliError("Not running", f"job {job_id} is {info.state} in Slurm{hint}")
-    return info.batch_host
+    """The node of Slurm job `job_id`: its BatchHost, from one squeue call
+    (node_agent/cli/locate.py)."""
+    return locate_mod.slurm_batch_host(job_id, auto_retry)
 
 
 # -- the session --------------------------------------------------------------------------
@@ -452,6 +441,7 @@ def finish_keygen(proc: subprocess.Popen[str]) -> None:
 def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
                 sleep: Callable[[float], None] = time.sleep) -> int:
     """Find the job, open a session and run ssh through it; ssh's exit status."""
+    args = backend_job_id(args, cfg.backend)
     handlers = _Handlers()
     handlers.install()
     tmp = tempfile.mkdtemp(prefix="ssh-to-job.")  # mode 0700
@@ -459,19 +449,15 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
     key: subprocess.Popen[str] | None = None
     try:
         key = start_keygen(tmp, args.keygen_options)
-        node = args.name
-        if node is None and cfg.backend == "slurm":
-            node = slurm_node(args.job_id, args.auto_retry)
-        where = locate([dial.agent_target(cfg, node)], args.job_id, auth,
-                       auto_retry=args.auto_retry, err=err, sleep=sleep,
-                       local_node=cfg.node_name)
+        where = find_job(args, cfg, auth, err, sleep)
         finish_keygen(key)
         relaybuf.keep_buffers_in_heap()  # no page fault per byte relayed
-        relay = Relay(target=where.target, job_id=args.job_id, tmp=tmp, shells=args.shells,
-                      auth=auth, err=err, debug=args.debug, local_node=cfg.node_name)
+        relay = Relay(target=where.target, job_id=where.job.id, tmp=tmp, shells=args.shells,
+                      auth=auth, err=err, debug=args.debug, local_node=cfg.node_name,
+                      remove_on_interrupt=args.remove_on_interrupt)
         relay.start()  # the agent starts the session while ssh starts
         cmd = build_command(args.ssh, key=os.path.join(tmp, "key"),
-                            known_hosts=os.path.join(tmp, "known_hosts"), job_id=args.job_id,
+                            known_hosts=os.path.join(tmp, "known_hosts"), job_id=where.job.id,
                             user=where.job.user, proxy=proxy_argv(relay.sock_path),
                             remote=args.remote, debug=args.debug, x11=args.x11,
                             extra=args.passthrough)
@@ -493,7 +479,11 @@ def run_session(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
             return 128 - rc
         return rc
     except _Signalled as e:
+        _interrupted(relay, err)
         return 128 + e.signum
+    except KeyboardInterrupt:
+        _interrupted(relay, err)
+        raise
     finally:
         if key is not None and key.poll() is None:  # the job was not found, or a signal
             key.kill()
@@ -552,8 +542,10 @@ class Relay:
 
     def __init__(self, *, target: str, job_id: str, tmp: str, shells: Sequence[str],
                  auth: Authenticator, err: TextIO, debug: bool = False,
-                 open_timeout: float = OPEN_TIMEOUT, local_node: str | None = None) -> None:
+                 open_timeout: float = OPEN_TIMEOUT, local_node: str | None = None,
+                 remove_on_interrupt: bool = False) -> None:
         self.target, self.job_id, self.tmp = target, job_id, tmp
+        self.removal = Removal() if remove_on_interrupt else None
         self.local_node = local_node
         self.shells, self.auth, self.err, self.debug = list(shells), auth, err, debug
         self.open_timeout = open_timeout
@@ -591,7 +583,8 @@ class Relay:
                                alias=alias_of(self.job_id), shells=self.shells,
                                auth=self.auth, connect=self._accept, err=self.err,
                                debug=self.debug, open_timeout=self.open_timeout,
-                               on_call=self._set_call, local_node=self.local_node)
+                               on_call=self._set_call, local_node=self.local_node,
+                               removal=self.removal)
             if self.error and self._end is None and not self._closing and not self.debug:
                 self._silence_ssh()
         except OSError:  # the listener closed under accept(): ssh never came
@@ -639,6 +632,8 @@ class Relay:
     def close(self, grace: float = 0.0) -> None:
         """End the session and the thread: wait up to `grace` seconds for the agent to end
         the stream, then cancel it (the agent kills what is left of the session)."""
+        if self.removal is not None:
+            self.removal.decide(remove=False)   # (unless remove_job came first)
         if self._thread is not None and grace > 0 and self._end is not None:
             self._thread.join(grace)  # (if ssh never connected, there is nothing to end)
         self._closing = True
@@ -652,6 +647,75 @@ class Relay:
             self._thread.join(5)
         if self._held is not None:
             self._held.close()
+
+    def remove_job(self, timeout: float | None = None) -> str:
+        """-remove-on-interrupt, once interrupted: have the agent end the job, and wait
+        for its answer; the line to print. The relay stops reading ssh (which may outlive
+        an interrupt that was ours alone, a SIGTERM), so that the stream's last word, after
+        ssh's eof, is `remove`."""
+        removal = self.removal
+        if removal is None:
+            return ""
+        timeout = REMOVE_TIMEOUT if timeout is None else timeout
+        if not removal.granted.is_set():
+            return f"Not removed: job {self.job_id}: the session was not open yet"
+        removal.decide(remove=True)
+        if self._end is not None:
+            self._end.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        answer = removal.answer
+        if answer is None:
+            return (f"Not removed: job {self.job_id}: no answer from {self.target} within "
+                    f"{timeout:g} s")
+        if answer.error:
+            return f"Not removed: job {self.job_id}: {answer.error}"
+        return f"Removed: job {self.job_id} ended ({answer.killed} processes killed)"
+
+
+# How long an interrupted ssh-to-job waits for the agent to end the job (-remove-on-
+# interrupt): the agent's own wait for the job's processes (10 s) and some.
+REMOVE_TIMEOUT = 20.0
+
+
+class Removal:
+    """-remove-on-interrupt's state in one session, shared by the relay's threads and the
+    main thread: granted by the agent (`opened`), decided once (remove, or not: ssh
+    ended normally), answered by the agent (`removed`)."""
+
+    def __init__(self) -> None:
+        self.granted = threading.Event()
+        self.decided = threading.Event()
+        self.requested = False
+        self.answer: pb.ShellRemoved | None = None
+        self._lock = threading.Lock()
+
+    def decide(self, *, remove: bool) -> None:
+        """The first decision stands: an interrupt after ssh's normal end removes nothing."""
+        with self._lock:
+            if not self.decided.is_set():
+                self.requested = remove
+                self.decided.set()
+
+    def last_word(self, finished: threading.Event) -> Iterator[pb.ShellFrame]:
+        """What the request stream sends after ssh's eof: `remove` once decided so, or
+        nothing (the stream then ends, and with it the session)."""
+        while not self.decided.wait(0.5):
+            if finished.is_set():
+                return
+        if self.requested:
+            yield pb.ShellFrame(remove=True)
+
+
+def _interrupted(relay: Relay | None, err: TextIO) -> None:
+    """ssh-to-job was interrupted: with -remove-on-interrupt, the job is ended now (one
+    line says how that went). A second Ctrl-C stops the wait."""
+    if relay is None or relay.removal is None:
+        return
+    line = relay.remove_job()
+    if line:
+        err.write(f"{PROG}: {line}\n")
+        err.flush()
 
 
 def _children(procfs: str = "/proc") -> list[int]:
@@ -675,7 +739,7 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
           shells: Sequence[str], auth: Authenticator, connect: Callable[[], Any],
           err: TextIO, debug: bool = False, open_timeout: float = OPEN_TIMEOUT,
           on_call: Callable[[Any], None] = lambda call: None,
-          local_node: str | None = None) -> str:
+          local_node: str | None = None, removal: Removal | None = None) -> str:
     """Open the session and relay bytes between it and `connect()`'s end (read, write,
     close_write), which is asked for once the session is open. Returns "" when the
     session ran, else `Category: message`."""
@@ -697,7 +761,8 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
     def requests() -> Iterator[pb.ShellFrame | bytes]:
         yield pb.ShellFrame(open=pb.ShellOpen(job_id=job_id, public_key=public_key,
                                               shells=list(shells),
-                                              client=f"{os.uname().nodename} ssh-to-job"))
+                                              client=f"{os.uname().nodename} ssh-to-job",
+                                              remove_on_interrupt=removal is not None))
         # Nothing from ssh goes out before the session exists and its key is known.
         while not ready.wait(0.5):
             if finished.is_set():
@@ -706,6 +771,8 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
             parts = end.read(relaybuf.FRAME)
             if not parts:
                 yield pb.ShellFrame(eof=True)
+                if removal is not None:
+                    yield from removal.last_word(finished)
                 return
             yield shellwire.data_frame(parts)
 
@@ -731,6 +798,10 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
         if isinstance(first, memoryview) or not first.HasField("opened"):
             call.cancel()
             return fail("Protocol", "the agent's first frame is not `opened`")
+        if removal is not None and not first.opened.remove_on_interrupt:
+            call.cancel()   # an agent that would not end the job: no session at all
+            return fail("Not supported", f"the agent at {target} cannot end job {job_id} "
+                                         f"on an interrupt (-remove-on-interrupt)")
         host_key = first.opened.host_key.strip()
         if not host_key:
             call.cancel()
@@ -747,12 +818,20 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
                       f"{first.opened.node} as {first.opened.user}\n")
         end = connect()
         ready.set()
+        if removal is not None:
+            removal.granted.set()
         for frame in call:
+            if removal is not None and not isinstance(frame, memoryview) and \
+                    frame.HasField("removed"):
+                removal.answer = frame.removed
+                continue
             data, eof = shellwire.unpack(frame)
             if data:
                 try:
                     end.write(data)
                 except OSError:  # ssh went away; end the session
+                    if removal is not None and removal.requested:
+                        continue   # (the answer to `remove` is still to come)
                     call.cancel()
                     return ""
             if eof:
@@ -768,6 +847,9 @@ def relay(*, target: str, job_id: str, pubkey: str, known_hosts: str, alias: str
             return fail("Timeout", f"no session from {target} within {open_timeout:g} s")
         if code == grpc.StatusCode.CANCELLED and end is not None:
             return ""  # we ended it (ssh is done, or Ctrl-C)
+        if code == grpc.StatusCode.UNIMPLEMENTED and removal is not None and end is None \
+                and (e.details() or "").startswith("-remove-on-interrupt:"):
+            return fail("Not supported", e.details() or "")   # its backend ends no job
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return fail("Not supported", f"the agent at {target} has no ssh-to-job")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and end is None:

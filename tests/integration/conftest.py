@@ -51,16 +51,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             f"this checkout's programs: clone it somewhere world-readable (e.g. /opt)")
 
 
-def it_lab() -> lab_mod.Lab:
-    """The integration tests' 2-node lab (not up yet). CALLERID_IT_LAB=NAME runs the tests
-    in a lab of that instance name (and its own directory), so that two test runs can
-    share the machine. A module that wants a lab of another shape (e.g. with Slurm)
-    overrides the ``lab`` fixture with one built from this."""
+def it_lab(nodes: int = 2) -> lab_mod.Lab:
+    """The integration tests' lab, of 2 nodes unless said (not up yet). CALLERID_IT_LAB=NAME
+    runs the tests in a lab of that instance name (and its own directory), so that two
+    test runs can share the machine. A module that wants a lab of another shape (e.g. with
+    Slurm) overrides the ``lab`` fixture with one built from this."""
     name = os.environ.get("CALLERID_IT_LAB", "")
     if name:
-        return lab_mod.Lab(dir=f"/run/callerid-lab-it-{name}", nodes=2,
+        return lab_mod.Lab(dir=f"/run/callerid-lab-it-{name}", nodes=nodes,
                            venv=REPO / ".venv", name=name)
-    return lab_mod.Lab(dir="/run/callerid-lab-it", nodes=2, venv=REPO / ".venv")
+    return lab_mod.Lab(dir="/run/callerid-lab-it", nodes=nodes, venv=REPO / ".venv")
 
 
 @pytest.fixture(scope="module")

@@ -267,3 +267,51 @@ def test_ssh_job_from_a_node_outside_it(lab: lab_mod.Lab, job: int, shared_dir: 
     assert r.returncode == 255 and len(ours) == 1, r.stderr
     assert ours[0].startswith(f"ssh-to-job: Not found: no job {job} on ") and \
         ours[0].endswith(" (or not yours)"), ours
+
+
+# -- condor_ssh_to_job's habits (issue 12 item 3) ------------------------------------------
+
+def test_cluster_proc_0_is_the_slurm_job_and_another_proc_is_one_line(
+        lab: lab_mod.Lab, job: int) -> None:
+    r = stj(lab, f"{job}.0", 'echo "$SLURM_JOB_ID"')
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{job}\n", ""), r.stderr
+    before = extern_pids(lab, job)
+    r = stj(lab, f"{job}.1", "true")
+    assert r.returncode == 2 and r.stderr == (
+        f"ssh-to-job: Usage: invalid job id '{job}.1': Slurm job ids are plain numbers: "
+        f"CLUSTER.PROC means job CLUSTER only when PROC is 0 ({job}.0 is job {job}; "
+        f"{job}.1 is no job)\n")
+    assert extern_pids(lab, job) == before
+
+
+def test_remove_on_interrupt_is_refused_before_a_session_opens(
+        lab: lab_mod.Lab, job: int) -> None:
+    """Slurm ends its jobs, the agent does not: one line, before any sshd starts."""
+    before = extern_pids(lab, job)
+    r = stj(lab, "-remove-on-interrupt", str(job), "echo should-not-run")
+    assert (r.returncode, r.stdout) == (1, ""), r.stderr
+    assert r.stderr == ("ssh-to-job: Not supported: -remove-on-interrupt: jobs on node2 are "
+                        "ended by their scheduler, not by the agent (end job "
+                        f"{job} with the scheduler, e.g. scancel)\n")
+    assert extern_pids(lab, job) == before and session_dirs(lab) == []
+    assert squeue_state(lab, job) == "RUNNING"
+
+
+def test_an_interactive_shell_is_greeted_with_the_jobs_pids(
+        lab: lab_mod.Lab, job: int, shared_dir: Path) -> None:
+    t = Tmux(lab, "node1", "alice", shared_dir / "tmux-slurm-greet")
+    try:
+        t.start(["sh", "-c", '"$@"; echo "STATUS=$?"', "sh", lab.venv_bin("ssh-to-job"),
+                 str(job)])
+        screen = t.wait(lambda: (lambda s: s if "Your job" in s else "")(t.screen()),
+                        why="the greeting")
+        lines = screen.splitlines()
+        i = lines.index("Welcome to node2!")
+        prefix = f"Your job {job} is running with pid(s) "
+        assert lines[i + 1].startswith(prefix) and lines[i + 1].endswith("."), lines[i + 1]
+        pids = {int(p) for p in lines[i + 1][len(prefix):-1].split()}
+        assert pids and pids <= {int(f[0]) for f in listpids(lab, job)}, (pids, lines)
+        t.keys("exit", "Enter")
+        t.wait(lambda: "STATUS=" in t.screen(), why="ssh-to-job to end")
+    finally:
+        t.kill()

@@ -389,10 +389,11 @@ def adoptctl(agent: Agent, uid: int, *argv: str) -> tuple[int, str, str]:
 
 def test_adoptctl_jobs_and_errors(agent: Agent) -> None:
     rc, out, err = adoptctl(agent, 0, "job", "start", "--id", "42", "--user", "alice")
-    assert rc == 0 and "job 42 of alice started on testnode" in out, err
+    assert rc == 0 and "job 42 of alice started on testnode (42@testnode)" in out, err
     rc, out, _ = adoptctl(agent, 0, "jobs")
     assert rc == 0 and out.splitlines()[0].split()[:3] == ["JOBID", "USER", "STATE"]
-    assert out.splitlines()[1].split()[:3] == ["42", "alice", "running"]
+    # JOB@NODE: what ssh-to-job takes without searching (issue 12)
+    assert out.splitlines()[1].split()[:3] == ["42@testnode", "alice", "running"]
     rc, out, err = adoptctl(agent, 0, "job", "end", "../../etc")
     assert rc == 1 and err.startswith("adoptctl: Invalid argument: ") and "job id" in err.lower()
     rc, out, err = adoptctl(agent, ALICE, "job", "end", "42")
@@ -768,3 +769,151 @@ def test_a_stream_credential_for_another_first_frame_opens_nothing(
         assert e.value.details() == "MUNGE credential was not minted for this request"
         assert shells.opened == []
         assert agent.servicer.sessions.wait_held(0, WAIT)
+
+
+def test_adoptctl_job_show_and_end_take_job_at_node(agent: Agent,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`adoptctl job show/end 42@NODE` ask NODE's agent (at the configured port), as
+    ssh-to-job does: the reference `adoptctl jobs` prints is usable from any node."""
+    from node_agent import config as config_mod
+    from node_agent.config import AgentConfig
+
+    port = int(agent.tcp.rsplit(":", 1)[1])
+    monkeypatch.setattr(config_mod, "find", lambda explicit=None: AgentConfig(
+        port=port, socket="/nonexistent/agent.sock"))
+    agent.client(0).start_job("42", "alice")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        rc = adoptctl_main(list(argv), out=out, err=err, authenticator=agent.auth.as_uid(0))
+        return rc, out.getvalue(), err.getvalue()
+
+    rc, out, err = run("job", "show", "42@127.0.0.1")
+    assert rc == 0 and "job         42\n" in out, err
+    rc, out, err = run("--agent", agent.tcp, "job", "show", "42@127.0.0.1")
+    assert rc == 2 and "leave out --agent" in err
+    rc, out, err = run("job", "show", "42@bad:node")
+    assert rc == 2 and err.startswith("adoptctl: Usage: bad node in job reference")
+    rc, out, err = run("job", "end", "42@127.0.0.1")
+    assert rc == 0 and out.startswith("job 42 ended on testnode"), err
+
+
+# -- ssh-to-job -remove-on-interrupt: the real relay and servicer, a fake session ---------
+
+class _SshEnd:
+    """ssh's end of a relay: sends nothing, and reaches EOF when told (ssh is gone)."""
+
+    def __init__(self) -> None:
+        self.eof = threading.Event()
+
+    def read(self, n: int) -> list[bytes]:
+        self.eof.wait(WAIT)
+        return []
+
+    def write(self, data: bytes | memoryview) -> None:
+        pass
+
+    def close_write(self) -> None:
+        pass
+
+
+def _relay_with_removal(target: str, auth: FakeAuthenticator, tmp_path: Path,
+                        ) -> tuple[stj.Removal, _SshEnd, threading.Thread, list[str]]:
+    (tmp_path / "key.pub").write_text("ssh-ed25519 AAAA k\n")
+    removal, end, result = stj.Removal(), _SshEnd(), []
+
+    def run() -> None:
+        result.append(stj.relay(
+            target=target, job_id="42", pubkey=str(tmp_path / "key.pub"),
+            known_hosts=str(tmp_path / "known_hosts"), alias="job.42", shells=[], auth=auth,
+            connect=lambda: end, err=io.StringIO(), removal=removal))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return removal, end, t, result
+
+
+def test_remove_on_interrupt_ends_the_job_and_answers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shells: FakeShells) -> None:
+    for agent in start_agent(tmp_path, monkeypatch, shells=shells):
+        agent.registry.start("42", "alice")
+        removal, end, t, result = _relay_with_removal(agent.tcp, agent.auth.as_uid(ALICE),
+                                                      tmp_path)
+        assert removal.granted.wait(WAIT)       # the agent said it would
+        end.eof.set()                           # ssh is gone: it had the SIGINT too
+        removal.decide(remove=True)             # and so had ssh-to-job
+        deadline = time.monotonic() + WAIT
+        while agent.registry.get("42") is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert agent.registry.get("42") is None  # ended, and forgotten
+        shells.opened[0].kill()                 # (its sshd dies with the job's cgroups)
+        t.join(WAIT)
+        assert result == [""]
+        assert removal.answer is not None
+        assert (removal.answer.error, removal.answer.killed) == ("", 0)  # (no process)
+
+
+def test_remove_on_interrupt_without_an_interrupt_keeps_the_job(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shells: FakeShells) -> None:
+    for agent in start_agent(tmp_path, monkeypatch, shells=shells):
+        agent.registry.start("42", "alice")
+        removal, end, t, result = _relay_with_removal(agent.tcp, agent.auth.as_uid(ALICE),
+                                                      tmp_path)
+        assert removal.granted.wait(WAIT)
+        end.eof.set()
+        shells.opened[0].kill()                 # the session ended on its own
+        removal.decide(remove=False)            # ssh exited normally (Relay.close)
+        removal.decide(remove=True)             # a late Ctrl-C changes nothing
+        t.join(WAIT)
+        assert not t.is_alive() and result == [""]
+        assert removal.answer is None
+        assert agent.registry.get("42") is not None
+
+
+def test_remove_on_interrupt_is_refused_before_a_session_where_jobs_are_the_schedulers(
+        shells: FakeShells, tmp_path: Path) -> None:
+    from tests.unit.fakes import FakeBackend
+
+    auth = FakeAuthenticator()
+    servicer = NodeAgentServicer(node="slurmnode", resolver=FakeResolver(),  # type: ignore[arg-type]
+                                 jobs=FakeBackend("slurmnode"), shells=shells)  # type: ignore[arg-type]
+    server, ports = create_server(servicer, auth, ["127.0.0.1:0"])
+    server.start()
+    try:
+        removal, end, t, result = _relay_with_removal(f"127.0.0.1:{ports[0]}",
+                                                      auth.as_uid(ALICE), tmp_path)
+        t.join(WAIT)
+    finally:
+        server.stop(0)
+    assert result == ["Not supported: -remove-on-interrupt: jobs on slurmnode are ended by "
+                      "their scheduler, not by the agent (end job 42 with the scheduler, e.g. "
+                      "scancel)"]
+    assert shells.opened == []                  # no session was opened, no sshd started
+    assert not removal.granted.is_set()
+
+
+def test_remove_on_a_session_opened_without_it_ends_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shells: FakeShells) -> None:
+    """A hand-made client's `remove` in a plain session (not granted at open) is ignored:
+    the right comes with the open, never with a later frame."""
+    sent = threading.Event()
+    for agent in start_agent(tmp_path, monkeypatch, shells=shells):
+        agent.registry.start("42", "alice")
+
+        def frames() -> Iterator[pb.ShellFrame]:
+            yield OPEN_42
+            yield pb.ShellFrame(remove=True)
+            yield pb.ShellFrame(eof=True)
+            sent.set()
+
+        with agent.client(ALICE) as c:
+            call = c.open_job_shell(frames())
+            first = next(call)
+            assert first.opened.session_id and not first.opened.remove_on_interrupt
+            assert sent.wait(WAIT)
+            time.sleep(0.5)   # (the agent has read them: the stream is in order)
+            assert agent.registry.get("42") is not None
+            shells.opened[0].kill()
+            rest = list(call)
+        assert not any(not isinstance(f, memoryview) and f.HasField("removed") for f in rest)
+        assert agent.registry.get("42") is not None

@@ -139,3 +139,62 @@ nodename = "n1"
 def test_bad_backend_settings(tmp_path: Path, text: str, error: str) -> None:
     with pytest.raises(config.ConfigError, match=error):
         config.load(write(tmp_path, text))
+
+
+# -- nodes (issue 12): the hostlist syntax, parsed with ClusterShell's NodeSet -------------
+
+def test_nodes_key_is_parsed_folded_and_expanded(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, 'nodes = "node[001-003],gpu[01-02], node004"\n'
+                                      "locate_parallel = 4\nlocate_timeout = 0.5\n"))
+    assert cfg.nodes == "gpu[01-02],node[001-004]"
+    assert cfg.node_names() == ["gpu01", "gpu02", "node001", "node002", "node003", "node004"]
+    assert (cfg.locate_parallel, cfg.locate_timeout) == (4, 0.5)
+
+
+def test_nodes_defaults() -> None:
+    cfg = config.AgentConfig()
+    assert cfg.nodes == "" and cfg.node_names() == []
+    assert cfg.locate_parallel == config.DEFAULT_LOCATE_PARALLEL
+    assert cfg.locate_timeout == config.DEFAULT_LOCATE_TIMEOUT
+
+
+def test_example_config_nodes() -> None:
+    cfg = config.load(EXAMPLE)
+    assert len(cfg.node_names()) == 520 and cfg.node_names()[0] == "gpu01"
+
+
+@pytest.mark.parametrize("value, needle", [
+    ('"node[1-"', "not a node set (missing bracket"),
+    ('"node[5-1]"', "not a node set"),
+    ('"a,,b"', "not a node set"),
+    ('"@compute"', "expected host names and ranges"),   # groups are never resolved
+    ('"node 1"', "expected host names and ranges"),
+    ('"alice@node1"', "expected host names and ranges"),
+    ('""', "expected a node set such as"),
+    ('"node[1-70000]"', "70000 nodes, more than 65536"),
+    ("5", "expected a node set"),
+    ('["node1"]', "expected a node set"),
+])
+def test_malformed_nodes_are_one_clear_error(tmp_path: Path, value: str, needle: str) -> None:
+    path = write(tmp_path, f"nodes = {value}\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    assert str(e.value).startswith(f"{path}: nodes: ") and needle in str(e.value), e.value
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("locate_parallel = 0", "locate_parallel: expected 1..256"),
+    ("locate_parallel = 1000", "locate_parallel: expected 1..256"),
+    ("locate_parallel = true", "locate_parallel: expected a number of calls"),
+    ("locate_timeout = 0", "locate_timeout: expected more than 0"),
+    ("locate_timeout = 61", "locate_timeout: expected more than 0"),
+    ('locate_timeout = "2"', "locate_timeout: expected a number of seconds"),
+])
+def test_bad_locate_settings(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(config.ConfigError, match=needle):
+        config.load(write(tmp_path, text + "\n"))
+
+
+def test_fold_nodes_for_messages() -> None:
+    assert config.fold_nodes(["node1", "node2", "node5"]) == "node[1-2,5]"
+    assert config.fold_nodes([]) == ""

@@ -25,6 +25,15 @@ from node_agent.jobs.stepd import StepdError
 from tests.unit.fakes import V22_05, V26_05, FakeStepd
 
 
+def settled_open_paths(gone: set[str], timeout: float = 5.0) -> set[str]:
+    """open_paths(), once none of `gone` is open or `timeout` passed: the fake stepd's
+    thread closes its own copy of an fd just after sending it, racing the test."""
+    deadline = time.monotonic() + timeout
+    while (paths := open_paths()) & gone and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return paths
+
+
 def open_paths() -> set[str]:
     out = set()
     for name in os.listdir("/proc/self/fd"):
@@ -251,10 +260,11 @@ def test_slurm_25_11_keeps_what_to_join_in_order_and_closes_the_rest(
         assert [k for k, _ in got] == ["net", "mnt"]       # JOIN_KINDS order
         assert [ns_id(fd) for _, fd in got] == [ns_id(str(files["net"])),
                                                 ns_id(str(files["mnt"]))]
-        assert str(files["user"]) not in open_paths()
+        assert str(files["user"]) not in settled_open_paths({str(files["user"])})
     finally:
         jobenv.close_all(got)
-    assert not {str(f) for f in files.values()} & open_paths()
+    paths = {str(f) for f in files.values()}
+    assert not paths & settled_open_paths(paths)
 
 
 def test_slurm_a_stepd_that_fails_is_an_error_not_nothing(

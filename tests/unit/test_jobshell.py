@@ -219,14 +219,14 @@ def test_config_and_setup_script(tmp_path: Path) -> None:
                  "AllowStreamLocalForwarding no", "PermitTunnel no"]:
         assert line in cfg.splitlines()
     script = jobshell.session_setup_text(tmp_path, "/work dir/x'y", "j1", [5, 3], "/bin/bash",
-                                         nss_wrapper=False)
+                                         nss_wrapper=False, node="n1")
     assert "cd '/work dir/x'\\''y'" in script
     assert f"export {jobenv.JOB_PIDS}='5 3'" in script
     assert "internal-sftp|/usr/lib/openssh/sftp-server) exec /usr/lib/openssh/sftp-server" \
         in script
     assert "LD_PRELOAD" not in script
     assert "NSS_WRAPPER_PASSWD" in jobshell.session_setup_text(tmp_path, "/", "j", [], "/bin/sh",
-                                                               nss_wrapper=True)
+                                                               nss_wrapper=True, node="n1")
 
 
 def test_env_file_round_trips_tricky_values(tmp_path: Path) -> None:
@@ -364,7 +364,7 @@ def test_session_setup_picks_the_first_executable_shell_as_the_user_sees_it(
     def run(shells: list[str]) -> str:
         script = tmp_path / "session-setup"
         script.write_text(jobshell.session_setup_text(tmp_path, "/", "j1", [1], shells,
-                                                      nss_wrapper=False))
+                                                      nss_wrapper=False, node="n1"))
         script.chmod(0o755)
         out = subprocess.run([str(script)], env={"SSH_ORIGINAL_COMMAND": 'echo "$SHELL"',
                                                  "PATH": "/usr/bin:/bin"},
@@ -374,6 +374,78 @@ def test_session_setup_picks_the_first_executable_shell_as_the_user_sees_it(
     assert run(["/no/such/sh", str(not_exec), str(a_dir), str(fine), "/bin/bash"]) == str(fine)
     assert run(["/no/such/sh", str(not_exec)]) == "/bin/sh"     # as it always fell back
     assert run([]) == "/bin/sh"
+
+
+def _run_setup(tmp_path: Path, *, tty: bool, command: str | None, pids: list[int],
+               node: str = "node2", job_id: str = "42") -> tuple[bytes, bytes]:
+    """Run a session-setup script as sshd would: stdin/stdout/stderr on a new pty (`tty`)
+    or on pipes, $SSH_ORIGINAL_COMMAND set when `command` is not None; the "login shell"
+    is a script that says LOGIN-SHELL. What reached stdout and stderr (on a pty, both
+    read from its master: stderr is then b"")."""
+    (tmp_path / "environment").write_text("")
+    login = tmp_path / "login-sh"
+    login.write_text('#!/bin/sh\n[ "$1" = -c ] && exec /bin/sh "$@"\necho LOGIN-SHELL\n')
+    login.chmod(0o755)
+    script = tmp_path / "session-setup"
+    script.write_text(jobshell.session_setup_text(tmp_path, "/", job_id, pids, [str(login)],
+                                                  nss_wrapper=False, node=node))
+    script.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin"}
+    if command is not None:
+        env["SSH_ORIGINAL_COMMAND"] = command
+    if not tty:
+        r = subprocess.run([str(script)], env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=30)
+        return r.stdout, r.stderr
+    master, slave = os.openpty()
+    try:
+        p = subprocess.Popen([str(script)], env=env, stdin=slave, stdout=slave, stderr=slave,
+                             start_new_session=True)
+        os.close(slave)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every end of the pty's slave is closed
+                break
+            if not chunk:
+                break
+            out += chunk
+        p.wait(30)
+    finally:
+        os.close(master)
+    return out.replace(b"\r\n", b"\n"), b""
+
+
+def test_an_interactive_login_is_greeted_like_condor_ssh_to_job(tmp_path: Path) -> None:
+    out, _ = _run_setup(tmp_path, tty=True, command=None, pids=[4711, 4712])
+    assert out == (b"Welcome to node2!\nYour job 42 is running with pid(s) 4711 4712.\n"
+                   b"LOGIN-SHELL\n")
+    # a job without processes: no pids line (as HTCondor leaves it out)
+    out, _ = _run_setup(tmp_path, tty=True, command=None, pids=[])
+    assert out == b"Welcome to node2!\nLOGIN-SHELL\n"
+    # a node or job name is data, never shell text
+    out, _ = _run_setup(tmp_path, tty=True, command=None, pids=[1], node="n'$(id)%s",
+                        job_id="a.0")
+    assert out.splitlines()[:2] == [b"Welcome to n'$(id)%s!",
+                                    b"Your job a.0 is running with pid(s) 1."]
+
+
+@pytest.mark.parametrize("tty,command", [
+    (False, "true"),             # ssh-to-job J true; rsync's and scp -O's commands alike
+    (False, "internal-sftp"),    # sftp, and scp (sftp since OpenSSH 9)
+    (False, None),               # ssh -T, no command
+    (True, "true"),              # ssh -t J true: a command still
+])
+def test_commands_and_transfers_get_no_greeting(tmp_path: Path, tty: bool,
+                                                command: str | None) -> None:
+    if command == "internal-sftp" and not os.access(jobshell.SFTP_SERVER, os.X_OK):
+        pytest.skip(f"no {jobshell.SFTP_SERVER}")
+    out, err = _run_setup(tmp_path, tty=tty, command=command, pids=[4711])
+    if command is None:   # the login shell ran, and only it spoke
+        assert (out, err) == (b"LOGIN-SHELL\n", b"")
+    else:                 # (sftp-server, its input at an end, exits without a word)
+        assert (out, err) == (b"", b"")
 
 
 # -- real sshd -i over pipes ---------------------------------------------------------------

@@ -330,5 +330,5 @@ def test_unknown_job_is_one_line_before_any_session(
     rc = stj.main(["-proxy", "job.99--127.0.0.1", "-ssh-dir", str(tmp_path / "k")],
                   out=io.StringIO(), err=err, authenticator=auth.as_uid(ALICE))
     assert rc == 1
-    assert err.getvalue() == f"ssh-to-job: Not found: no job 99 on {target} (or not yours)\n"
+    assert err.getvalue() == "ssh-to-job: Not found: no job 99 on 127.0.0.1 (or not yours)\n"
     assert servicer.opens == []

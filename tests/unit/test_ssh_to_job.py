@@ -27,6 +27,7 @@ import grpc
 import pytest
 
 from node_agent.auth import AuthInterceptor, current_identity
+from node_agent.cli import locate as locate_mod
 from node_agent.cli import ssh_to_job as stj
 from node_agent.cli.common import CliError
 from node_agent.config import AgentConfig
@@ -34,6 +35,8 @@ from node_agent.errors import AuthError
 from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 from tests.unit.fakes import FakeAuthenticator
+
+FIND_JOB = stj.find_job  # the real one (the session fixture replaces it)
 
 ALICE = 1001
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeHostKeyForTests"
@@ -60,6 +63,9 @@ ALIAS = "job-42.ssh-to-job"
     (["-X", "42"], dict(x11=True)),
     (["-x", "42"], dict(x11=False)),
     (["-config", "/c.toml", "42"], dict(config="/c.toml")),
+    (["-remove-on-interrupt", "42"], dict(remove_on_interrupt=True)),
+    (["--remove-on-interrupt", "42"], dict(remove_on_interrupt=True)),
+    (["42"], dict(remove_on_interrupt=False)),
     # Options after the job id belong to the remote command.
     (["42", "-debug", "-X"], dict(debug=False, x11=None, remote=("-debug", "-X"))),
     (["--", "-7"], dict(job_id="-7")),
@@ -73,7 +79,8 @@ ALIAS = "job-42.ssh-to-job"
      dict(login_user="alice", passthrough=("-o", "Compression=yes", "-T"), job_id="42")),
     (["-Tq", "-o", "ServerAliveInterval=5", "42"],
      dict(passthrough=("-T", "-q", "-o", "ServerAliveInterval=5"))),
-    (["alice@42", "true"], dict(login_user="alice", job_id="42", remote=("true",))),
+    # JOB@NODE (issue 12): the job id keeps its node; the location module splits it.
+    (["42@node17", "true"], dict(login_user=None, job_id="42@node17", remote=("true",))),
     (["-help"], dict(help=True)),
     (["--help", "42"], dict(help=True)),
     (["-h"], dict(help=True)),
@@ -96,6 +103,7 @@ def test_parse_a_shell_variable_the_agent_would_refuse_is_left_out() -> None:
 @pytest.mark.parametrize("argv", [
     [], ["-debug"], ["-name"], ["--bogus", "42"], ["-Z", "42"], ["--debug=yes", "42"],
     ["-ssh", "", "42"], ["-ssh", "'unterminated", "42"], ["-l"], ["@"],
+    ["42@"], ["@node1"], ["42@node1@x"], ["alice@42@node1"], ["42@node1:22"], ["42@a/b"],
     ["-shells", "bash", "42"], ["-shells", "/bin/sh,/x/../y", "42"],
 ])
 def test_bad_arguments_exit_2(argv: list[str]) -> None:
@@ -237,6 +245,7 @@ class FakeAgent(agent_pb2_grpc.NodeAgentServicer):
     refuse: tuple[grpc.StatusCode, str] | None = None
     open_delay: float = 0.0
     banner: bytes = b"SSH-2.0-Fake\r\n"
+    grant_removal: bool = True   # False: an agent that ignores remove_on_interrupt
 
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext,
                  ) -> pb.ListJobsReply:
@@ -261,8 +270,9 @@ class FakeAgent(agent_pb2_grpc.NodeAgentServicer):
         if self.refuse:
             context.abort(*self.refuse)
         time.sleep(self.open_delay)
-        yield pb.ShellFrame(opened=pb.ShellOpened(host_key=HOST_KEY, node="n1", user="alice",
-                                                  session_id="s1"))
+        yield pb.ShellFrame(opened=pb.ShellOpened(
+            host_key=HOST_KEY, node="n1", user="alice", session_id="s1",
+            remove_on_interrupt=first.open.remove_on_interrupt and self.grant_removal))
         if self.banner:
             yield pb.ShellFrame(data=self.banner)
         for frame in request_iterator:  # echo, then half-close after the client's eof
@@ -337,8 +347,7 @@ def test_main_unknown_job_is_one_clear_line(
     rc = stj.main(["-name", "127.0.0.1", "99"], out=io.StringIO(), err=err,
                   authenticator=auth.as_uid(ALICE))
     assert rc == 1
-    assert err.getvalue() == ("ssh-to-job: Not found: no job 99 on "
-                              f"{target} (or not yours)\n")
+    assert err.getvalue() == "ssh-to-job: Not found: no job 99 on 127.0.0.1 (or not yours)\n"
 
 
 # -- the session --------------------------------------------------------------------------
@@ -349,7 +358,7 @@ def session(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     state: dict[str, Any] = {"rc": 0, "raise": None, "error_line": None}
     monkeypatch.setattr("node_agent.cli.ssh_to_job.config_mod.find",
                         lambda explicit=None: AgentConfig())
-    monkeypatch.setattr(stj, "locate", lambda *a, **k: stj.Located(
+    monkeypatch.setattr(stj, "find_job", lambda *a, **k: stj.Located(
         "unix:/run/a.sock", pb.Job(id="42", user="alice", state="running"), "n1"))
     real_run = subprocess.run
 
@@ -370,7 +379,13 @@ def session(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         def __init__(self, **kw: Any) -> None:
             self.sock_path = os.path.join(kw["tmp"], "proxy.sock")
             self.error = ""
+            self.removal = stj.Removal() if kw.get("remove_on_interrupt") else None
             state["relay"] = self
+            state["relay_kw"] = kw
+
+        def remove_job(self) -> str:
+            state["removed"] = True
+            return str(state.get("remove_line", ""))
 
         def start(self) -> None:
             state["started"] = True
@@ -407,6 +422,40 @@ def test_temp_dir_removed_on_ctrl_c(session: dict[str, Any]) -> None:
     assert stj.main(["42"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 130
     assert session["tmp"] and not os.path.exists(session["tmp"])
     assert session["graces"] == [0.0]  # Ctrl-C: the session is cancelled at once
+
+
+@needs_keygen
+@pytest.mark.parametrize(("interrupt", "rc"), [(KeyboardInterrupt(), 130),
+                                               (stj._Signalled(15), 143),
+                                               (stj._Signalled(1), 129)])
+def test_remove_on_interrupt_asks_the_relay_and_says_how_it_went(
+        session: dict[str, Any], interrupt: BaseException, rc: int) -> None:
+    session["raise"] = interrupt
+    session["remove_line"] = "Removed: job 42 ended (3 processes killed)"
+    err = io.StringIO()
+    assert stj.main(["-remove-on-interrupt", "42", "sleep 100"], err=err,
+                    authenticator=FakeAuthenticator()) == rc
+    assert session["relay_kw"]["remove_on_interrupt"] is True
+    assert session["removed"]
+    assert err.getvalue() == "ssh-to-job: Removed: job 42 ended (3 processes killed)\n"
+    assert not os.path.exists(session["tmp"])
+
+
+@needs_keygen
+def test_without_remove_on_interrupt_ctrl_c_removes_nothing(session: dict[str, Any]) -> None:
+    session["raise"] = KeyboardInterrupt()
+    err = io.StringIO()
+    assert stj.main(["42", "sleep 100"], err=err, authenticator=FakeAuthenticator()) == 130
+    assert session["relay_kw"]["remove_on_interrupt"] is False
+    assert "removed" not in session and err.getvalue() == ""
+
+
+@needs_keygen
+def test_remove_on_interrupt_after_a_normal_end_removes_nothing(
+        session: dict[str, Any]) -> None:
+    assert stj.main(["-remove-on-interrupt", "42", "true"], err=io.StringIO(),
+                    authenticator=FakeAuthenticator()) == 0
+    assert "removed" not in session
 
 
 @needs_keygen
@@ -451,12 +500,73 @@ def test_key_dir_exists_while_locating_and_is_gone_when_the_job_is_not_found(
         seen.append(sorted(os.listdir(tmp_path / tmp)))
         raise CliError("Not found", "no job 42 on any agent")
 
-    monkeypatch.setattr(stj, "locate", not_found)
+    monkeypatch.setattr(stj, "find_job", not_found)
     err = io.StringIO()
     assert stj.main(["42"], err=err, authenticator=FakeAuthenticator()) == 1
     assert err.getvalue() == "ssh-to-job: Not found: no job 42 on any agent\n"
     assert len(seen) == 1
     assert os.listdir(tmp_path) == []  # nothing left: no directory, no key
+
+
+@needs_keygen
+def test_cluster_proc_on_slurm_is_the_cluster(session: dict[str, Any],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("node_agent.cli.ssh_to_job.config_mod.find",
+                        lambda explicit=None: AgentConfig(backend="slurm"))
+    monkeypatch.setattr(stj, "find_job", FIND_JOB)  # the real search, below squeue
+    asked: list[str] = []
+
+    def slurm_node(job_id: str, auto_retry: bool, query: Any = None) -> str:
+        asked.append(job_id)
+        return "127.0.0.1"   # (an address: no name is looked up)
+
+    monkeypatch.setattr(locate_mod, "slurm_batch_host", slurm_node)
+    located: list[tuple[str | None, str]] = []
+
+    def direct(self: Any, node: str | None, job_id: str) -> Any:
+        located.append((node, job_id))
+        return locate_mod._Round(running=stj.Located(
+            "unix:/run/a.sock", pb.Job(id=job_id, user="alice", state="running"), "n1"))
+
+    monkeypatch.setattr(locate_mod.Locator, "_direct", direct)
+    assert stj.main(["42.0", "true"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 0
+    assert asked == ["42"] and located == [("127.0.0.1", "42")]
+    assert session["cmd"][-3:] == [ALIAS, "--", "true"]
+    # CLUSTER.PROC@NODE: the node is asked, Slurm is not
+    assert stj.main(["42.0@127.0.0.2", "true"], err=io.StringIO(),
+                    authenticator=FakeAuthenticator()) == 0
+    assert asked == ["42"] and located[-1] == ("127.0.0.2", "42")
+
+
+def test_cluster_proc_other_than_0_on_slurm_is_a_usage_error(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("node_agent.cli.ssh_to_job.config_mod.find",
+                        lambda explicit=None: AgentConfig(backend="slurm"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(locate_mod, "slurm_batch_host", lambda *a: pytest.fail("Slurm was asked"))
+    err = io.StringIO()
+    assert stj.main(["42.1", "true"], err=err, authenticator=FakeAuthenticator()) == 2
+    assert err.getvalue() == (
+        "ssh-to-job: Usage: invalid job id '42.1': Slurm job ids are plain numbers: "
+        "CLUSTER.PROC means job CLUSTER only when PROC is 0 (42.0 is job 42; 42.1 is no "
+        "job)\n")
+    assert os.listdir(tmp_path) == []   # before anything was made
+
+
+@needs_keygen
+def test_cluster_proc_is_left_alone_on_the_native_registry(
+        session: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stj, "find_job", FIND_JOB)
+    located: list[str] = []
+
+    def locate(self: Any, job_id: str, **k: Any) -> stj.Located:
+        located.append(job_id)
+        return stj.Located("unix:/run/a.sock", pb.Job(id=job_id, user="alice",
+                                                      state="running"), "n1")
+
+    monkeypatch.setattr(locate_mod.Locator, "locate", locate)
+    assert stj.main(["42.1", "true"], err=io.StringIO(), authenticator=FakeAuthenticator()) == 0
+    assert located == ["42.1"]   # a native job may be named so
 
 
 def test_keygen_failure_is_clear(session: dict[str, Any]) -> None:
@@ -608,6 +718,35 @@ def test_relay_unimplemented_agent(tmp_path: Path) -> None:
     finally:
         server.stop(0)
     assert line.startswith("Not supported: ")
+
+
+def test_relay_refuses_a_session_whose_removal_the_agent_did_not_grant(
+        fake_agent: tuple[FakeAgent, str, FakeAuthenticator], tmp_path: Path) -> None:
+    """An agent that does not know -remove-on-interrupt opens a plain session: refused
+    before ssh gets a byte, so that Ctrl-C never silently leaves the job running."""
+    servicer, target, auth = fake_agent
+    servicer.grant_removal = False
+    (tmp_path / "key.pub").write_text("ssh-ed25519 AAAAclientkey ssh-to-job\n")
+    connected: list[bool] = []
+    removal = stj.Removal()
+    error = stj.relay(target=target, job_id="42", pubkey=str(tmp_path / "key.pub"),
+                      known_hosts=str(tmp_path / "known_hosts"), alias=ALIAS, shells=[],
+                      auth=auth.as_uid(ALICE), connect=lambda: connected.append(True),
+                      err=io.StringIO(), removal=removal)
+    assert error == (f"Not supported: the agent at {target} cannot end job 42 on an "
+                     "interrupt (-remove-on-interrupt)")
+    assert connected == [] and not removal.granted.is_set()
+    assert servicer.opens[0][1].remove_on_interrupt
+
+
+def test_relay_remove_job_before_the_session_opened_says_so(tmp_path: Path) -> None:
+    relay = stj.Relay(target="unix:/nonexistent", job_id="42", tmp=str(tmp_path), shells=[],
+                      auth=FakeAuthenticator(), err=io.StringIO(), remove_on_interrupt=True)
+    try:
+        assert relay.remove_job(timeout=1) == ("Not removed: job 42: the session was not "
+                                               "open yet")
+    finally:
+        relay.close()
 
 
 def test_relay_open_deadline(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],

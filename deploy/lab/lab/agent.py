@@ -61,6 +61,8 @@ class AgentMixin(NodesMixin, ProcessesMixin):
             # With Slurm in the lab the agents take Slurm's jobs (its slurm.conf is the
             # lab's, bound at /etc/slurm in the node); else the native registry's.
             f'backend = "{"slurm" if slurm else "native"}"',
+            # Every node of the lab: where the CLIs look for a job (node_agent/cli/locate.py).
+            f'nodes = "{self.nodeset()}"',
             "",
             "[munge]",
             'socket = "/run/munge/munge.socket.2"',
@@ -74,6 +76,11 @@ class AgentMixin(NodesMixin, ProcessesMixin):
             "",
             *([] if not slurm else ["[slurm]", f'nodename = "{node}"', ""]),
         ])
+
+    def nodeset(self) -> str:
+        """The lab's nodes in the hostlist syntax of agent.toml's `nodes`: node[1-3]."""
+        n = len(self.nodes)
+        return "node1" if n == 1 else f"node[1-{n}]"
 
     def _compile_checkout(self) -> None:
         """Byte-compile the checkout's packages, as an installed package has them.

@@ -475,6 +475,13 @@ class ShellOpen(_message.Message):
     inside the job's cgroups and namespaces. It answers with `opened` (the session's host
     key, for known_hosts), then both sides send `data` frames carrying the ssh byte stream;
     a frame with `eof` set half-closes that direction. The stream ends when sshd exits.
+
+    -remove-on-interrupt (condor_ssh_to_job's): `open` asks for it; an agent whose backend
+    does not end jobs (a scheduler's) refuses the open (UNIMPLEMENTED) before any sshd
+    starts, and one that grants it says so in `opened`. Such a stream stays open after the
+    client's `eof` until the client half-closes it or sends `remove` (it was interrupted):
+    the agent then ends the job (what `EndJob` does; the session's caller was checked at
+    open: the job's owner, root or an admin uid) and answers `removed` before its `eof`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -483,11 +490,14 @@ class ShellOpen(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     SHELLS_FIELD_NUMBER: _builtins.int
     CLIENT_FIELD_NUMBER: _builtins.int
+    REMOVE_ON_INTERRUPT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     public_key: _builtins.str
     """the client's OpenSSH public key (one line)"""
     client: _builtins.str
     """free text for the log (host, version)"""
+    remove_on_interrupt: _builtins.bool
+    """end the job if the client sends `remove`"""
     @_builtins.property
     def shells(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """preferred login shells, first existing one wins"""
@@ -499,10 +509,11 @@ class ShellOpen(_message.Message):
         public_key: _builtins.str = ...,
         shells: _abc.Iterable[_builtins.str] | None = ...,
         client: _builtins.str = ...,
+        remove_on_interrupt: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "job_id", b"job_id", "public_key", b"public_key", "shells", b"shells"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client", b"client", "job_id", b"job_id", "public_key", b"public_key", "remove_on_interrupt", b"remove_on_interrupt", "shells", b"shells"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -516,12 +527,15 @@ class ShellOpened(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    REMOVE_ON_INTERRUPT_FIELD_NUMBER: _builtins.int
     host_key: _builtins.str
     """"ssh-ed25519 AAAA..." of this session's sshd"""
     node: _builtins.str
     user: _builtins.str
     """the job's user, the login name to use"""
     session_id: _builtins.str
+    remove_on_interrupt: _builtins.bool
+    """granted: a `remove` from the client ends the job"""
     def __init__(
         self,
         *,
@@ -529,14 +543,39 @@ class ShellOpened(_message.Message):
         node: _builtins.str = ...,
         user: _builtins.str = ...,
         session_id: _builtins.str = ...,
+        remove_on_interrupt: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_key", b"host_key", "node", b"node", "session_id", b"session_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["host_key", b"host_key", "node", b"node", "remove_on_interrupt", b"remove_on_interrupt", "session_id", b"session_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ShellOpened: _TypeAlias = ShellOpened  # noqa: Y015
+
+@_typing.final
+class ShellRemoved(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KILLED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    killed: _builtins.int
+    """processes signalled"""
+    error: _builtins.str
+    """why the job could not be ended ("" when it was)"""
+    def __init__(
+        self,
+        *,
+        killed: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "killed", b"killed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShellRemoved: _TypeAlias = ShellRemoved  # noqa: Y015
 
 @_typing.final
 class ShellFrame(_message.Message):
@@ -545,9 +584,13 @@ class ShellFrame(_message.Message):
     OPEN_FIELD_NUMBER: _builtins.int
     OPENED_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
+    REMOVE_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
     EOF_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """the ssh byte stream, either direction"""
+    remove: _builtins.bool
+    """client -> agent: interrupted, end the job (once)"""
     eof: _builtins.bool
     """no more data in this direction"""
     @_builtins.property
@@ -558,19 +601,25 @@ class ShellFrame(_message.Message):
     def opened(self) -> Global___ShellOpened:
         """agent -> client, first frame only"""
 
+    @_builtins.property
+    def removed(self) -> Global___ShellRemoved:
+        """agent -> client: the answer to `remove`"""
+
     def __init__(
         self,
         *,
         open: Global___ShellOpen | None = ...,
         opened: Global___ShellOpened | None = ...,
         data: _builtins.bytes = ...,
+        remove: _builtins.bool = ...,
+        removed: Global___ShellRemoved | None = ...,
         eof: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "kind", b"kind", "open", b"open", "opened", b"opened"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "kind", b"kind", "open", b"open", "opened", b"opened", "remove", b"remove", "removed", b"removed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "kind", b"kind", "open", b"open", "opened", b"opened"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "kind", b"kind", "open", b"open", "opened", b"opened", "remove", b"remove", "removed", b"removed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "opened", "data"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "opened", "data", "remove", "removed"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
