@@ -113,9 +113,10 @@ def test_ssh_true_and_a_command(lab: Any, work: Path, alice: tuple[Path, Path]) 
     host, cwd, job, cgroup = r.stdout.splitlines()
     assert (host, cwd, job) == ("node1", str(work), JOB)
     assert cgroup.startswith(f"0::/callerid/job_{JOB}/ssh-to-job/")
-    # From another node, naming the job's node (no agent search needed).
-    r = sh(lab, "node2", f"ssh -F {config} job.{JOB}--node1 hostname")
-    assert (r.returncode, r.stdout.strip()) == (0, "node1"), r.stderr
+    # From another node: found by the fan-out over the lab's `nodes`, or named.
+    for host in (f"job.{JOB}", f"job.{JOB}--node1"):
+        r = sh(lab, "node2", f"ssh -F {config} {host} hostname")
+        assert (r.returncode, r.stdout.strip()) == (0, "node1"), (host, r.stderr)
     # Each proxy took its host key entry away again.
     assert (keys / "known_hosts").read_text() == ""
     wait_no_sessions(lab)
