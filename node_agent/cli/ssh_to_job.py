@@ -98,8 +98,8 @@ options:
 ssh job.42 from any ssh client (scp, sftp, rsync -e ssh, ssh -L, VS Code, Ansible):
   -ssh-config           print a "Host job.*" block for ~/.ssh/config (put it above any
                         "Host *"); makes the dedicated key ~/.ssh/ssh-to-job/id_ed25519
-                        on first use. Then: ssh job.42, or ssh job.42--node17 for the
-                        job on a named node
+                        on first use. Then: ssh job.42 (found as above), or
+                        ssh job.42--node17 (JOBID@NODE: the job on node17)
   -proxy HOST           the block's ProxyCommand (ssh runs it with %h and -port %p):
                         relays ssh's stdin/stdout to the session, after writing the
                         session's host key to ~/.ssh/ssh-to-job/known_hosts
