@@ -33,9 +33,14 @@ def job(lab: lab_mod.Lab) -> Iterator[int]:
     job = int(out.strip().split(";")[0])
     try:
         deadline = time.monotonic() + RUNNING_TIMEOUT
-        while lab.run("node1", ["srun", "--jobid", str(job), "--overlap", "cat", "/tmp/x"],
-                      user="alice", cwd="/tmp", check=False).stdout.strip() != f"job {job}":
-            assert time.monotonic() < deadline, squeue_state(lab, job)
+        while squeue_state(lab, job) != "RUNNING" or lab.run(
+                "node1", ["srun", "--jobid", str(job), "--overlap", "cat", "/tmp/x"],
+                user="alice", cwd="/tmp", check=False, timeout=20).stdout.strip() != f"job {job}":
+            assert time.monotonic() < deadline, (
+                lab.run("node1", ["squeue", "-h", "-t", "all", "-j", str(job), "-o", "%T %R"],
+                        check=False).stdout,
+                lab.run("node1", ["sinfo", "-h", "-N", "-o", "%N %T %E"], check=False).stdout,
+                lab.slurm_log("node2")[-3000:], lab.slurm_log()[-2000:])
             time.sleep(0.2)
         yield job
     finally:

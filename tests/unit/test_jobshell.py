@@ -857,8 +857,10 @@ def test_a_launcher_that_never_gets_to_exec_is_killed_after_the_timeout(
     real = subprocess.Popen
 
     def popen(*a: object, **kw: object) -> subprocess.Popen[bytes]:
-        started.append(real(*a, **kw))  # type: ignore[call-overload]
-        return started[-1]
+        p: subprocess.Popen[bytes] = real(*a, **kw)  # type: ignore[call-overload]
+        if launch.__file__ in list(a[0]):  # type: ignore[call-overload]  # argv
+            started.append(p)     # (not another test's ssh-keygen thread's)
+        return p
 
     monkeypatch.setattr(subprocess, "Popen", popen)
     spec = {"cgroup_procs": [str(fifo)], "uid": os.getuid(), "gid": os.getgid(),
@@ -900,8 +902,10 @@ def test_a_launcher_that_cannot_be_enrolled_is_killed_unreleased(
     real = subprocess.Popen
 
     def popen(*a: object, **kw: object) -> subprocess.Popen[bytes]:
-        started.append(real(*a, **kw))  # type: ignore[call-overload]
-        return started[-1]
+        p: subprocess.Popen[bytes] = real(*a, **kw)  # type: ignore[call-overload]
+        if launch.__file__ in list(a[0]):  # type: ignore[call-overload]  # argv
+            started.append(p)     # (not another test's ssh-keygen thread's)
+        return p
 
     def enroll(pid: int) -> None:
         raise OSError("slurmstepd refused pid")
