@@ -206,11 +206,20 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
         return self._spawn(argv, self.dir / "logs" / "slurmctld.out", self._slurmctld_pidfile())
 
     def _spawn_slurmd(self, node: str) -> subprocess.Popen[bytes]:
-        """slurmd -D -N <node> inside the node (its net, UTS, mount and cgroup namespaces)."""
-        argv = self._enter(node, self._node_ns_args(node), [
-            ENV, "-i", f"PATH={PATH}", SLURMD, "-D", "-N", node,
-            "-f", str(SLURM_ETC / "slurm.conf"),
-        ])
+        """slurmd -D -N <node> inside the node (its net, UTS, mount and cgroup namespaces).
+
+        With ``slurm_job_container``, the node's BasePath is first made a private mount of
+        its own in the node's mount namespace: job_container/tmpfs bind-mounts each job's
+        namespace file there, which the kernel refuses (EINVAL) under a shared mount, and
+        the node's /run is shared whenever the host's is."""
+        daemon = [ENV, "-i", f"PATH={PATH}", SLURMD, "-D", "-N", node,
+                  "-f", str(SLURM_ETC / "slurm.conf")]
+        if self.slurm_job_container:
+            base = shlex.quote(str(self.slurm_dir / "jc" / node))
+            daemon = [SH, "-c", "\n".join([
+                "set -e", f"mkdir -p {base}", f"{MOUNT} --bind {base} {base}",
+                f"{MOUNT} --make-private {base}", 'exec "$@"']), "lab-slurmd", *daemon]
+        argv = self._enter(node, self._node_ns_args(node), daemon)
         return self._spawn(argv, self.dir / "logs" / f"slurmd-{node}.out",
                            self._slurmd_pidfile(node))
 
