@@ -66,12 +66,7 @@ SLURM_TIMEOUT = 30.0
 
 
 class SlurmMixin(MungeMixin, ProcessesMixin):
-    """The lab's Slurm: its config files, its daemons, and what ``status`` says of them.
-
-    ``slurm_job_container``: set before ``up`` to give every job a private /tmp and
-    /dev/shm (job_container/tmpfs, a mount namespace per job)."""
-
-    slurm_job_container = False
+    """The lab's Slurm: its config files, its daemons, and what ``status`` says of them."""
 
     @property
     def slurm_dir(self) -> Path:
@@ -132,8 +127,6 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
             "InactiveLimit=0",
             "MinJobAge=30",
         ]
-        if self.slurm_job_container:
-            lines.append("JobContainerType=job_container/tmpfs")
         for node in self.nodes:
             lines.append(f"NodeName={node} NodeAddr={self.ip(node)} CPUs={cpus} "
                          "RealMemory=1000 State=UNKNOWN")
@@ -167,15 +160,6 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
         write_file(d / "etc" / "slurm.conf", self.slurm_config())
         write_file(d / "etc" / "cgroup.conf", self.cgroup_config())
         write_file(d / "etc" / "plugstack.conf", "# no SPANK plugins in the lab\n")
-        if self.slurm_job_container:
-            write_file(d / "etc" / "job_container.conf", self.job_container_config())
-
-    def job_container_config(self) -> str:
-        """job_container.conf: a BasePath of each node's own (they share the host's disk)."""
-        return "\n".join(["# written by deploy/lab/lab.py: job_container/tmpfs",
-                          *(f"NodeName={node} AutoBasePath=true "
-                            f"BasePath={self.slurm_dir / 'jc' / node}" for node in self.nodes),
-                          ""])
 
     # ------------------------------------------------------------ running
 
@@ -206,20 +190,11 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
         return self._spawn(argv, self.dir / "logs" / "slurmctld.out", self._slurmctld_pidfile())
 
     def _spawn_slurmd(self, node: str) -> subprocess.Popen[bytes]:
-        """slurmd -D -N <node> inside the node (its net, UTS, mount and cgroup namespaces).
-
-        With ``slurm_job_container``, the node's BasePath is first made a private mount of
-        its own in the node's mount namespace: job_container/tmpfs bind-mounts each job's
-        namespace file there, which the kernel refuses (EINVAL) under a shared mount, and
-        the node's /run is shared whenever the host's is."""
-        daemon = [ENV, "-i", f"PATH={PATH}", SLURMD, "-D", "-N", node,
-                  "-f", str(SLURM_ETC / "slurm.conf")]
-        if self.slurm_job_container:
-            base = shlex.quote(str(self.slurm_dir / "jc" / node))
-            daemon = [SH, "-c", "\n".join([
-                "set -e", f"mkdir -p {base}", f"{MOUNT} --bind {base} {base}",
-                f"{MOUNT} --make-private {base}", 'exec "$@"']), "lab-slurmd", *daemon]
-        argv = self._enter(node, self._node_ns_args(node), daemon)
+        """slurmd -D -N <node> inside the node (its net, UTS, mount and cgroup namespaces)."""
+        argv = self._enter(node, self._node_ns_args(node), [
+            ENV, "-i", f"PATH={PATH}", SLURMD, "-D", "-N", node,
+            "-f", str(SLURM_ETC / "slurm.conf"),
+        ])
         return self._spawn(argv, self.dir / "logs" / f"slurmd-{node}.out",
                            self._slurmd_pidfile(node))
 
