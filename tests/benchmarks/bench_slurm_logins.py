@@ -55,8 +55,9 @@ PAIRS = {"1 job": ("pam_slurm_adopt 1 job", "pam_adopt 1 job"),
          "2 jobs": ("pam_slurm_adopt 2 jobs", "pam_adopt 2 jobs")}
 
 
-def sbatch(lab: lab_mod.Lab, user: str) -> int:
-    out = lab.run("node1", ["sbatch", "--parsable", "-w", "node1,node2", "-o", "/dev/null",
+def sbatch(lab: lab_mod.Lab, user: str, nodes: str = "node1,node2") -> int:
+    """A sleeping batch job of `user` on `nodes`, once it runs."""
+    out = lab.run("node1", ["sbatch", "--parsable", "-w", nodes, "-o", "/dev/null",
                             "-J", "bench", "--wrap", "sleep 100000"], user=user,
                   cwd="/tmp").stdout
     job = int(out.strip().split(";")[0])

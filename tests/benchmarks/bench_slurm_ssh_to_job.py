@@ -36,25 +36,12 @@ from pathlib import Path
 
 import lab as lab_mod
 from tests.benchmarks.bench_logins import pct
+from tests.benchmarks.bench_slurm_logins import sbatch
 from tests.benchmarks.bench_ssh_to_job import Driver
 from tests.benchmarks.interleave import interleaved
 
 REPO = Path(__file__).resolve().parents[2]
 USER = "alice"
-
-
-def sbatch(lab: lab_mod.Lab) -> int:
-    out = lab.run("node1", ["sbatch", "--parsable", "-w", "node2", "-o", "/dev/null",
-                            "-J", "bench", "--wrap", "sleep 100000"], user=USER,
-                  cwd="/tmp").stdout
-    job = int(out.strip().split(";")[0])
-    deadline = time.monotonic() + 60
-    while lab.run("node1", ["squeue", "-h", "-j", str(job), "-o", "%T"],
-                  check=False).stdout.strip() != "RUNNING":
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"job {job} did not start")
-        time.sleep(0.1)
-    return job
 
 
 def main() -> int:
@@ -74,7 +61,7 @@ def main() -> int:
     driver: Driver | None = None
     try:
         lab.up(agents=True, slurm=True)
-        job = str(sbatch(lab))
+        job = str(sbatch(lab, USER, "node2"))
         stj = lab.venv_bin("ssh-to-job")
         variants = {
             "ssh-to-job": [stj, job, "true"],
