@@ -398,13 +398,9 @@ class Locator:
         """The job on one of these agents' nodes, asked in turn (gRPC targets)."""
         return self._retry(job_id, lambda: self._targets(targets, job_id, timeout), auto_retry)
 
-    def slurm_node(self, job_id: str, auto_retry: bool) -> str:
-        """The node of Slurm job `job_id` whose agent opens the session: its BatchHost (the
-        first node of an salloc allocation), from one squeue call (node_agent.jobs.slurmctl).
-        Whether the caller may enter the job is the agent's to say."""
-        return self._slurm_node(job_id, auto_retry)
-
     def _slurm_node(self, job_id: str, auto_retry: bool) -> str:
+        """The node of Slurm job `job_id` whose agent opens the session: its BatchHost, from
+        one squeue call. Whether the caller may enter the job is the agent's to say."""
         node = slurm_batch_host(job_id, auto_retry, self.query_slurm)
         self._say(f"squeue: job {job_id} runs on {node} (BatchHost)")
         return node

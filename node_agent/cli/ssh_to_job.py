@@ -373,23 +373,6 @@ def find_job(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
         ref.job_id, node=args.name or ref.node, auto_retry=args.auto_retry)
 
 
-def locate(targets: Sequence[str], job_id: str, auth: Authenticator, *, auto_retry: bool,
-           err: TextIO, sleep: Callable[[float], None] = time.sleep,
-           timeout: float = 10.0, local_node: str | None = None) -> Located:
-    """Ask each agent for the job; the first that has it running wins. With auto_retry,
-    a job that is absent or not running yet is waited for; any other error ends it.
-    (node_agent/cli/locate.py's search over explicit targets; `find_job` is the CLI's.)"""
-    cfg = config_mod.AgentConfig(node_name=local_node) if local_node else config_mod.AgentConfig()
-    return locate_mod.Locator(cfg, auth, err, prog=PROG, sleep=sleep).locate_targets(
-        targets, job_id, auto_retry=auto_retry, timeout=timeout)
-
-
-def slurm_node(job_id: str, auto_retry: bool) -> str:
-    """The node of Slurm job `job_id`: its BatchHost, from one squeue call
-    (node_agent/cli/locate.py)."""
-    return locate_mod.slurm_batch_host(job_id, auto_retry)
-
-
 # -- the session --------------------------------------------------------------------------
 
 class _Signalled(BaseException):

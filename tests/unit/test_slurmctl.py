@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.cli.common import CliError
-from node_agent.cli.ssh_to_job import slurm_node
+from node_agent.cli.locate import slurm_batch_host as slurm_node
 from node_agent.jobs.slurmctl import (
     SQUEUE_FORMAT,
     SlurmJobInfo,

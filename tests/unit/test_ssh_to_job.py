@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,14 +300,23 @@ def fake_agent() -> Iterator[tuple[FakeAgent, str, FakeAuthenticator]]:
 
 # -- locating the job ---------------------------------------------------------------------
 
+def locate(targets: list[str], job_id: str, auth: FakeAuthenticator, *, auto_retry: bool,
+           err: io.StringIO, sleep: Callable[[float], None] = time.sleep,
+           timeout: float = 10.0) -> locate_mod.Located:
+    """The location module's search over explicit agents, as ssh-to-job runs it."""
+    return locate_mod.Locator(AgentConfig(), auth, err, prog=stj.PROG, sleep=sleep
+                              ).locate_targets(targets, job_id, auto_retry=auto_retry,
+                                               timeout=timeout)
+
+
 def test_locate_found_and_not_found(fake_agent: tuple[FakeAgent, str, FakeAuthenticator],
                                     ) -> None:
     servicer, target, auth = fake_agent
     servicer.jobs["42"] = pb.Job(id="42", user="alice", state="running", node="n1")
-    where = stj.locate([target], "42", auth.as_uid(ALICE), auto_retry=False, err=io.StringIO())
+    where = locate([target], "42", auth.as_uid(ALICE), auto_retry=False, err=io.StringIO())
     assert (where.target, where.job.user, where.node) == (target, "alice", "n1")
     with pytest.raises(CliError, match="no job 7") as e:
-        stj.locate([target], "7", auth.as_uid(ALICE), auto_retry=False, err=io.StringIO())
+        locate([target], "7", auth.as_uid(ALICE), auto_retry=False, err=io.StringIO())
     assert e.value.category == "Not found"
 
 
@@ -317,7 +326,7 @@ def test_locate_skips_dead_agents_and_waits_with_auto_retry(
     servicer.start_after = 3
     err = io.StringIO()
     sleeps: list[float] = []
-    where = stj.locate(["unix:/nonexistent/agent.sock", target], "42", auth.as_uid(ALICE),
+    where = locate(["unix:/nonexistent/agent.sock", target], "42", auth.as_uid(ALICE),
                        auto_retry=True, err=err, sleep=sleeps.append, timeout=2)
     assert where.job.state == "running" and len(sleeps) == 3
     text = err.getvalue()
@@ -331,7 +340,7 @@ def test_locate_does_not_wait_for_an_ending_job(
     servicer.jobs["42"] = pb.Job(id="42", user="alice", state="ending", node="n1")
     sleeps: list[float] = []
     with pytest.raises(CliError, match="job 42 is ending on n1") as e:
-        stj.locate([target], "42", auth.as_uid(ALICE), auto_retry=True, err=io.StringIO(),
+        locate([target], "42", auth.as_uid(ALICE), auto_retry=True, err=io.StringIO(),
                    sleep=sleeps.append)
     assert e.value.category == "Not running" and sleeps == []
 
