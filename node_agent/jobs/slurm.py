@@ -489,7 +489,7 @@ class SlurmJobs:
         plugin (job_container/none) the stepd sends no fd: an empty list. StepdError (an
         OSError) when the stepd cannot be asked, as pam_slurm_adopt's "stepd_get_ns_fd
         failed", which it treats as an adoption failure."""
-        ext = next((s for s in self._job_steps(job_id) if s.is_extern), None)
+        ext = self.extern_step(job_id)
         if ext is None:
             raise ProcessLookupError(f"job {job_id} has no extern step on {self.node}")
         with Stepd(ext.path, self.timeout) as s:
