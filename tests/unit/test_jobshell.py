@@ -847,27 +847,34 @@ def test_a_helper_past_its_timeout_is_killed_with_its_whole_cgroup(
         os.close(view._fd)
 
 
-def test_a_launcher_that_never_gets_to_exec_is_killed_after_the_timeout(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Here it blocks opening its cgroup.procs (a FIFO nobody reads); as the user, before
-    exec, the job's user could also SIGSTOP it."""
-    fifo = tmp_path / "cgroup.procs"
-    os.mkfifo(fifo)
+@pytest.fixture
+def launchers(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """The launcher processes spawn.start makes from now on (not another test's
+    ssh-keygen thread's, which may start meanwhile)."""
     started: list[subprocess.Popen[bytes]] = []
     real = subprocess.Popen
 
     def popen(*a: object, **kw: object) -> subprocess.Popen[bytes]:
         p: subprocess.Popen[bytes] = real(*a, **kw)  # type: ignore[call-overload]
         if launch.__file__ in list(a[0]):  # type: ignore[call-overload]  # argv
-            started.append(p)     # (not another test's ssh-keygen thread's)
+            started.append(p)
         return p
 
     monkeypatch.setattr(subprocess, "Popen", popen)
+    return started
+
+
+def test_a_launcher_that_never_gets_to_exec_is_killed_after_the_timeout(
+        tmp_path: Path, launchers: list[subprocess.Popen[bytes]]) -> None:
+    """Here it blocks opening its cgroup.procs (a FIFO nobody reads); as the user, before
+    exec, the job's user could also SIGSTOP it."""
+    fifo = tmp_path / "cgroup.procs"
+    os.mkfifo(fifo)
     spec = {"cgroup_procs": [str(fifo)], "uid": os.getuid(), "gid": os.getgid(),
             "groups": [], "cwd": "/", "argv": ["true"], "env": {}, "output": os.devnull}
     with pytest.raises(spawn.LaunchError, match="did not get to exec within 0.5 s"):
         spawn.start(spec, timeout=0.5)
-    assert started[0].returncode == -signal.SIGKILL      # killed and reaped
+    assert launchers[0].returncode == -signal.SIGKILL      # killed and reaped
 
 
 def _touch_spec(procs: Path, mark: Path) -> dict[str, object]:
@@ -895,25 +902,15 @@ def test_the_launcher_is_enrolled_while_held_before_it_touches_anything(
 
 
 def test_a_launcher_that_cannot_be_enrolled_is_killed_unreleased(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, launchers: list[subprocess.Popen[bytes]]) -> None:
     procs, mark = tmp_path / "cgroup.procs", tmp_path / "ran"
     procs.write_text("")
-    started: list[subprocess.Popen[bytes]] = []
-    real = subprocess.Popen
-
-    def popen(*a: object, **kw: object) -> subprocess.Popen[bytes]:
-        p: subprocess.Popen[bytes] = real(*a, **kw)  # type: ignore[call-overload]
-        if launch.__file__ in list(a[0]):  # type: ignore[call-overload]  # argv
-            started.append(p)     # (not another test's ssh-keygen thread's)
-        return p
-
     def enroll(pid: int) -> None:
         raise OSError("slurmstepd refused pid")
 
-    monkeypatch.setattr(subprocess, "Popen", popen)
     with pytest.raises(OSError, match="slurmstepd refused"):
         spawn.start(_touch_spec(procs, mark), timeout=30, enroll=enroll)
-    assert started[0].returncode is not None                 # reaped
+    assert launchers[0].returncode is not None                 # reaped
     assert procs.read_text() == "" and not mark.exists()    # joined nothing, ran nothing
 
 
