@@ -9,6 +9,7 @@ BatchHost. The session is enrolled into the job's extern step by slurmstepd
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import time
@@ -74,6 +75,22 @@ def session_dirs(lab: lab_mod.Lab) -> list[str]:
                    ).stdout.split()
 
 
+@contextlib.contextmanager
+def open_session(lab: lab_mod.Lab, job: int) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """``ssh-to-job JOB 'echo $$; exec sleep 300'`` from node1 as alice: the client and the
+    pid of the session's command; the client is killed after, if still there."""
+    p = lab.popen("node1", [lab.venv_bin("ssh-to-job"), str(job), "echo $$; exec sleep 300"],
+                  user="alice", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        yield p, int(p.stdout.readline())
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_a_command_in_the_job_from_a_node_outside_it(
         lab: lab_mod.Lab, job: int, work: Path) -> None:
     """Its exit status, the job's environment and directory, the extern step's cgroup."""
@@ -93,12 +110,7 @@ def test_the_session_is_slurms_and_ends_alone(lab: lab_mod.Lab, job: int) -> Non
     """Listed by slurmstepd in the extern step while it runs; when the client goes
     away, the session's processes die and the job runs on."""
     before = extern_pids(lab, job)
-    p = lab.popen("node1", [lab.venv_bin("ssh-to-job"), str(job), "echo $$; exec sleep 300"],
-                  user="alice", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                  stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout is not None
-        pid = int(p.stdout.readline())
+    with open_session(lab, job) as (p, pid):
         assert pid in extern_pids(lab, job)
         p.terminate()
         p.wait(30)
@@ -110,10 +122,6 @@ def test_the_session_is_slurms_and_ends_alone(lab: lab_mod.Lab, job: int) -> Non
         assert extern_pids(lab, job) == before           # sshd and all: gone
         assert squeue_state(lab, job) == "RUNNING"
         assert session_dirs(lab) == []
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
 
 
 def test_what_a_command_leaves_running_ends_with_its_session(
@@ -139,26 +147,19 @@ def test_what_a_command_leaves_running_ends_with_its_session(
 
 def test_scancel_ends_an_open_session(lab: lab_mod.Lab) -> None:
     job = sbatch_sleep(lab, "alice", "node2")
-    p = lab.popen("node1", [lab.venv_bin("ssh-to-job"), str(job), "echo $$; exec sleep 300"],
-                  user="alice", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                  stderr=subprocess.PIPE, text=True)
     try:
-        assert p.stdout is not None
-        pid = int(p.stdout.readline())
-        scancel(lab, job, user="alice")
-        p.wait(KILL_TIMEOUT)
-        deadline = time.monotonic() + KILL_TIMEOUT
-        while process_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not process_alive(pid)
-        deadline = time.monotonic() + KILL_TIMEOUT
-        while session_dirs(lab) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert session_dirs(lab) == []
+        with open_session(lab, job) as (p, pid):
+            scancel(lab, job, user="alice")
+            p.wait(KILL_TIMEOUT)
+            deadline = time.monotonic() + KILL_TIMEOUT
+            while process_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not process_alive(pid)
+            deadline = time.monotonic() + KILL_TIMEOUT
+            while session_dirs(lab) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert session_dirs(lab) == []
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
         scancel(lab, job)
 
 
