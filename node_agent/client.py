@@ -84,6 +84,21 @@ class AgentClient:
             pb.ListJobsRequest(user=user, job_id=job_id, with_pids=with_pids),
             timeout=self.timeout)
 
+    def locate_job_future(self, job_id: str) -> Any:
+        """LocateJob as a future: where a job of the caller's runs, as announced to this
+        agent if it is one of the job's homes (node_agent/jobhome.py)."""
+        return self.stub.LocateJob.future(pb.LocateJobRequest(job_id=job_id),
+                                          timeout=self.timeout)
+
+    def announce_jobs(self, node: str, jobs: Sequence[tuple[str, int]],
+                      timeout: float | None = None) -> None:
+        """Tell this agent, a home of `jobs` ((job id, uid), ...), that they run on
+        `node` (root only: agents)."""
+        self.stub.AnnounceJobs(
+            pb.AnnounceJobsRequest(node=node, jobs=[pb.JobLocation(job_id=j, uid=u)
+                                                    for j, u in jobs]),
+            timeout=timeout or self.timeout)
+
     def start_job(self, job_id: str, user: str, argv: Sequence[str] = (), *, cwd: str = "",
                   env: Mapping[str, str] | None = None, output: str = "") -> pb.Job:
         """Start a job (root and admins)."""
@@ -135,6 +150,11 @@ class PeerPool:
         """The job the agent on `host` says owns `conn`, or None (raises grpc.RpcError)."""
         reply = self.client(host).caller_id(conn, timeout=deadline)
         return reply.job_id if reply.outcome == pb.CallerIdReply.FOUND else None
+
+    def announce_jobs(self, host: str, node: str, jobs: Sequence[tuple[str, int]],
+                      timeout: float) -> None:
+        """Tell the agent on `host` that `jobs` run on `node` (node_agent/agent/jobindex.py)."""
+        self.client(host).announce_jobs(node, jobs, timeout=timeout)
 
     def close(self) -> None:
         """Close every channel."""

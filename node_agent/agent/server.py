@@ -29,6 +29,7 @@ from callerid import Resolver
 from node_agent import relaybuf, shellwire
 from node_agent.agent import metrics
 from node_agent.agent.admission import Admission, AdmissionServer
+from node_agent.agent.jobindex import SEND_TIMEOUT, Announcer, JobIndex, Share
 from node_agent.agent.limits import SessionLimits
 from node_agent.agent.service import NodeAgentServicer
 from node_agent.agent.sessions import JobShellSessions
@@ -44,6 +45,7 @@ from node_agent.client import PeerPool
 from node_agent.config import AgentConfig
 from node_agent.errors import StartupError
 from node_agent.jobs import open_backend
+from node_agent.jobs.base import RUNNING, JobBackend
 from node_agent.proto.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("node_agent")
@@ -246,6 +248,38 @@ def warn_if_port_unprivileged(port: int, procfs: str = "/proc") -> bool:
     return True
 
 
+def job_index(config: AgentConfig) -> JobIndex | None:
+    """This agent's half of the job index (node_agent/agent/jobindex.py): with `nodes` and
+    the native registry only (a scheduler knows where its jobs run), and only when this
+    node is one of `nodes` (else the homes could not tell it from an impostor)."""
+    nodes = config.node_names()
+    if config.backend != "native" or not nodes:
+        return None
+    if config.node_name not in nodes:
+        log.warning("node_name %s is not in nodes (%s): this node's jobs are found by "
+                    "the fan-out only, not through the job index", config.node_name,
+                    config.nodes)
+        return None
+    return JobIndex(nodes)
+
+
+def announcer_of(config: AgentConfig, jobs: JobBackend, index: JobIndex,
+                 peers: PeerPool) -> Announcer:
+    """The announcer of this node's running jobs to their homes (this node's own index
+    directly, the others through their agents)."""
+
+    def running() -> list[tuple[str, int]]:
+        return [(r.job.id, r.job.uid) for r in jobs.list_jobs() if r.state == RUNNING]
+
+    def send(home: str, share: Share) -> None:
+        if home == config.node_name:
+            index.replace(home, share)
+        else:
+            peers.announce_jobs(home, config.node_name, share, timeout=SEND_TIMEOUT)
+
+    return Announcer(config.node_name, config.node_names(), running, send)
+
+
 def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None:
     """Run the agent until SIGTERM/SIGINT."""
     if os.geteuid() != 0:
@@ -271,11 +305,13 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
                                   procfs=config.procfs, warmer=warmer)
         shells.recover()   # no session survives a restart: remove what earlier ones left
         relaybuf.keep_buffers_in_heap()  # ssh-to-job's relay: no page fault per byte
+        index = job_index(config)
         servicer = NodeAgentServicer(
             node=config.node_name, resolver=resolver, jobs=jobs,
             admin_uids=config.admin_uids, shells=shells,
             limits=SessionLimits(config.max_sessions, config.max_sessions_per_user,
-                                 config.session_open_timeout))
+                                 config.session_open_timeout),
+            index=index)
         peers = PeerPool(auth, config.port)
         undo.callback(peers.close)
         _prepare_socket(config.socket)
@@ -296,6 +332,10 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         server.start()
         admission.start()
+        if index is not None:
+            announcer = announcer_of(config, jobs, index, peers)
+            announcer.start()
+            undo.callback(announcer.close)
         # Anyone may connect; every call is authenticated with MUNGE.
         os.chmod(config.socket, 0o666)
         if config.metrics_listen:

@@ -23,6 +23,7 @@ import callerid
 from callerid import Resolution, Resolver
 from node_agent import shellwire
 from node_agent.agent import metrics
+from node_agent.agent.jobindex import JobIndex
 from node_agent.agent.limits import (
     RefusalLog,
     SessionLimiter,
@@ -80,8 +81,10 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
     def __init__(self, *, node: str, resolver: Resolver, jobs: JobBackend,
                  admin_uids: tuple[int, ...] = (),
                  shells: JobShellSessions | None = None,
-                 limits: SessionLimits | None = None) -> None:
+                 limits: SessionLimits | None = None,
+                 index: JobIndex | None = None) -> None:
         self.node = node
+        self.index = index
         self.shells = shells
         self.resolver = resolver
         self.jobs = jobs
@@ -175,6 +178,34 @@ class NodeAgentServicer(agent_pb2_grpc.NodeAgentServicer):
             recs = [r for r in recs if r.job.uid == ident.uid]
         return pb.ListJobsReply(
             node=self.node, jobs=[job_to_pb(r, self.jobs, request.with_pids) for r in recs])
+
+    # -- the job index (node_agent/agent/jobindex.py) ----------------------------------------
+    @_serve
+    def AnnounceJobs(self, request: pb.AnnounceJobsRequest,
+                     context: grpc.ServicerContext) -> pb.AnnounceJobsReply:
+        """Another agent's running jobs of which this node is a home (root only)."""
+        ident = current_identity()
+        if ident.uid != 0:
+            security.warning("SECURITY: uid %d tried to announce jobs of %s to %s: refused",
+                             ident.uid, request.node or "?", self.node)
+            raise PermissionDenied("only agents (root) announce jobs")
+        if self.index is None:
+            raise NotSupported(f"{self.node} keeps no job index (no `nodes`, or a "
+                               "scheduler's backend)")
+        self.index.replace(request.node, [(j.job_id, j.uid) for j in request.jobs])
+        return pb.AnnounceJobsReply()
+
+    @_serve
+    def LocateJob(self, request: pb.LocateJobRequest,
+                  context: grpc.ServicerContext) -> pb.LocateJobReply:
+        """Where a job of the caller's runs, as announced to this home."""
+        ident = current_identity()
+        callerid.validate_job_id(request.job_id)
+        if self.index is None:
+            raise NotSupported(f"{self.node} keeps no job index (no `nodes`, or a "
+                               "scheduler's backend)")
+        uid = None if self._privileged(ident) else ident.uid
+        return pb.LocateJobReply(nodes=self.index.locate(request.job_id, uid))
 
     @_serve
     def StartJob(self, request: pb.StartJobRequest,

@@ -7,12 +7,18 @@ they need only the configuration and MUNGE. Where the job is, in this order:
    `-name NODE`: that node's agent is asked directly, no search;
 2. ``backend = "slurm"``: slurmctld is asked once (one ``squeue`` call,
    node_agent/jobs/slurmctl.py) for the job's BatchHost, whose agent is then asked;
-3. the native registry with a `nodes` key: a bounded parallel fan-out of ``ListJobs(job_id)``
-   to those nodes' agents (`fan_out`): at most ``locate_parallel`` calls in flight, taken in
-   the NodeSet's order, each with the deadline ``locate_timeout``; the first agent that has
-   the job *running* wins and the calls still in flight are cancelled, the nodes not yet
-   asked are not asked. Nodes that did not answer are named
-   (`-debug`, and the error when the job is nowhere);
+3. the native registry with a `nodes` key: first the job's two homes (node_agent/jobhome.py;
+   the agents announce their running jobs to them, node_agent/agent/jobindex.py) are
+   asked ``LocateJob`` at once, within HOME_TIMEOUT, and the node the first of them names is
+   asked ``ListJobs(job_id)`` (a home's answer is a hint: only the job's own agent is
+   believed). Two or three calls, however many nodes there are (with no more than two
+   nodes, the homes are not asked: the fan-out asks the same agents). When that finds nothing
+   running (a job started less than a second ago, a home restarted or down), a bounded
+   parallel fan-out of ``ListJobs(job_id)`` to every node's agent (`fan_out`): at most
+   ``locate_parallel`` calls in flight, taken in the NodeSet's order, each with the
+   deadline ``locate_timeout``; the first agent that has the job *running* wins and the
+   calls still in flight are cancelled, the nodes not yet asked are not asked. Nodes that
+   did not answer are named (`-debug`, and the error when the job is nowhere);
 4. no `nodes`: this node's own agent (its Unix socket), as before issue 12.
 
 A job of another user is never found: each agent answers ListJobs with the caller's own jobs
@@ -24,7 +30,7 @@ Job references: ``JOB@NODE``. Job ids never contain '@' (callerid.validate_job_i
 ssh-style ``user@JOB`` of earlier versions is gone (the login is always the job's user,
 so the name was ignored; rsync and scp pass a user as ``-l USER`` anyway).
 
-Worst case of one fan-out round (every node black-holed): ceil(len(nodes) /
+Worst case of one round (every node black-holed): HOME_TIMEOUT + ceil(len(nodes) /
 locate_parallel) x locate_timeout. A dead node that refuses connections costs
 milliseconds, a black-holed one `locate_timeout` of one slot.
 """
@@ -37,12 +43,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TextIO
+from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 import grpc
 
 from node_agent import config as config_mod
-from node_agent import dial
+from node_agent import dial, jobhome
 from node_agent.auth import Authenticator
 from node_agent.cli.common import CATEGORIES, CliError, UsageError
 from node_agent.client import AgentClient
@@ -54,6 +60,9 @@ from node_agent.proto.v1 import agent_pb2 as pb
 RETRY_INTERVAL = 2.0
 #: The deadline of a direct call (-name, JOB@NODE, the BatchHost, the local agent).
 DIRECT_TIMEOUT = 10.0
+#: The deadline of the questions to a job's homes (at most locate_timeout): a home answers
+#: from memory, so a slower one is treated as down and the fan-out goes ahead.
+HOME_TIMEOUT = 0.5
 
 # A node in a job reference: a host name or an address (IPv6 in brackets); no port, no
 # '/', ':' or blanks (the reference is also rsync's and scp's host).
@@ -96,10 +105,14 @@ def parse_ref(text: str) -> JobRef:
 
 # -- the fan-out --------------------------------------------------------------------------
 
-class Call(Protocol):
+Reply = TypeVar("Reply")
+Reply_co = TypeVar("Reply_co", covariant=True)
+
+
+class Call(Protocol[Reply_co]):
     """A call in flight (a gRPC future)."""
 
-    def result(self, timeout: float | None = None) -> pb.ListJobsReply:
+    def result(self, timeout: float | None = None) -> Reply_co:
         """Its answer (raises its error; grpc.FutureCancelledError once cancelled)."""
         ...
 
@@ -121,8 +134,12 @@ class JobLister(Protocol):
         ...
 
     def list_jobs_future(self, user: str = "", job_id: str = "", with_pids: bool = False,
-                         ) -> Call:
+                         ) -> Call[pb.ListJobsReply]:
         """The agent's ListJobs, as a call that can be cancelled."""
+        ...
+
+    def locate_job_future(self, job_id: str) -> Call[pb.LocateJobReply]:
+        """The agent's LocateJob (a pb.LocateJobReply), as a call that can be cancelled."""
         ...
 
     def close(self) -> None:
@@ -131,10 +148,10 @@ class JobLister(Protocol):
 
 
 @dataclass
-class FanOut:
+class FanOut(Generic[Reply]):
     """What one fan-out round learnt: the replies by node, the nodes that did not answer
     (node -> why), the nodes not asked because the search ended early, and the winner."""
-    replies: dict[str, pb.ListJobsReply] = field(default_factory=dict)
+    replies: dict[str, Reply] = field(default_factory=dict)
     unanswered: dict[str, str] = field(default_factory=dict)
     not_asked: list[str] = field(default_factory=list)
     winner: str | None = None
@@ -155,9 +172,9 @@ def _why(e: BaseException) -> str:
 
 
 def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
-            request: Callable[[JobLister], Call], *, parallel: int,
-            enough: Callable[[str, pb.ListJobsReply], bool] = lambda node, reply: False,
-            ) -> FanOut:
+            request: Callable[[JobLister], Call[Reply]], *, parallel: int,
+            enough: Callable[[str, Reply], bool] = lambda node, reply: False,
+            ) -> FanOut[Reply]:
     """Ask every node's agent (the call `request` starts on `open_client(node)`), at most
     `parallel` at once, in the order of `nodes`; stop as soon as `enough(node, reply)`
     says so: the calls in flight are cancelled, the rest are not made. Each call's
@@ -170,10 +187,10 @@ def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
     channels closed under them: gRPC Python may crash when a channel is closed while a
     call on it is in flight (grpc/grpc#16290, #19235); a client is closed once its call
     has ended."""
-    result = FanOut()
+    result: FanOut[Reply] = FanOut()
     start = time.monotonic()
     todo = deque(nodes)
-    inflight: dict[str, tuple[JobLister, Call]] = {}
+    inflight: dict[str, tuple[JobLister, Call[Reply]]] = {}
     finished: deque[str] = deque()
     cond = threading.Condition()
     stop = False
@@ -214,7 +231,7 @@ def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
                 cond.wait()
             node = finished.popleft()
         client, call = inflight.pop(node)
-        reply: pb.ListJobsReply | None = None
+        reply: Reply | None = None
         try:
             reply = call.result()
         except grpc.FutureCancelledError:
@@ -324,10 +341,11 @@ class Locator:
                 return Located(target, j, j.node or reply.node)
         return None
 
-    def _direct(self, node: str | None, job_id: str) -> _Round:
+    def _direct(self, node: str | None, job_id: str, timeout: float = DIRECT_TIMEOUT,
+                ) -> _Round:
         """One agent: `node`'s, or this node's own (node None). Its errors are raised."""
         target = self._target(node)
-        client = self._open(target, DIRECT_TIMEOUT)
+        client = self._open(target, timeout)
         try:
             reply = client.list_jobs(job_id=job_id)
         finally:
@@ -338,8 +356,41 @@ class Locator:
             return _Round(running=found, where=where)
         return _Round(other=found, where=where)
 
+    def _from_homes(self, job_id: str, nodes: Sequence[str]) -> _Round | None:
+        """The job, found through its homes (LocateJob) and confirmed by the node they
+        name (ListJobs); None when that does not find it running."""
+        homes = jobhome.homes(job_id, nodes)
+        timeout = min(HOME_TIMEOUT, self.cfg.locate_timeout)
+        out = fan_out(homes, lambda node: self._open(self._target(node), timeout),
+                      lambda c: c.locate_job_future(job_id), parallel=len(homes),
+                      enough=lambda node, reply: bool(reply.nodes))
+        named: list[str] = []
+        for home in ([out.winner] if out.winner else []) + homes:
+            reply = out.replies.get(home)
+            for node in reply.nodes if reply is not None else ():
+                if node not in named and node in nodes:
+                    named.append(node)
+        for node in named[:jobhome.HOMES]:
+            self._say(f"job {job_id}'s home {out.winner} says it runs on {node}")
+            try:
+                rnd = self._direct(node, job_id, self.cfg.locate_timeout)
+            except (grpc.RpcError, ImpostorError, AuthError, ValueError) as e:
+                self._say(f"{node} did not answer ({_why(e)})")
+                continue
+            if rnd.running is not None:
+                return rnd
+        if not named:
+            why = f" ({describe_unanswered(out.unanswered)})" if out.unanswered else ""
+            self._say(f"job {job_id}'s homes ({', '.join(homes)}) do not know it{why}: "
+                      "asking every node")
+        return None
+
     def _fan_out(self, job_id: str) -> _Round:
         nodes = self.cfg.node_names()
+        # (With no more nodes than a job has homes, the fan-out asks the same agents.)
+        found = self._from_homes(job_id, nodes) if len(nodes) > jobhome.HOMES else None
+        if found is not None:
+            return found
         timeout = self.cfg.locate_timeout
 
         def open_client(node: str) -> JobLister:
@@ -457,7 +508,8 @@ class Locator:
 
     # Every job of the caller, across the cluster ------------------------------------------
 
-    def list_all(self, user: str = "", with_pids: bool = False) -> FanOut:
+    def list_all(self, user: str = "", with_pids: bool = False,
+                 ) -> FanOut[pb.ListJobsReply]:
         """ListJobs on every node of `nodes` (no early end): `adoptctl jobs --all`. The
         agents decide what the caller sees (their own jobs; root and admins: all)."""
         nodes = self.cfg.node_names()

@@ -10,12 +10,13 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 
 from node_agent import config as config_mod
+from node_agent import jobhome
 from node_agent.auth import AuthInterceptor
 from node_agent.cli import adoptctl
 from node_agent.cli import locate as loc
@@ -25,6 +26,7 @@ from node_agent.proto.v1 import agent_pb2 as pb
 from node_agent.proto.v1 import agent_pb2_grpc
 from tests.unit.fakes import FakeAuthenticator
 
+R = TypeVar("R")
 WAIT = 10.0  # bound of every wait below (never reached when the code is right)
 
 
@@ -59,6 +61,11 @@ class Cluster:
     inflight: int = 0
     max_inflight: int = 0
     requests: list[tuple[str, str]] = field(default_factory=list)
+    # The job index: home -> job id -> the nodes it names; `located` records the homes
+    # asked (LocateJob), apart from `asked` (ListJobs). A home missing here answers as an
+    # agent without an index does (UNIMPLEMENTED).
+    index: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    located: list[str] = field(default_factory=list)
 
     def opener(self) -> Callable[[str, float], FakeClient]:
         def open_client(target: str, timeout: float) -> FakeClient:
@@ -88,6 +95,25 @@ class FakeClient:
         with c.lock:
             c.asked.append(self.node)
             c.requests.append((user, job_id))
+        return self._answer(lambda: pb.ListJobsReply(
+            node=self.node, jobs=[j for j in c.jobs.get(self.node, [])
+                                  if (not job_id or j.id == job_id)
+                                  and (not user or j.user == user)]))
+
+    def locate_job(self, job_id: str) -> pb.LocateJobReply:
+        c = self.cluster
+        with c.lock:
+            c.located.append(self.node)
+
+        def reply() -> pb.LocateJobReply:
+            if self.node not in c.index:
+                raise FakeRpcError(grpc.StatusCode.UNIMPLEMENTED)
+            return pb.LocateJobReply(nodes=c.index[self.node].get(job_id, []))
+        return self._answer(reply)
+
+    def _answer(self, reply: Callable[[], R]) -> R:
+        c = self.cluster
+        with c.lock:
             c.inflight += 1
             c.max_inflight = max(c.max_inflight, c.inflight)
         try:
@@ -106,16 +132,17 @@ class FakeClient:
                 assert c.gate.wait(WAIT) or self.cancelled.is_set()
                 if self.cancelled.is_set():
                     raise FakeRpcError(grpc.StatusCode.CANCELLED)
-            jobs = [j for j in c.jobs.get(self.node, [])
-                    if (not job_id or j.id == job_id) and (not user or j.user == user)]
-            return pb.ListJobsReply(node=self.node, jobs=jobs)
+            return reply()
         finally:
             with c.lock:
                 c.inflight -= 1
 
     def list_jobs_future(self, user: str = "", job_id: str = "", with_pids: bool = False,
                          ) -> FakeCall:
-        return FakeCall(self, user, job_id)
+        return FakeCall(self, lambda: self.list_jobs(user=user, job_id=job_id))
+
+    def locate_job_future(self, job_id: str) -> FakeCall:
+        return FakeCall(self, lambda: self.locate_job(job_id))
 
     def close(self) -> None:
         with self.cluster.lock:
@@ -127,18 +154,18 @@ class FakeCall:
     a gRPC future runs in gRPC's threads; done-callbacks run when it ends; cancel() ends
     a blocked one (FutureCancelledError, as gRPC raises)."""
 
-    def __init__(self, client: FakeClient, user: str, job_id: str) -> None:
+    def __init__(self, client: FakeClient, call: Callable[[], Any]) -> None:
         self.client = client
         self._done = threading.Event()
         self._callbacks: list[Callable[[Any], None]] = []
         self._lock = threading.Lock()
-        self._reply: pb.ListJobsReply | None = None
+        self._reply: Any = None
         self._error: BaseException | None = None
-        threading.Thread(target=self._run, args=(user, job_id), daemon=True).start()
+        threading.Thread(target=self._run, args=(call,), daemon=True).start()
 
-    def _run(self, user: str, job_id: str) -> None:
+    def _run(self, call: Callable[[], Any]) -> None:
         try:
-            self._reply = self.client.list_jobs(user=user, job_id=job_id)
+            self._reply = call()
         except FakeRpcError as e:
             self._error = grpc.FutureCancelledError() \
                 if e.code() == grpc.StatusCode.CANCELLED else e
@@ -155,7 +182,7 @@ class FakeCall:
                 return
         fn(self)
 
-    def result(self, timeout: float | None = None) -> pb.ListJobsReply:
+    def result(self, timeout: float | None = None) -> Any:
         assert self._done.wait(WAIT)
         if self._error is not None:
             raise self._error
@@ -295,7 +322,11 @@ def test_locate_by_fan_out_uses_the_configured_deadline_and_parallelism() -> Non
     t.join(WAIT)
     found = box["result"]
     assert (found.node, found.target) == (names[7], names[7])
-    assert set(cluster.timeouts) == {0.75} and cluster.max_inflight == 2
+    # The job's two homes were asked first (they know nothing: no index here), within
+    # HOME_TIMEOUT, then every node within locate_timeout, two at a time.
+    assert sorted(cluster.located) == sorted(jobhome.homes("42", names))
+    assert cluster.timeouts[:2] == [loc.HOME_TIMEOUT] * 2
+    assert set(cluster.timeouts[2:]) == {0.75} and cluster.max_inflight == 2
     assert cluster.requests[0] == ("", "42")
 
 
@@ -463,8 +494,13 @@ def test_real_grpc_calls_in_flight_are_cancelled_at_the_match() -> None:
         # A deadline far beyond the bounded waits below: only the cancellation ends node1's.
         cfg = cfg_for(["node1", "node2"], locate_timeout=config_mod.MAX_LOCATE_TIMEOUT)
 
+        dialed: list[str | None] = []
+
         def target_of(node: str | None) -> str:
-            if node == "node2":  # node2 answers only once node1's call hangs in its agent
+            dialed.append(node)
+            # The job's homes first (both nodes; these agents keep no index), then the
+            # fan-out, where node2 answers only once node1's call hangs in its agent.
+            if node == "node2" and dialed.count("node2") > 1:
                 assert agents["node1"].entered.wait(WAIT)
             return targets[node or ""]
 

@@ -465,6 +465,123 @@ class EndJobReply(_message.Message):
 Global___EndJobReply: _TypeAlias = EndJobReply  # noqa: Y015
 
 @_typing.final
+class JobLocation(_message.Message):
+    """-- where jobs run (the native registry's job index) ---------------------------------
+
+    With `nodes` set, each agent tells each of its running jobs' "homes" (the two nodes of
+    `nodes` that rendezvous hashing picks for the job id: node_agent/jobhome.py) that the
+    job runs here; a CLI looking for a job asks its homes first, then the node they name,
+    and fans out over every node only when that fails (node_agent/cli/locate.py). An
+    answer from a home is a hint: the job's own agent confirms it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    UID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    uid: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        uid: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "uid", b"uid"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobLocation: _TypeAlias = JobLocation  # noqa: Y015
+
+@_typing.final
+class AnnounceJobsRequest(_message.Message):
+    """Root only (agents). Replaces everything the home knew of the announcing node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    JOBS_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    """the announcing node (a name in `nodes`)"""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobLocation]:
+        """its running jobs this home is a home of"""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        jobs: _abc.Iterable[Global___JobLocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnnounceJobsRequest: _TypeAlias = AnnounceJobsRequest  # noqa: Y015
+
+@_typing.final
+class AnnounceJobsReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnnounceJobsReply: _TypeAlias = AnnounceJobsReply  # noqa: Y015
+
+@_typing.final
+class LocateJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocateJobRequest: _TypeAlias = LocateJobRequest  # noqa: Y015
+
+@_typing.final
+class LocateJobReply(_message.Message):
+    """The nodes announced running the job, most recently announced first; empty for a job
+    of another user (root and admin uids: any job), as for an unknown one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocateJobReply: _TypeAlias = LocateJobReply  # noqa: Y015
+
+@_typing.final
 class ShellOpen(_message.Message):
     """-- ssh-to-job ---------------------------------------------------------------------------
 

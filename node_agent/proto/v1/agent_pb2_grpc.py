@@ -64,6 +64,16 @@ class NodeAgentStub:
                 request_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobRequest.SerializeToString,
                 response_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobReply.FromString,
                 _registered_method=True)
+        self.AnnounceJobs = channel.unary_unary(
+                '/callerid_adopt.v1.NodeAgent/AnnounceJobs',
+                request_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.AnnounceJobsRequest.SerializeToString,
+                response_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.AnnounceJobsReply.FromString,
+                _registered_method=True)
+        self.LocateJob = channel.unary_unary(
+                '/callerid_adopt.v1.NodeAgent/LocateJob',
+                request_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.LocateJobRequest.SerializeToString,
+                response_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.LocateJobReply.FromString,
+                _registered_method=True)
         self.OpenJobShell = channel.stream_stream(
                 '/callerid_adopt.v1.NodeAgent/OpenJobShell',
                 request_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.ShellFrame.SerializeToString,
@@ -114,6 +124,20 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AnnounceJobs(self, request, context):
+        """The job index: an agent announces its jobs to their homes (root only); anyone asks a
+        home where a job of theirs runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LocateJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def OpenJobShell(self, request_iterator, context):
         """ssh-to-job: an ssh session inside a running job (see ShellFrame below).
         """
@@ -153,6 +177,16 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.EndJob,
                     request_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobRequest.FromString,
                     response_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobReply.SerializeToString,
+            ),
+            'AnnounceJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.AnnounceJobs,
+                    request_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.AnnounceJobsRequest.FromString,
+                    response_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.AnnounceJobsReply.SerializeToString,
+            ),
+            'LocateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.LocateJob,
+                    request_deserializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.LocateJobRequest.FromString,
+                    response_serializer=node__agent_dot_proto_dot_v1_dot_agent__pb2.LocateJobReply.SerializeToString,
             ),
             'OpenJobShell': grpc.stream_stream_rpc_method_handler(
                     servicer.OpenJobShell,
@@ -322,6 +356,60 @@ class NodeAgent:
             '/callerid_adopt.v1.NodeAgent/EndJob',
             node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobRequest.SerializeToString,
             node__agent_dot_proto_dot_v1_dot_agent__pb2.EndJobReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AnnounceJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callerid_adopt.v1.NodeAgent/AnnounceJobs',
+            node__agent_dot_proto_dot_v1_dot_agent__pb2.AnnounceJobsRequest.SerializeToString,
+            node__agent_dot_proto_dot_v1_dot_agent__pb2.AnnounceJobsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LocateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callerid_adopt.v1.NodeAgent/LocateJob',
+            node__agent_dot_proto_dot_v1_dot_agent__pb2.LocateJobRequest.SerializeToString,
+            node__agent_dot_proto_dot_v1_dot_agent__pb2.LocateJobReply.FromString,
             options,
             channel_credentials,
             insecure,

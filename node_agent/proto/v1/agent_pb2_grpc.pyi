@@ -51,6 +51,11 @@ class NodeAgentStub:
     """The native job registry (root and admin uids only)."""
     AttachToJob: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AttachToJobRequest, _agent_pb2.AttachToJobReply]
     EndJob: _grpc.UnaryUnaryMultiCallable[_agent_pb2.EndJobRequest, _agent_pb2.EndJobReply]
+    AnnounceJobs: _grpc.UnaryUnaryMultiCallable[_agent_pb2.AnnounceJobsRequest, _agent_pb2.AnnounceJobsReply]
+    """The job index: an agent announces its jobs to their homes (root only); anyone asks a
+    home where a job of theirs runs.
+    """
+    LocateJob: _grpc.UnaryUnaryMultiCallable[_agent_pb2.LocateJobRequest, _agent_pb2.LocateJobReply]
     OpenJobShell: _grpc.StreamStreamMultiCallable[_agent_pb2.ShellFrame, _agent_pb2.ShellFrame]
     """ssh-to-job: an ssh session inside a running job (see ShellFrame below)."""
 
@@ -68,6 +73,11 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """The native job registry (root and admin uids only)."""
     AttachToJob: _aio.UnaryUnaryMultiCallable[_agent_pb2.AttachToJobRequest, _agent_pb2.AttachToJobReply]  # type: ignore[assignment]
     EndJob: _aio.UnaryUnaryMultiCallable[_agent_pb2.EndJobRequest, _agent_pb2.EndJobReply]  # type: ignore[assignment]
+    AnnounceJobs: _aio.UnaryUnaryMultiCallable[_agent_pb2.AnnounceJobsRequest, _agent_pb2.AnnounceJobsReply]  # type: ignore[assignment]
+    """The job index: an agent announces its jobs to their homes (root only); anyone asks a
+    home where a job of theirs runs.
+    """
+    LocateJob: _aio.UnaryUnaryMultiCallable[_agent_pb2.LocateJobRequest, _agent_pb2.LocateJobReply]  # type: ignore[assignment]
     OpenJobShell: _aio.StreamStreamMultiCallable[_agent_pb2.ShellFrame, _agent_pb2.ShellFrame]  # type: ignore[assignment]
     """ssh-to-job: an ssh session inside a running job (see ShellFrame below)."""
 
@@ -118,6 +128,23 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.EndJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.EndJobReply, _abc.Awaitable[_agent_pb2.EndJobReply]]: ...
+
+    @_abc_1.abstractmethod
+    def AnnounceJobs(
+        self,
+        request: _agent_pb2.AnnounceJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.AnnounceJobsReply, _abc.Awaitable[_agent_pb2.AnnounceJobsReply]]:
+        """The job index: an agent announces its jobs to their homes (root only); anyone asks a
+        home where a job of theirs runs.
+        """
+
+    @_abc_1.abstractmethod
+    def LocateJob(
+        self,
+        request: _agent_pb2.LocateJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.LocateJobReply, _abc.Awaitable[_agent_pb2.LocateJobReply]]: ...
 
     @_abc_1.abstractmethod
     def OpenJobShell(
