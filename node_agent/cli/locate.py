@@ -9,9 +9,10 @@ they need only the configuration and MUNGE. Where the job is, in this order:
    node_agent/jobs/slurmctl.py) for the job's BatchHost, whose agent is then asked;
 3. the native registry with a `nodes` key: first the job's two homes (node_agent/jobhome.py;
    the agents announce their running jobs to them, node_agent/agent/jobindex.py) are
-   asked ``LocateJob`` at once, within HOME_TIMEOUT, and the node the first of them names is
+   asked ``LocateJob`` within HOME_TIMEOUT (the second only when the first has not
+   answered within HOME_HEDGE, or does not know the job), and the node named is
    asked ``ListJobs(job_id)`` (a home's answer is a hint: only the job's own agent is
-   believed). Two or three calls, however many nodes there are (with no more than two
+   believed). Two calls, however many nodes there are (with no more than two
    nodes, the homes are not asked: the fan-out asks the same agents). When that finds nothing
    running (a job started less than a second ago, a home restarted or down), a bounded
    parallel fan-out of ``ListJobs(job_id)`` to every node's agent (`fan_out`): at most
@@ -63,6 +64,9 @@ DIRECT_TIMEOUT = 10.0
 #: The deadline of the questions to a job's homes (at most locate_timeout): a home answers
 #: from memory, so a slower one is treated as down and the fan-out goes ahead.
 HOME_TIMEOUT = 0.5
+#: The second home is asked when the first has not said where the job is within this
+#: long (a home answers in milliseconds; one that is down or black-holed costs this).
+HOME_HEDGE = 0.1
 
 # A node in a job reference: a host name or an address (IPv6 in brackets); no port, no
 # '/', ':' or blanks (the reference is also rsync's and scp's host).
@@ -174,11 +178,14 @@ def _why(e: BaseException) -> str:
 def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
             request: Callable[[JobLister], Call[Reply]], *, parallel: int,
             enough: Callable[[str, Reply], bool] = lambda node, reply: False,
-            ) -> FanOut[Reply]:
+            stagger: float = 0.0) -> FanOut[Reply]:
     """Ask every node's agent (the call `request` starts on `open_client(node)`), at most
     `parallel` at once, in the order of `nodes`; stop as soon as `enough(node, reply)`
     says so: the calls in flight are cancelled, the rest are not made. Each call's
-    deadline is the client's. Returns when every started call has ended.
+    deadline is the client's. Returns when every started call has ended. With `stagger`,
+    the next call starts only once the last one started has gone `stagger` seconds
+    without an answer, or when no call is in flight (a hedged request: the second of a
+    job's homes is asked only when the first is slow or does not know).
 
     One thread starts every call (as a gRPC future) and handles every answer; the calls'
     done-callbacks only queue them (no thread per node: what a search costs is gRPC's work
@@ -208,9 +215,17 @@ def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
         if isinstance(error, AuthError) and result.auth_error is None:
             result.auth_error = error
 
+    last_start = 0.0
+
+    def may_start() -> bool:
+        return (not stop and bool(todo) and len(inflight) < max(1, parallel)
+                and (not stagger or not inflight
+                     or time.monotonic() - last_start >= stagger))
+
     while True:
-        while not stop and todo and len(inflight) < max(1, parallel):
+        while may_start():
             node = todo.popleft()
+            last_start = time.monotonic()
             try:
                 client = open_client(node)
             except (ValueError, OSError) as e:  # cannot resolve the name
@@ -228,7 +243,15 @@ def fan_out(nodes: Sequence[str], open_client: Callable[[str], JobLister],
             break
         with cond:
             while not finished:
-                cond.wait()
+                if stagger and not stop and todo and len(inflight) < max(1, parallel):
+                    left = stagger - (time.monotonic() - last_start)
+                    if left <= 0:
+                        break   # time to start the next one
+                    cond.wait(left)
+                else:
+                    cond.wait()
+            if not finished:
+                continue
             node = finished.popleft()
         client, call = inflight.pop(node)
         reply: Reply | None = None
@@ -363,7 +386,7 @@ class Locator:
         timeout = min(HOME_TIMEOUT, self.cfg.locate_timeout)
         out = fan_out(homes, lambda node: self._open(self._target(node), timeout),
                       lambda c: c.locate_job_future(job_id), parallel=len(homes),
-                      enough=lambda node, reply: bool(reply.nodes))
+                      enough=lambda node, reply: bool(reply.nodes), stagger=HOME_HEDGE)
         named: list[str] = []
         for home in ([out.winner] if out.winner else []) + homes:
             reply = out.replies.get(home)

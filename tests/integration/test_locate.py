@@ -4,7 +4,8 @@ node1's agent is stopped: node1 is the login node (the CLIs there have only agen
 munged). Job 42 of alice runs on node2, job 43 of alice and 44 of bob on node3. The lab's
 agent.toml has `nodes = "node[1-3]"`, so every search from node1 also finds node1 silent and
 names it; `login.toml` is what a site's login node would have (the compute nodes only).
-No -name anywhere: the job is found by the fan-out of ListJobs over `nodes`.
+No -name anywhere: the job is found through its homes (the job index: node_agent/jobhome.py,
+node_agent/agent/jobindex.py), else by the fan-out of ListJobs over `nodes`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from pathlib import Path
 import pytest
 
 import lab as lab_mod
+from node_agent import jobhome
 from tests.integration.conftest import it_lab
 from tests.integration.helpers import adoptctl
 
 pytestmark = pytest.mark.root
 
 NOT_FOUND = "ssh-to-job: Not found: no job {job} on node[1-3] (or not yours); no answer from "
+NODES = ["node1", "node2", "node3"]
 # A deadline far above what finding the job costs: a black-holed node that delayed the
 # answer would hold the command that long.
 LONG_TIMEOUT = 30
@@ -118,12 +121,17 @@ def test_a_reference_with_its_node_skips_the_search(lab: lab_mod.Lab, work: Path
     r = run(lab, "node1", "ssh-to-job", "-debug", "42@node2", "hostname")
     assert r.returncode == 0 and r.stdout.strip() == "node2", r.stderr
     assert "no answer from" not in r.stderr and "nodes answered" not in r.stderr
-    # the search's -debug lines: who answered, who did not
+    # the search's -debug lines: the job's homes do not know it; who answered, who did not
     r = run(lab, "node1", "ssh-to-job", "-debug", "99", "true")
     assert r.returncode == 1, r.stderr
-    assert r.stderr.splitlines()[:2] == [
+    lines = r.stderr.splitlines()
+    homes = jobhome.homes("99", NODES)
+    assert lines[0].startswith(f"ssh-to-job: job 99's homes ({', '.join(homes)}) do not "
+                               "know it"), r.stderr
+    assert lines[0].endswith(": asking every node"), r.stderr
+    assert lines[1:3] == [
         "ssh-to-job: 2 of 3 nodes answered (32 at a time, within 2 s each) in "
-        + r.stderr.split(" in ", 1)[1].split("\n")[0],
+        + lines[1].split(" in ", 1)[1],
         "ssh-to-job: no answer from node1 (Agent unreachable)"]
 
 
@@ -203,3 +211,117 @@ def test_adoptctl_jobs_all(lab: lab_mod.Lab, work: Path, login_toml: Path) -> No
     assert [line.split()[0] for line in r.stdout.splitlines()] == ["JOBID", "42@node2",
                                                                   "43@node3"]
     assert r.stderr == "adoptctl: Incomplete: no answer from node1 (Agent unreachable)\n"
+
+
+# -- the job index -------------------------------------------------------------------------
+
+INDEX_WAIT = 15.0  # an agent announces within a second; a home down is retried every 5 s
+
+
+def debug_until(lab: lab_mod.Lab, job: str, want: str, *args: str) -> str:
+    """`ssh-to-job -debug JOB hostname` from node1 until its stderr has `want` (the index
+    is filled and emptied asynchronously); the last stderr."""
+    deadline = time.monotonic() + INDEX_WAIT
+    while True:
+        r = run(lab, "node1", "ssh-to-job", "-debug", *args, job, "hostname")
+        if want in r.stderr or time.monotonic() > deadline:
+            return r.stderr
+        time.sleep(0.5)
+
+
+def job_homed(first: str, alive: str, runs_on: str) -> str:
+    """A job id whose first home is `first` and second `alive`, not yet used here."""
+    for i in range(1000):
+        job = f"h{i}"
+        if jobhome.homes(job, NODES) == [first, alive] and job != runs_on:
+            return job
+    raise AssertionError("no such job id in 1000")
+
+
+def test_the_job_is_found_through_its_homes(lab: lab_mod.Lab, work: Path) -> None:
+    """Two calls, not a fan-out: the home that knows says node3, node3 confirms. (When node1,
+    whose agent is stopped, is a home, the other home answers.)"""
+    err = debug_until(lab, "43", "says it runs on node3")
+    assert "says it runs on node3" in err, err
+    assert "nodes answered" not in err, err       # no fan-out
+    r = run(lab, "node1", "ssh-to-job", "43", "hostname")
+    assert r.returncode == 0 and r.stdout.strip() == "node3", r.stderr
+
+
+def test_an_ended_job_leaves_its_homes(lab: lab_mod.Lab, work: Path) -> None:
+    adoptctl(lab, "node2", "job", "run", "--id", "46", "--user", "alice", "--",
+             "/bin/sleep", "1000000")
+    try:
+        assert "says it runs on node2" in debug_until(lab, "46", "says it runs on node2")
+    finally:
+        adoptctl(lab, "node2", "job", "end", "46", check=False)
+    err = debug_until(lab, "46", "do not know it")
+    assert "job 46's homes" in err and "do not know it" in err, err
+    assert "Not found: no job 46" in err, err
+
+
+def test_a_black_holed_home_does_not_delay_the_answer(lab: lab_mod.Lab, work: Path) -> None:
+    """The job's first home black-holed: the second is asked after HOME_HEDGE, well within
+    the fan-out's deadline (2 s in the lab)."""
+    job = job_homed("node3", "node2", "node2")
+    adoptctl(lab, "node2", "job", "run", "--id", job, "--user", "alice", "--",
+             "/bin/sleep", "1000000")
+    try:
+        assert "says it runs on node2" in debug_until(lab, job, "says it runs on node2")
+        lab.blackhole("node3")
+        try:
+            t0 = time.monotonic()
+            r = run(lab, "node1", "ssh-to-job", "-debug", job, "hostname")
+            took = time.monotonic() - t0
+        finally:
+            lab.blackhole("node3", on=False)
+        assert r.returncode == 0 and r.stdout.strip() == "node2", r.stderr
+        assert f"job {job}'s home node2 says it runs on node2" in r.stderr, r.stderr
+        assert "nodes answered" not in r.stderr, r.stderr
+        assert took < 2.0, took
+    finally:
+        adoptctl(lab, "node2", "job", "end", job, check=False)
+
+
+INDEX_PROBE = """
+import json, sys
+import grpc
+from node_agent import config, jobhome
+from node_agent.auth import MungeAuthenticator
+from node_agent.client import AgentClient
+from node_agent import dial
+cfg = config.load("/etc/callerid-adopt/agent.toml")
+auth = MungeAuthenticator(cfg.munge.socket, cfg.munge.library)
+job, home = sys.argv[1], sys.argv[2]
+out = {}
+with AgentClient(dial.agent_target(cfg, home), auth, timeout=5) as c:
+    out["located"] = list(c.locate_job_future(job).result().nodes)
+    try:
+        c.announce_jobs("node2", [(job, 0)])
+        out["announce"] = "OK"
+    except grpc.RpcError as e:
+        out["announce"] = e.code().name
+    out["after"] = list(c.locate_job_future(job).result().nodes)
+print(json.dumps(out))
+"""
+
+
+def test_only_agents_announce_and_each_user_locates_only_their_jobs(
+        lab: lab_mod.Lab, work: Path) -> None:
+    """With real MUNGE from node2: bob may not announce (his attempt changes nothing and is
+    logged), and a home tells bob nothing of alice's job 43, alice where it runs."""
+    debug_until(lab, "43", "says it runs on node3")
+    home = next(h for h in jobhome.homes("43", NODES) if h != "node1")   # an agent runs
+
+    def probe(user: str) -> dict[str, object]:
+        r = lab.run("node2", [lab.venv_bin("python"), "-c", INDEX_PROBE, "43", home],
+                    user=user, check=False, timeout=60)
+        assert r.returncode == 0, r.stderr
+        answer: dict[str, object] = json.loads(r.stdout)
+        return answer
+
+    assert probe("bob") == {"located": [], "announce": "PERMISSION_DENIED", "after": []}
+    assert probe("alice") == {"located": ["node3"], "announce": "PERMISSION_DENIED",
+                              "after": ["node3"]}
+    assert "SECURITY: uid" in lab.agent_log(home) and "tried to announce jobs" in \
+        lab.agent_log(home)
