@@ -68,8 +68,8 @@ class JobIndex:
 
     def replace(self, node: str, jobs: Sequence[tuple[str, int]]) -> None:
         """`node` runs `jobs` ((job id, uid), ...) of which this agent is a home: forget
-        what it said before. InvalidRequest for a node outside `nodes`, too many jobs or a
-        bad job id (nothing is changed then)."""
+        what it said before. InvalidRequest for a node outside `nodes` or too many jobs,
+        callerid.InvalidJobId for a bad job id (nothing is changed then)."""
         if node not in self.nodes:
             raise InvalidRequest(f"{node!r} is not one of this agent's nodes")
         if len(jobs) > self.max_jobs_per_node:
@@ -152,7 +152,7 @@ class Announcer:
         """One look: start the sends that are due; returns them (tests wait on them)."""
         now = self._clock()
         want = self.shares()
-        started = []
+        due_now: list[tuple[str, Share]] = []
         with self._lock:
             for home in sorted(set(want) | set(self._sent)):
                 share = want.get(home, ())
@@ -169,8 +169,9 @@ class Announcer:
                 if not due:
                     continue
                 self._inflight.add(home)
-                started.append(self._pool.submit(self._announce, home, share))
-        return started
+                due_now.append((home, share))
+        # (submitted outside the lock: a send that ends at once takes it)
+        return [self._pool.submit(self._announce, home, share) for home, share in due_now]
 
     def _announce(self, home: str, share: Share) -> None:
         try:
