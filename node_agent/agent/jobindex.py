@@ -203,8 +203,10 @@ class Announcer:
                 log.exception("job index: announcing failed")
 
     def close(self) -> None:
-        """Stop looking; sends in flight end within their deadline."""
+        """Stop looking, and wait for the sends in flight (each ends within its deadline:
+        the channels they use are closed next, and gRPC Python may crash when a channel is
+        closed under a call, grpc/grpc#16290)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
