@@ -385,7 +385,7 @@ def remove_host_key(directory: str, mark: str) -> None:
 def locate_job(cfg: Any, job_id: str, auth: Authenticator, err: TextIO) -> Located:
     """Where `job_id` (``ID`` or ``ID@NODE``) runs, found as ssh-to-job finds it
     (`find_job`: the named node's agent; else the backend's way, Slurm's squeue or the
-    native registry's fan-out over `nodes`), with ssh-to-job's reading of the id
+    native registry's homes and fan-out over `nodes`), with ssh-to-job's reading of the id
     (`backend_job_id`: CLUSTER.PROC)."""
     return find_job(backend_job_id(Args(job_id=job_id), cfg.backend), cfg, auth, err)
 

@@ -70,9 +70,10 @@ the node agent's gRPC stream. Options take one or two dashes (-name or --name).
 
 Finding the job (from any node, a login node too): JOBID@NODE (as `adoptctl jobs`
 prints it) or -name NODE asks that node's agent; else with backend = "slurm" one
-squeue call names the job's BatchHost; else the agents of the configuration's
-`nodes` are asked, locate_parallel at a time, and the first that runs the job
-wins; without `nodes`, the agent of the node ssh-to-job runs on.
+squeue call names the job's BatchHost; else the job's two homes among the
+configuration's `nodes` say where it runs, and if they do not know, the agents of
+all of `nodes` are asked, locate_parallel at a time, and the first that runs the
+job wins; without `nodes`, the agent of the node ssh-to-job runs on.
 
 options:
   -help                 show this help and exit
@@ -365,7 +366,8 @@ def find_job(args: Args, cfg: Any, auth: Authenticator, err: TextIO,
              sleep: Callable[[float], None] = time.sleep) -> Located:
     """Where the job of `args` runs, by the CLIs' one location module: -name NODE or a
     JOB@NODE reference asks that node; else the backend's way (Slurm: one squeue call;
-    native: the fan-out over the configuration's `nodes`, or this node's agent)."""
+    native: the job's homes, else the fan-out over the configuration's `nodes`; or this
+    node's agent)."""
     ref = locate_mod.parse_ref(args.job_id)
     if args.name and ref.node and args.name != ref.node:
         raise UsageError(f"-name {args.name} and {args.job_id} name different nodes")
