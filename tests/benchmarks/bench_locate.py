@@ -1,44 +1,49 @@
-"""Job location benchmark (issue 12): the fan-out over 1, 8 and 32 nodes and `-name` direct,
-side by side, and what a 32-node lab costs (memory, up and down times).
+"""Job location benchmark (issue 12): finding a job on clusters of 1, 8 and 32 nodes, through
+the job's homes and by the fan-out alone, and `-name` direct, side by side; and what a
+32-node lab costs (memory, up and down times).
 
 Run as root with the project's venv::
 
     .venv/bin/python tests/benchmarks/bench_locate.py [--rounds 30] [--cli-rounds 10]
-        [--nodes 32] [--sshd] [--name loc] [--json FILE]
+        [--nodes 33] [--sshd] [--name loc] [--json FILE]
 
 It brings up its own lab of --nodes nodes (instance --name, dir /run/callerid-lab-bench-loc,
 torn down at the end, also on failure or Ctrl-C), by default without the port-22 sshd of
 each node (`up(sshd=False)`: neither the location nor ssh-to-job's sessions need it;
---sshd measures the lab with them). Alice's jobs L1, L8 and L32 run on node1, node8 and
-node32 (`/bin/sleep`): in each variant the job is on the last node of the set searched.
+--sshd measures the lab with them). The last node (node33) is the login node: its agent is
+stopped, and every search starts there, so that no variant asks the client's own node.
+Alice's jobs L1, L8 and L32 run on node1, node8 and node32 (`/bin/sleep`): in each variant
+the job is on the last node of the cluster searched.
 
-Locating, timed in a driver process on node1 as alice (locate_driver.py: the CLIs' own
-Locator with real MUNGE and fresh connections for every locate, without the interpreter's
-start), interleaved locate by locate in a shuffled order each round after one warm-up
-each:
+Each size n is a cluster of its own, measured in turn: node1..n's agents are restarted
+with `nodes = "node[1-n]"` (a job's homes are hashed over the cluster's nodes, so the
+agents and the client must share the set), then, timed in a driver process on the login
+node as alice (locate_driver.py: the CLIs' own Locator with real MUNGE and fresh
+connections for every locate, without the interpreter's start), interleaved locate by
+locate in a shuffled order each round, after one warm-up each:
 
-    fan-out, 1 node     nodes = "node1"         job L1   (the baseline)
-    fan-out, 8 nodes    nodes = "node[1-8]"     job L8
-    fan-out, 32 nodes   nodes = "node[1-32]"    job L32
-    fan-out, 32, 8 at once                      the same with locate_parallel = 8
-    -name node32        nodes = "node[1-32]"    job L32, asked directly (no search)
+    located, n nodes        the CLIs' search: the job's homes, then its node (n > 2)
+    fan-out only, n nodes   the same Locator with the homes skipped: ListJobs to every node
+    fan-out only, 32, 8 at once   the same with locate_parallel = 8
+    -name node32            job L32, asked directly (no search)
 
-locate_parallel is the default (32) but in the row that says otherwise: the 32-node
-search has every call in flight at once.
-Target: fan-out over 32 nodes <= 3 x one node (ratio of medians).
+locate_parallel is the default (32) but in the row that says otherwise. The table also
+says how many locates the homes answered (the rest fell back to the fan-out).
+Target: locating over 32 nodes <= 3 x one node (ratio of medians).
 
-Then the whole CLI, `ssh-to-job L1 true` with nodes = "node1", `ssh-to-job L32 true` with
-the 32-node set and with `-name node32` (cmd_driver.py, timed inside node1), interleaved,
---cli-rounds each: what a user waits.
+Then the whole CLI from the login node, `ssh-to-job L1 true` on the 1-node cluster,
+`ssh-to-job L32 true` on the 32-node one and with `-name node32` (cmd_driver.py),
+interleaved, --cli-rounds each: what a user waits.
 
 Beside each locate's time, the CPU it cost: the driver's own (the client) and that of the
 lab's agents and munged (psutil, read from the host before and after each locate). The
-lab's nodes share the machine's cores, so a fan-out can go no faster than all of it
+lab's nodes share the machine's cores, so a search can go no faster than all of it
 divided by the cores; on a cluster, each agent's share runs on its own node.
 
-The lab's cost: time of `up` and `down`; memory as the sum of the RSS of the lab's daemons
-by kind (agents, munged, sshd when --sshd), read with psutil from their pid files (the
-node cgroups' memory would need the memory controller, which the lab never uses).
+The lab's cost: time of `up` (all --nodes nodes) and `down`; memory as the sum of the RSS
+of the lab's daemons by kind (the 32 compute nodes' agents, munged, sshd when --sshd),
+read with psutil from their pid files once the login node's agent is stopped (the node
+cgroups' memory would need the memory controller, which the lab never uses).
 
 Exit status: 0 when every locate and session succeeded, even when the target fails (this
 is a report); 1 otherwise.
@@ -121,6 +126,20 @@ def rss_by_kind(lab: lab_mod.Lab) -> dict[str, tuple[int, float]]:
     return out
 
 
+def server_processes(lab: lab_mod.Lab) -> list[psutil.Process]:
+    """The lab's agents and munged that run now."""
+    out = []
+    for kind in lab.daemons:
+        if kind.name not in ("agent", "munged"):
+            continue
+        for pidfile in kind.pidfiles():
+            try:
+                out.append(psutil.Process(int(pidfile.read_text().split()[0])))
+            except (OSError, ValueError, IndexError, psutil.Error):  # stopped
+                continue
+    return out
+
+
 def interleaved(variants: dict[str, Any], rounds: int, rng: random.Random,
                 once: Any) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -173,10 +192,16 @@ def cluster_of(lab: lab_mod.Lab, members: list[str], nodeset: str) -> None:
         lab.agents_start(changed)
 
 
+def login_node(lab: lab_mod.Lab) -> str:
+    """The lab's last node: the login node (no agent), where every search starts."""
+    return lab.nodes[-1]
+
+
 def client_config(lab: lab_mod.Lab, work: Path, name: str, nodeset: str,
                   *extra: str) -> str:
-    """node1's agent.toml with nodes = `nodeset` (and `extra` lines), for the driver."""
-    text = lab.agent_config("node1").replace(f'nodes = "{lab.nodeset()}"',
+    """The login node's agent.toml with nodes = `nodeset` (and `extra` lines), for the
+    driver."""
+    text = lab.agent_config(login_node(lab)).replace(f'nodes = "{lab.nodeset()}"',
                                              "\n".join([*extra, f'nodes = "{nodeset}"']))
     path = work / name
     path.write_text(text)
@@ -205,7 +230,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=30, help="locates per variant")
     ap.add_argument("--cli-rounds", type=int, default=10,
                     help="ssh-to-job runs per variant (0: none)")
-    ap.add_argument("--nodes", type=int, default=32, help="lab size (>= 32)")
+    ap.add_argument("--nodes", type=int, default=max(SIZES) + 1,
+                    help="lab size, the login node included (>= %(default)s)")
     ap.add_argument("--sshd", action="store_true", help="also run each node's port-22 sshd")
     ap.add_argument("--name", default="loc", help="lab instance name (default: %(default)s)")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -213,8 +239,8 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         ap.error("run as root (the lab needs it)")
-    if args.rounds < 1 or args.cli_rounds < 0 or args.nodes < max(SIZES):
-        ap.error(f"--rounds >= 1, --cli-rounds >= 0, --nodes >= {max(SIZES)}")
+    if args.rounds < 1 or args.cli_rounds < 0 or args.nodes < max(SIZES) + 1:
+        ap.error(f"--rounds >= 1, --cli-rounds >= 0, --nodes >= {max(SIZES) + 1}")
     rng = random.Random(args.seed)
     lab = lab_mod.Lab(LAB_DIR, nodes=args.nodes, venv=REPO / ".venv", name=args.name)
     work = Path(tempfile.mkdtemp(prefix="callerid-bench-loc-"))
@@ -228,21 +254,21 @@ def main() -> int:
         t0 = time.monotonic()
         lab.up(sshd=args.sshd)
         figures["up_s"] = time.monotonic() - t0
+        login = login_node(lab)
+        lab.agent_stop(login)
         figures["rss_mib"] = rss_by_kind(lab)
         for n in SIZES:
             lab.run(f"node{n}", [lab.venv_bin("adoptctl"), "job", "run", "--id", f"L{n}",
                                  "--user", USER, "--", "/bin/sleep", "1000000"])
         py = lab.venv_bin("python")
-        loc = Driver(lab, "node1", [py, "-u", str(DRIVER)], work)
+        loc = Driver(lab, login, [py, "-u", str(DRIVER)], work)
         drivers.append(loc)
         cli: Driver | None = None
         if args.cli_rounds:
-            cli = Driver(lab, "node1", ["/usr/bin/python3", "-u", str(CMD_DRIVER)], work)
+            cli = Driver(lab, login, ["/usr/bin/python3", "-u", str(CMD_DRIVER)], work)
             drivers.append(cli)
         stj = lab.venv_bin("ssh-to-job")
-        servers = [psutil.Process(int(p.read_text().split()[0]))
-                   for kind in lab.daemons if kind.name in ("agent", "munged")
-                   for p in kind.pidfiles()]
+        servers = server_processes(lab)
         times: dict[str, list[float]] = {}
         via_homes: dict[str, int] = {}
         cpu: dict[str, dict[str, list[float]]] = {}
@@ -277,9 +303,7 @@ def main() -> int:
             print(f"  {n} node{'s' if n > 1 else ''}: nodes = \"{nodeset}\" on node1..{n} "
                   "(their agents restarted)", flush=True)
             cluster_of(lab, members, nodeset)
-            servers[:] = [psutil.Process(int(p.read_text().split()[0]))
-                          for kind in lab.daemons if kind.name in ("agent", "munged")
-                          for p in kind.pidfiles()]
+            servers[:] = server_processes(lab)
             config = client_config(lab, work, f"nodes{n}.toml", nodeset)
             plural = "s" if n > 1 else ""
             variants: dict[str, dict[str, Any]] = {
@@ -322,7 +346,7 @@ def main() -> int:
         figures["via_homes"] = via_homes
         base = "located, 1 node"
         cores = os.cpu_count() or 1
-        lines = table(f"locating a job (in-process Locator on node1, {args.rounds} rounds, "
+        lines = table(f"locating a job (in-process Locator on {login}, {args.rounds} rounds, "
                       "job on the last node):", times, base)
         lines.append(f"  found through the job's homes (of {args.rounds} + 1 warm-up):")
         lines.append("  " + ", ".join(f"{name}: {via_homes.get(name, 0)}" for name in times))
@@ -364,7 +388,8 @@ def main() -> int:
         work.rmdir()
     rss = figures.get("rss_mib", {})
     total = sum(m for _, m in rss.values())
-    print(f"a lab of {args.nodes} nodes (sshd: {args.sshd}): up {figures.get('up_s', 0):.1f} s,"
+    print(f"a lab of {args.nodes} nodes, the login node's agent stopped (sshd: {args.sshd}): "
+          f"up {figures.get('up_s', 0):.1f} s,"
           f" down {figures['down_s']:.1f} s; RSS {total:.0f} MiB: "
           + ", ".join(f"{k} {n} x = {m:.0f} MiB" for k, (n, m) in rss.items()))
     if args.json:
