@@ -3,9 +3,11 @@
 `ssh-to-job -ssh-config` prints an OpenSSH ``Host job.*`` block for ``~/.ssh/config``
 (`ssh_config_block`); with it, plain ``ssh job.42``, scp, sftp, rsync, ``ssh -L`` and
 the tools built on them (VS Code Remote-SSH, Ansible) reach job 42. The block's
-``ProxyCommand`` is ``ssh-to-job -proxy %h -port %p``: this module's `run_proxy`, whose
+``ProxyCommand`` is ``ssh-to-job -proxy %n -port %p``: this module's `run_proxy`, whose
 stdin and stdout are ssh's connection (a plain ProxyCommand, not ProxyUseFdpass: any ssh
 client can run it, and the proxy is the one process between ssh and the agent's stream).
+``%n`` is the host name as the user typed it: ssh lower-cases ``%h``, and job ids are
+case-sensitive (``job.Run7`` is job ``Run7``, not ``run7``).
 
 Host names (`job_of_host`, the one parser): ``job.ID``, or ``job.ID--NODE`` for a job
 whose node is named (ssh-to-job's ``ID@NODE``: ssh itself splits ``user@host`` at the '@',
@@ -209,7 +211,7 @@ def ssh_config_block(program: Sequence[str], ssh_dir: str | None = None,
         proxy += ["-ssh-dir", ssh_dir]
     if config:
         proxy += ["-config", config]
-    command = shlex.join(proxy).replace("%", "%%") + " -proxy %h -port %p"
+    command = shlex.join(proxy).replace("%", "%%") + " -proxy %n -port %p"
     return "\n".join([
         "# ssh job.ID / job.ID--NODE: a session inside a running job (ssh-to-job -ssh-config).",
         "# Put it above any 'Host *' section: ssh keeps the first value it gets for an option.",

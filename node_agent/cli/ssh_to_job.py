@@ -101,7 +101,7 @@ ssh job.42 from any ssh client (scp, sftp, rsync -e ssh, ssh -L, VS Code, Ansibl
                         "Host *"); makes the dedicated key ~/.ssh/ssh-to-job/id_ed25519
                         on first use. Then: ssh job.42 (found as above), or
                         ssh job.42--node17 (JOBID@NODE: the job on node17)
-  -proxy HOST           the block's ProxyCommand (ssh runs it with %h and -port %p):
+  -proxy HOST           the block's ProxyCommand (ssh runs it with %n and -port %p):
                         relays ssh's stdin/stdout to the session, after writing the
                         session's host key to ~/.ssh/ssh-to-job/known_hosts
   -ssh-dir DIR          the key and known_hosts directory instead of ~/.ssh/ssh-to-job

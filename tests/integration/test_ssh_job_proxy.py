@@ -101,7 +101,7 @@ def test_the_block(alice: tuple[Path, Path], lab: Any) -> None:
     config, keys = alice
     text = config.read_text()
     assert "Host job.*" in text and "StrictHostKeyChecking yes" in text
-    assert f"{lab.venv_bin('ssh-to-job')} -ssh-dir {keys} -proxy %h -port %p" in text
+    assert f"{lab.venv_bin('ssh-to-job')} -ssh-dir {keys} -proxy %n -port %p" in text
     assert keys.stat().st_mode & 0o777 == 0o700
     assert (keys / "id_ed25519").stat().st_mode & 0o777 == 0o600
 
@@ -122,6 +122,20 @@ def test_ssh_true_and_a_command(lab: Any, work: Path, alice: tuple[Path, Path]) 
         assert (r.returncode, r.stdout.strip()) == (0, "node1"), (host, r.stderr)
     # Each proxy took its host key entry away again.
     assert (keys / "known_hosts").read_text() == ""
+    wait_no_sessions(lab)
+
+
+def test_a_job_id_in_mixed_case(lab: Any, work: Path, alice: tuple[Path, Path]) -> None:
+    """ssh lower-cases the host name (%h); the block passes it as typed (%n), so job
+    Prx2 is reached, not a job prx2, which does not exist."""
+    config, _ = alice
+    adoptctl(lab, "node1", "job", "run", "--id", "Prx2", "--user", "alice", "--",
+             "/bin/sleep", "1000000")
+    try:
+        r = sh(lab, "node2", f"ssh -F {config} job.Prx2 'echo $CALLERID_JOB_ID'")
+        assert (r.returncode, r.stdout.strip()) == (0, "Prx2"), r.stderr
+    finally:
+        adoptctl(lab, "node1", "job", "end", "Prx2", check=False)
     wait_no_sessions(lab)
 
 

@@ -90,7 +90,8 @@ def test_block_text() -> None:
     text = sp.ssh_config_block(["/opt/bin/ssh-to-job"])
     lines = [line.strip() for line in text.splitlines()]
     assert "Host job.*" in lines
-    assert "ProxyCommand /opt/bin/ssh-to-job -proxy %h -port %p" in lines
+    # %n: the host name as typed (ssh lower-cases %h; job ids are case-sensitive)
+    assert "ProxyCommand /opt/bin/ssh-to-job -proxy %n -port %p" in lines
     for line in ["IdentityFile ~/.ssh/ssh-to-job/id_ed25519", "IdentitiesOnly yes",
                  "UserKnownHostsFile ~/.ssh/ssh-to-job/known_hosts",
                  "GlobalKnownHostsFile /dev/null", "StrictHostKeyChecking yes",
