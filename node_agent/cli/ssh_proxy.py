@@ -46,6 +46,7 @@ import contextlib
 import fcntl
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -92,7 +93,11 @@ _NOT_IN_HOSTS = frozenset("@/:*?!,[]#\\'\"`$;&<>|(){}")
 
 # Options of the two modes -> takes a value?
 _OPTIONS = {"proxy": True, "port": True, "ssh-dir": True, "config": True, "debug": False,
-            "ssh-config": False}
+            "ssh-config": False, "via": True}
+# The other machine's ssh, in the -via block's KnownHostsCommand (which must be absolute).
+LOCAL_SSH = "/usr/bin/ssh"
+# An ssh destination for -via: a host name or ssh_config alias, optionally user@.
+_DESTINATION = re.compile(r"(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -104,13 +109,14 @@ class ProxyArgs:
     ssh_dir: str | None = None
     config: str | None = None
     debug: bool = False
+    via: str | None = None
 
 
 def wanted(argv: Sequence[str]) -> bool:
     """Whether argv asks for this module's modes: `-proxy` or `-ssh-config` among the
     options (never in a remote command after the job id)."""
     value_options = {"name", "ssh", "keygen-options", "shells", "config", "proxy", "port",
-                     "ssh-dir"}
+                     "ssh-dir", "via"}
     i = 0
     while i < len(argv):
         a = argv[i]
@@ -150,6 +156,11 @@ def parse_proxy_args(argv: Sequence[str]) -> ProxyArgs:
         raise UsageError("give either -proxy HOST or -ssh-config")
     if opts.get("ssh-config") and ("port" in opts or "debug" in opts):
         raise UsageError("-port and -debug go with -proxy")
+    if "via" in opts and not opts.get("ssh-config"):
+        raise UsageError("-via goes with -ssh-config")
+    if "via" in opts and _DESTINATION.fullmatch(opts["via"]) is None:
+        raise UsageError(f"-via: not an ssh destination: {opts['via']!r} (HOST or USER@HOST;"
+                         " a port or options go in an ssh_config Host entry)")
     try:
         port = int(opts.get("port", "22"))
     except ValueError:
@@ -158,6 +169,7 @@ def parse_proxy_args(argv: Sequence[str]) -> ProxyArgs:
         raise UsageError(f"-port: out of range: {port}")
     return ProxyArgs(ssh_config=bool(opts.get("ssh-config")), host=opts.get("proxy", ""),
                      port=port, ssh_dir=opts.get("ssh-dir"), config=opts.get("config"),
+                     via=opts.get("via"),
                      debug=bool(opts.get("debug")))
 
 
@@ -202,31 +214,67 @@ def program_argv() -> list[str]:
 
 
 def ssh_config_block(program: Sequence[str], ssh_dir: str | None = None,
-                     config: str | None = None) -> str:
+                     config: str | None = None, via: str | None = None,
+                     remote_dir: str | None = None) -> str:
     """The ``Host job.*`` block. Pure. `program` is how ssh runs ssh-to-job, `ssh_dir` an
-    absolute directory instead of ~/.ssh/ssh-to-job, `config` an agent configuration."""
+    absolute directory instead of ~/.ssh/ssh-to-job, `config` an agent configuration.
+
+    With `via` (an ssh destination: the login node where this runs), the block is for
+    another machine, one without ssh-to-job or MUNGE (a laptop): ssh there runs the proxy
+    on `via` through ssh, with the private key of its own ~/.ssh/ssh-to-job, and reads
+    the session's host key from the proxy's known_hosts on `via` (`remote_dir`, absolute)
+    with KnownHostsCommand (OpenSSH 8.5 or later), so strict checking stays on."""
     base = ssh_dir or DEFAULT_DIR
     proxy = list(program)
     if ssh_dir:
         proxy += ["-ssh-dir", ssh_dir]
     if config:
         proxy += ["-config", config]
+    # ssh expands %-tokens in these commands: '%' of a path is written '%%'; %n is the
+    # host name as typed (ssh lower-cases %h; job ids are case-sensitive), %p the port.
     command = shlex.join(proxy).replace("%", "%%") + " -proxy %n -port %p"
+    head = ["Host job.*"]
+    if via is None:
+        return "\n".join([
+            "# ssh job.ID / job.ID--NODE: a session inside a running job (ssh-to-job "
+            "-ssh-config).",
+            "# Put it above any 'Host *' section: ssh keeps the first value it gets for an "
+            "option.",
+            *head,
+            f"    ProxyCommand {command}",
+            f"    IdentityFile {_config_value(base + '/' + KEY)}",
+            "    IdentitiesOnly yes",
+            "    PreferredAuthentications publickey",
+            f"    UserKnownHostsFile {_config_value(base + '/' + KNOWN_HOSTS)}",
+            *_STRICT,
+        ])
+    remote = remote_dir or base
+    known = shlex.join(["cat", f"{remote}/{KNOWN_HOSTS}"]).replace("%", "%%")
     return "\n".join([
-        "# ssh job.ID / job.ID--NODE: a session inside a running job (ssh-to-job -ssh-config).",
-        "# Put it above any 'Host *' section: ssh keeps the first value it gets for an option.",
-        "Host job.*",
-        f"    ProxyCommand {command}",
-        f"    IdentityFile {_config_value(base + '/' + KEY)}",
+        f"# ssh job.ID / job.ID--NODE from a machine without ssh-to-job, through {via}",
+        f"# (ssh-to-job -ssh-config -via {via}; OpenSSH 8.5 or later). Put it above any",
+        "# 'Host *' section. Its key is this machine's own; make it once, here:",
+        f"#   ssh-keygen -t ed25519 -N '' -f {DEFAULT_DIR}/{KEY}",
+        f"#   ssh {via} 'umask 077; mkdir -p {remote} && cat > {remote}/{KEY}.pub' "
+        f"< {DEFAULT_DIR}/{KEY}.pub",
+        "# (a ControlMaster for the login node saves a connection per ssh job.ID).",
+        "# KnownHostsCommand needs the absolute path of this machine's ssh.",
+        *head,
+        # The remote commands quoted for the local shell (ProxyCommand) or ssh's own
+        # argument splitting (KnownHostsCommand); ssh substitutes %n and %p first.
+        f"    ProxyCommand ssh {via} {shlex.quote(command)}",
+        f"    KnownHostsCommand {LOCAL_SSH} {via} {shlex.quote(known)}",
+        f"    IdentityFile {DEFAULT_DIR}/{KEY}",
         "    IdentitiesOnly yes",
         "    PreferredAuthentications publickey",
-        f"    UserKnownHostsFile {_config_value(base + '/' + KNOWN_HOSTS)}",
-        "    GlobalKnownHostsFile /dev/null",
-        "    StrictHostKeyChecking yes",
-        "    UpdateHostKeys no",
-        "    CheckHostIP no",
-        "",
+        "    UserKnownHostsFile /dev/null",
+        *_STRICT,
     ])
+
+
+# Host key checking in both blocks: only the session's key, from the proxy.
+_STRICT = ["    GlobalKnownHostsFile /dev/null", "    StrictHostKeyChecking yes",
+           "    UpdateHostKeys no", "    CheckHostIP no", ""]
 
 
 # -- the key directory -------------------------------------------------------------------
@@ -283,11 +331,13 @@ def locked(directory: str, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
 def ensure_key(directory: str) -> str:
     """The dedicated key's public line, the pair made first if missing (under the lock,
     so two first uses at once make one key; into temporary names, renamed public first,
-    so ssh never sees a private key without its .pub)."""
+    so ssh never sees a private key without its .pub). A directory with the .pub alone
+    is a login node's for another machine (`-ssh-config -via`), which keeps the private
+    key: its .pub is used as it is."""
     key = os.path.join(directory, KEY)
-    if not (os.path.exists(key) and os.path.exists(key + ".pub")):
+    if not os.path.exists(key + ".pub"):
         with locked(directory):
-            if not (os.path.exists(key) and os.path.exists(key + ".pub")):
+            if not os.path.exists(key + ".pub"):
                 tmp = os.path.join(directory, f".{KEY}.{os.getpid()}")
                 for p in (tmp, tmp + ".pub"):
                     with contextlib.suppress(FileNotFoundError):
@@ -521,9 +571,12 @@ def main(argv: Sequence[str], out: TextIO, err: TextIO,
     if args.ssh_config:
         config = args.config or os.environ.get(config_mod.ENV_VAR) or None
         ssh_dir = os.path.abspath(args.ssh_dir) if args.ssh_dir else None
-        ensure_key(ensure_dir(key_dir(ssh_dir)))
+        directory = ensure_dir(key_dir(ssh_dir))
+        if args.via is None:
+            ensure_key(directory)   # (with -via, the other machine makes its key)
         out.write(ssh_config_block(program or program_argv(), ssh_dir,
-                                   os.path.abspath(config) if config else None))
+                                   os.path.abspath(config) if config else None,
+                                   via=args.via, remote_dir=directory))
         return 0
     cfg = config_mod.find(args.config)
     auth = authenticator or MungeAuthenticator(cfg.munge.socket, cfg.munge.library)

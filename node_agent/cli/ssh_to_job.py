@@ -61,7 +61,7 @@ SILENCE_WAIT = 10.0
 
 USAGE = """\
 usage: ssh-to-job [options] JOBID[@NODE] [remote-command ...]
-       ssh-to-job -ssh-config [-ssh-dir DIR] [-config FILE] >> ~/.ssh/config
+       ssh-to-job -ssh-config [-via LOGIN] [-ssh-dir DIR] [-config FILE] >> ~/.ssh/config
        ssh-to-job -proxy HOST [-port PORT] [-ssh-dir DIR] [-config FILE] [-debug]
 
 Open an ssh session inside a running job: the job's user, cgroups, namespaces,
@@ -101,6 +101,9 @@ ssh job.42 from any ssh client (scp, sftp, rsync -e ssh, ssh -L, VS Code, Ansibl
                         "Host *"); makes the dedicated key ~/.ssh/ssh-to-job/id_ed25519
                         on first use. Then: ssh job.42 (found as above), or
                         ssh job.42--node17 (JOBID@NODE: the job on node17)
+  -via LOGIN            with -ssh-config: a block for another machine (a laptop) that
+                        has ssh only; its ssh runs the proxy here, on LOGIN, through
+                        ssh, and reads the session's host key from here (see README)
   -proxy HOST           the block's ProxyCommand (ssh runs it with %n and -port %p):
                         relays ssh's stdin/stdout to the session, after writing the
                         session's host key to ~/.ssh/ssh-to-job/known_hosts

@@ -396,3 +396,48 @@ def test_bob_is_refused_before_any_sshd_starts(lab: Any, work: Path,
     assert f"SECURITY: uid {bob} asked node1 for a shell in job {JOB}" in log, log
     assert "opened session" not in log
     assert not (keys / "known_hosts").exists()
+
+
+def test_from_a_machine_without_ssh_to_job_through_the_login_node(
+        lab: Any, work: Path, shared_dir: Path) -> None:
+    """`-ssh-config -via login`: node2 plays a laptop that has ssh and its own key only;
+    node1 is the login node ("login", an alias for its plain sshd on port 2201, as a
+    user's ~/.ssh/config would name it). ssh on the laptop runs the proxy on the login
+    node through ssh and reads the session's host key with KnownHostsCommand from the
+    login node's known_hosts; the login node has the laptop's public key only."""
+    laptop, login = shared_dir / "prx-laptop", shared_dir / "prx-login"
+    for d in (laptop, login):
+        sh(lab, "node2", f"umask 077 && mkdir {d}")
+    sh(lab, "node2", f"ssh-keygen -q -t ed25519 -N '' -f {laptop}/id_ed25519")
+    sh(lab, "node1", f"umask 077 && cat > {login}/id_ed25519.pub < {laptop}/id_ed25519.pub")
+    alias = lab.dir / "ssh" / "ssh_config.d" / "prx-login.conf"
+    alias.write_text(f"Host login\n    HostName node1\n    Port {lab.sshd_port('none')}\n")
+    alias.chmod(0o644)
+    try:
+        r = lab.run("node1", [lab.venv_bin("ssh-to-job"), "-ssh-config", "-via", "login",
+                              "-ssh-dir", str(login)], user="alice")
+        block = r.stdout
+        assert "    ProxyCommand ssh login '" in block
+        assert "    KnownHostsCommand /usr/bin/ssh login '" in block
+        assert not (login / "id_ed25519").exists()   # the login node keeps no private key
+        config = shared_dir / "prx-config-laptop"
+        config.write_text(block.replace("IdentityFile ~/.ssh/ssh-to-job/id_ed25519",
+                                        f"IdentityFile {laptop}/id_ed25519"))
+        config.chmod(0o644)
+        r = sh(lab, "node2", f"ssh -F {config} job.{JOB} 'echo $CALLERID_JOB_ID; hostname'")
+        assert r.returncode == 0 and r.stdout.split() == [JOB, "node1"], r.stderr
+        # scp the same way
+        r = sh(lab, "node2", f"scp -F {config} job.{JOB}:marker.txt {laptop}/m.txt && "
+               f"cat {laptop}/m.txt")
+        assert r.returncode == 0 and r.stdout == "served from inside the job\n", r.stderr
+        # Strict: with no host key from the login node, ssh refuses the session's.
+        blind = shared_dir / "prx-config-laptop-blind"
+        blind.write_text(config.read_text().replace(f"cat {login}/known_hosts",
+                                                    "cat /dev/null"))
+        blind.chmod(0o644)
+        r = sh(lab, "node2", f"ssh -F {blind} job.{JOB} true")
+        assert r.returncode == 255 and "Host key verification failed" in r.stderr, r.stderr
+    finally:
+        alias.unlink()
+    wait_no_sessions(lab)
+    wait_entries_gone(login)

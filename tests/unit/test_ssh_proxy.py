@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -68,10 +69,14 @@ def test_parse_proxy_args() -> None:
     assert (a.host, a.port, a.ssh_dir, a.debug, a.ssh_config) == ("job.7", 22, "/d", True,
                                                                     False)
     assert sp.parse_proxy_args(["--ssh-config", "--config=/c"]).config == "/c"
+    assert sp.parse_proxy_args(["-ssh-config", "-via", "me@login1"]).via == "me@login1"
     for bad in (["-proxy", "job.7", "-ssh-config"], ["-port", "2"], ["-proxy"],
                 ["-proxy", "job.7", "-port", "x"], ["-proxy", "job.7", "-port", "0"],
                 ["-proxy", "job.7", "extra"], ["-ssh-config", "-debug"],
-                ["-proxy", "job.7", "-name", "n"]):
+                ["-proxy", "job.7", "-name", "n"], ["-proxy", "job.7", "-via", "login1"],
+                ["-ssh-config", "-via", "login1 -oProxyCommand=x"],
+                ["-ssh-config", "-via", "-oProxyCommand=x"],
+                ["-ssh-config", "-via", "login1;id"]):
         with pytest.raises(UsageError):
             sp.parse_proxy_args(bad)
 
@@ -140,6 +145,50 @@ def test_ssh_config_mode_prints_the_block_and_makes_the_key(tmp_path: Path) -> N
     assert (d.stat().st_mode & 0o777, (d / "id_ed25519").stat().st_mode & 0o777) == (0o700,
                                                                                       0o600)
     assert (d / "id_ed25519.pub").read_text().startswith("ssh-ed25519 ")
+
+
+def test_via_block_as_ssh_reads_it(tmp_path: Path) -> None:
+    """-via: the proxy runs on the login node through ssh, the host key comes from its
+    known_hosts (an absolute ssh: KnownHostsCommand is not run by a shell), the key is
+    this machine's; our own '%' kept, %n and %p substituted."""
+    config = tmp_path / "config"
+    config.write_text(sp.ssh_config_block(["/opt/b 5%/ssh-to-job"], via="me@login1",
+                                          remote_dir="/home/me/.ssh/ssh-to-job"))
+    got = ssh_g(config, "job.Run7")
+    assert got["knownhostscommand"] == (
+        "/usr/bin/ssh me@login1 'cat /home/me/.ssh/ssh-to-job/known_hosts'")
+    assert got["identityfile"] == "~/.ssh/ssh-to-job/id_ed25519"
+    assert (got["userknownhostsfile"], got["globalknownhostsfile"]) == ("/dev/null",
+                                                                        "/dev/null")
+    assert got["stricthostkeychecking"] == "true"
+    # The ProxyCommand as the shell runs it: a stand-in `ssh` first on PATH records its
+    # argv (the login node's command line), then the real ssh fails on its silence.
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "ssh").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > '{tmp_path}/argv'\n")
+    (bindir / "ssh").chmod(0o755)
+    real_ssh = shutil.which("ssh") or "ssh"
+    r = subprocess.run([real_ssh, "-F", str(config), "job.Run7", "true"], capture_output=True,
+                       text=True, timeout=30, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"})
+    assert r.returncode == 255, r.stderr
+    assert (tmp_path / "argv").read_text().splitlines() == [
+        "me@login1", "'/opt/b 5%/ssh-to-job' -proxy job.Run7 -port 22"]
+
+
+def test_ssh_config_via_makes_no_key_and_a_pub_alone_is_used(tmp_path: Path) -> None:
+    """The login node's directory gets the other machine's .pub only: -ssh-config -via
+    makes no key pair, and the proxy sends that .pub (it never needs the private key)."""
+    d = tmp_path / "keys"
+    out = io.StringIO()
+    assert sp.main(["-ssh-config", "-via", "login1", "-ssh-dir", str(d)], out=out,
+                   err=io.StringIO(), program=["/p/ssh-to-job"]) == 0
+    assert out.getvalue() == sp.ssh_config_block(["/p/ssh-to-job"], str(d), via="login1",
+                                                 remote_dir=str(d))
+    assert sorted(p.name for p in d.iterdir()) == []
+    (d / "id_ed25519.pub").write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI laptop\n")
+    assert sp.ensure_key(str(d)) == "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI laptop"
+    assert not (d / "id_ed25519").exists()
 
 
 # -- the key directory ----------------------------------------------------------------------
