@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent import futures
 
+import grpc
+
 import callerid
 from node_agent.errors import InvalidRequest
 from node_agent.jobhome import homes
@@ -49,6 +51,10 @@ MAX_JOBS_PER_NODE = 4096
 RETRY = 5.0
 #: Each announcement's deadline.
 SEND_TIMEOUT = 2.0
+#: A home's answers that mean "not from you" rather than "not now": tried again after
+#: REFRESH, not RETRY.
+REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                      grpc.StatusCode.UNIMPLEMENTED})
 
 Share = tuple[tuple[str, int], ...]   # ((job id, uid), ...) sorted
 
@@ -127,6 +133,7 @@ class Announcer:
         self._sent: dict[str, tuple[Share, float]] = {}    # home -> (share, when)
         self._failed: dict[str, float] = {}                # home -> when it last failed
         self._inflight: set[str] = set()
+        self._refused: set[str] = set()                    # homes that said no (logged)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -177,11 +184,25 @@ class Announcer:
         try:
             self._send(home, share)
         except Exception as e:  # noqa: BLE001  (a home down: try again later)
-            log.debug("announcing %d jobs to %s failed: %s", len(share), home, e)
+            code = e.code() if isinstance(e, grpc.RpcError) else None
+            when = self._clock()
+            if code in REFUSALS:
+                # The home refuses (another `nodes`, an agent without an index): that
+                # will not change in seconds. Said once per home, tried again at refresh.
+                if home not in self._refused:
+                    details = e.details() if isinstance(e, grpc.RpcError) else ""
+                    log.warning("job index: %s refuses this node's jobs (%s: %s); they "
+                                "are found by the fan-out until it takes them", home,
+                                code.name, details)
+                    self._refused.add(home)
+                when += max(0.0, self.refresh - self.retry)
+            else:
+                log.debug("announcing %d jobs to %s failed: %s", len(share), home, e)
             with self._lock:
-                self._failed[home] = self._clock()
+                self._failed[home] = when
                 self._inflight.discard(home)
             return
+        self._refused.discard(home)
         with self._lock:
             self._failed.pop(home, None)
             if share:

@@ -191,6 +191,20 @@ def test_a_share_expires_ttl_seconds_after_its_last_announcement() -> None:
 
 # -- Announcer -----------------------------------------------------------------------------
 
+class Refused(grpc.RpcError):
+    """A home's refusal, as a gRPC call raises it."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
 class Sends:
     """A recording `send`: (home, share) in the order the sends started. `fail` names
     homes whose sends raise; `block` homes whose sends wait for `release`."""
@@ -198,6 +212,7 @@ class Sends:
     def __init__(self) -> None:
         self.log: list[tuple[str, Share]] = []
         self.fail: set[str] = set()
+        self.refuse: set[str] = set()
         self.block: set[str] = set()
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -211,6 +226,9 @@ class Sends:
             assert self.release.wait(WAIT)
         if home in self.fail:
             raise ConnectionError(f"{home} is down")
+        if home in self.refuse:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"'n01' is not one of {home}'s "
+                          "nodes")
 
     def take(self) -> dict[str, Share]:
         """What was sent since the last take(), as home -> share (each home at most once)."""
@@ -325,6 +343,25 @@ def test_a_failed_send_is_retried_after_retry_seconds(ann: Fixture) -> None:
     assert ann.tick() == {down: share}
     ann.clock.now += 1
     assert ann.tick() == {}        # and once it worked, nothing more
+
+
+def test_a_home_that_refuses_is_asked_again_at_refresh_and_said_once(
+        ann: Fixture, caplog: pytest.LogCaptureFixture) -> None:
+    """A home with another `nodes` (INVALID_ARGUMENT) will not take the share in seconds:
+    one warning, the next try after `refresh`, not `retry`."""
+    ann.jobs[:] = [("42", ALICE)]
+    refusing, _ = homes("42", NODES)
+    ann.sends.refuse.add(refusing)
+    share = (("42", ALICE),)
+    with caplog.at_level(logging.WARNING, logger="node_agent.jobindex"):
+        assert refusing in ann.tick()
+        ann.clock.now += 29.5
+        assert ann.tick() == {}        # not after `retry` (5 s)
+        ann.clock.now += 1
+        assert ann.tick()[refusing] == share   # refused again, at refresh
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"{refusing} refuses this node's jobs" in warnings[0]
+    assert "INVALID_ARGUMENT" in warnings[0]
 
 
 def test_a_send_in_flight_is_not_started_again(ann: Fixture) -> None:
