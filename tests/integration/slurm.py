@@ -133,11 +133,13 @@ def _seconds(elapsed: str) -> int:
     return secs + 86400 * int(days or 0)
 
 
-def slurm_lab(pam: str = "") -> Iterator[lab_mod.Lab]:
+def slurm_lab(pam: str = "", job_container: bool = False) -> Iterator[lab_mod.Lab]:
     """A module's lab (a fixture's body): the integration lab's name and dir, with Slurm
     and the agents (`backend = "slurm"`), torn down after; `pam`: the module every node's
-    port-22 sshd gets ("adopt", "slurm"), else the lab's default."""
+    port-22 sshd gets ("adopt", "slurm"), else the lab's default; `job_container`: every
+    job gets a private /tmp (job_container/tmpfs)."""
     the_lab = it_lab()
+    the_lab.slurm_job_container = job_container
     try:
         the_lab.up(agents=True, slurm=True)
         for node in the_lab.nodes if pam else []:

@@ -58,6 +58,13 @@ SSHD = tool("sshd")
 SSH = tool("ssh")
 SSH_KEYGEN = tool("ssh-keygen")
 NFT = tool("nft")
+TASKSET = tool("taskset")
+
+
+def on_one_cpu() -> list[str]:
+    """``taskset -c CPU``: the command after it runs on one CPU (the lowest this process
+    may use). Why the lab needs it: see slurm.py, SlurmMixin."""
+    return [TASKSET, "-c", str(min(os.sched_getaffinity(0)))]
 
 
 def pam_python() -> str:

@@ -17,7 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 from .cgroups import CgroupsMixin
 from .errors import LabCommandError
-from .host import ENV, MOUNT, NSENTER, PATH, SETPRIV, SH, UMOUNT, UNSHARE, run_host, write_file
+from .host import (
+    ENV,
+    MOUNT,
+    NSENTER,
+    PATH,
+    SETPRIV,
+    SH,
+    UMOUNT,
+    UNSHARE,
+    on_one_cpu,
+    run_host,
+    write_file,
+)
 from .network import NETNS_DIR, NetworkMixin
 
 if TYPE_CHECKING:
@@ -178,7 +190,10 @@ class NodesMixin(CgroupsMixin, NetworkMixin):
                 f"--cgroup={self.ns_file(node, 'cgroup')}",
                 "--propagation", "private", "--", SH, "-c", self._node_script(node, kinds),
             ]
-            run_host(argv)
+            # With Slurm's job_container/tmpfs, the node's mount namespace is made on the CPU
+            # slurmd runs on (see slurm.py, SlurmMixin).
+            run_host([*on_one_cpu(), *argv] if getattr(self, "slurm_job_container", False)
+                     else argv)
 
 
 def _environment(pw: pwd.struct_passwd, env: Mapping[str, str] | None) -> dict[str, str]:

@@ -48,7 +48,7 @@ from typing import Any
 
 from .daemons import DaemonKind, ProcessesMixin, Steps
 from .errors import LabError
-from .host import ENV, MOUNT, PATH, SH, UNSHARE, listening, tail, tool, write_file
+from .host import ENV, MOUNT, PATH, SH, UNSHARE, listening, on_one_cpu, tail, tool, write_file
 from .instances import HEAD
 from .munge import MungeMixin
 
@@ -66,7 +66,21 @@ SLURM_TIMEOUT = 30.0
 
 
 class SlurmMixin(MungeMixin, ProcessesMixin):
-    """The lab's Slurm: its config files, its daemons, and what ``status`` says of them."""
+    """The lab's Slurm: its config files, its daemons, and what ``status`` says of them.
+
+    ``slurm_job_container``: set before ``up`` to give every job a private /tmp and
+    /dev/shm (job_container/tmpfs, a mount namespace per job).
+
+    With it, each node's mount namespace is made, and its slurmd runs, on one CPU. The
+    plugin's stepd makes the job's namespace in a child and bind-mounts the child's
+    /proc/PID/ns/mnt; the kernel refuses that bind (EINVAL, "ns base mount failed") when
+    the new namespace's id is not above the stepd's own (its mount-namespace loop check),
+    and this machine's kernel (6.18) hands out those ids from per-CPU batches, so a
+    namespace made later on another CPU can have a lower id: the job then failed to start
+    now and then, depending on the CPUs involved (reproduced outside Slurm, two processes
+    pinned to CPUs 0 and 1). On one CPU the ids only grow."""
+
+    slurm_job_container = False
 
     @property
     def slurm_dir(self) -> Path:
@@ -127,6 +141,8 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
             "InactiveLimit=0",
             "MinJobAge=30",
         ]
+        if self.slurm_job_container:
+            lines.append("JobContainerType=job_container/tmpfs")
         for node in self.nodes:
             lines.append(f"NodeName={node} NodeAddr={self.ip(node)} CPUs={cpus} "
                          "RealMemory=1000 State=UNKNOWN")
@@ -160,6 +176,15 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
         write_file(d / "etc" / "slurm.conf", self.slurm_config())
         write_file(d / "etc" / "cgroup.conf", self.cgroup_config())
         write_file(d / "etc" / "plugstack.conf", "# no SPANK plugins in the lab\n")
+        if self.slurm_job_container:
+            write_file(d / "etc" / "job_container.conf", self.job_container_config())
+
+    def job_container_config(self) -> str:
+        """job_container.conf: a BasePath of each node's own (they share the host's disk)."""
+        return "\n".join(["# written by deploy/lab/lab.py: job_container/tmpfs",
+                          *(f"NodeName={node} AutoBasePath=true "
+                            f"BasePath={self.slurm_dir / 'jc' / node}" for node in self.nodes),
+                          ""])
 
     # ------------------------------------------------------------ running
 
@@ -190,11 +215,20 @@ class SlurmMixin(MungeMixin, ProcessesMixin):
         return self._spawn(argv, self.dir / "logs" / "slurmctld.out", self._slurmctld_pidfile())
 
     def _spawn_slurmd(self, node: str) -> subprocess.Popen[bytes]:
-        """slurmd -D -N <node> inside the node (its net, UTS, mount and cgroup namespaces)."""
-        argv = self._enter(node, self._node_ns_args(node), [
-            ENV, "-i", f"PATH={PATH}", SLURMD, "-D", "-N", node,
-            "-f", str(SLURM_ETC / "slurm.conf"),
-        ])
+        """slurmd -D -N <node> inside the node (its net, UTS, mount and cgroup namespaces).
+
+        With ``slurm_job_container``, the node's BasePath is first made a private mount of
+        its own in the node's mount namespace: job_container/tmpfs bind-mounts each job's
+        namespace file there, which the kernel refuses (EINVAL) under a shared mount, and
+        the node's /run is shared whenever the host's is."""
+        daemon = [ENV, "-i", f"PATH={PATH}", SLURMD, "-D", "-N", node,
+                  "-f", str(SLURM_ETC / "slurm.conf")]
+        if self.slurm_job_container:
+            base = shlex.quote(str(self.slurm_dir / "jc" / node))
+            daemon = [*on_one_cpu(), SH, "-c", "\n".join([
+                "set -e", f"mkdir -p {base}", f"{MOUNT} --bind {base} {base}",
+                f"{MOUNT} --make-private {base}", 'exec "$@"']), "lab-slurmd", *daemon]
+        argv = self._enter(node, self._node_ns_args(node), daemon)
         return self._spawn(argv, self.dir / "logs" / f"slurmd-{node}.out",
                            self._slurmd_pidfile(node))
 
