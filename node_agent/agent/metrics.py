@@ -32,6 +32,8 @@ ADMISSIONS = Histogram("callerid_agent_admission_seconds",
                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25,
                                 0.5, 1.0, 2.0, 5.0))
 JOBS = Gauge("callerid_agent_jobs", "jobs of this node (from the job backend)")
+INDEX_JOBS = Gauge("callerid_agent_index_jobs",
+                   "jobs of other nodes this agent is a home of (the job index)")
 
 
 def serve(listen: str) -> None:

@@ -306,6 +306,8 @@ def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None
         shells.recover()   # no session survives a restart: remove what earlier ones left
         relaybuf.keep_buffers_in_heap()  # ssh-to-job's relay: no page fault per byte
         index = job_index(config)
+        if index is not None:
+            metrics.INDEX_JOBS.set_function(lambda: len(index))
         servicer = NodeAgentServicer(
             node=config.node_name, resolver=resolver, jobs=jobs,
             admin_uids=config.admin_uids, shells=shells,

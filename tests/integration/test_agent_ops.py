@@ -108,3 +108,31 @@ def test_metrics_endpoint_is_local_only(lab: Any) -> None:
     assert 'callerid_agent_requests_total{code="OK",method="ListJobs"}' in r.stdout
     assert "callerid_agent_request_seconds_bucket" in r.stdout
     assert "callerid_agent_jobs" in r.stdout
+    assert "callerid_agent_index_jobs" in r.stdout   # the lab's agents have `nodes`
+
+
+def test_the_job_index_fills_and_empties(lab: Any) -> None:
+    """A job on node2 is announced to its homes, which in a 2-node lab are both nodes:
+    node1's index gauge counts it within seconds, and drops it once the job ended."""
+    code = ("import urllib.request\n"
+            "text = urllib.request.urlopen('http://127.0.0.1:9817/metrics', timeout=5)"
+            ".read().decode()\n"
+            "print(next(float(line.split()[1]) for line in text.splitlines()\n"
+            "           if line.startswith('callerid_agent_index_jobs ')))")
+
+    def gauge_until(want: float) -> float:
+        deadline = time.monotonic() + 15
+        while True:
+            value = float(lab.run("node1", ["/usr/bin/python3", "-c", code]).stdout)
+            if value == want or time.monotonic() > deadline:
+                return value
+            time.sleep(0.3)
+
+    before = gauge_until(0.0)
+    run(lab, "node2", lab.venv_bin("adoptctl"), "job", "run", "--id", "ix1", "--user",
+        "alice", "--", "/bin/sleep", "1000000")
+    try:
+        assert gauge_until(before + 1) == before + 1
+    finally:
+        run(lab, "node2", lab.venv_bin("adoptctl"), "job", "end", "ix1")
+    assert gauge_until(before) == before
