@@ -107,8 +107,11 @@ class JobIndex:
         return [node for _, node in sorted(found, reverse=True)]
 
     def __len__(self) -> int:
+        """The entries of shares that have not expired."""
+        now = self._clock()
         with self._lock:
-            return sum(len(share) for _, share in self._shares.values())
+            return sum(len(share) for when, share in self._shares.values()
+                       if now - when <= self.ttl)
 
 
 class Announcer:

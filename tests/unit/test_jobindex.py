@@ -182,6 +182,7 @@ def test_a_share_expires_ttl_seconds_after_its_last_announcement() -> None:
     clock.now += 2
     assert index.locate("42", ALICE) == ["n02", "n01"]   # n01 exactly at its TTL: kept
     clock.now += 0.5
+    assert len(index) == 1                               # (the gauge) n01 no longer counts
     assert index.locate("42", ALICE) == ["n02"]
     assert len(index) == 1                               # n01 forgotten, not just hidden
     clock.now += 8
