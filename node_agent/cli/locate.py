@@ -406,6 +406,9 @@ class Locator:
             why = f" ({describe_unanswered(out.unanswered)})" if out.unanswered else ""
             self._say(f"job {job_id}'s homes ({', '.join(homes)}) do not know it{why}: "
                       "asking every node")
+        else:
+            self._say(f"job {job_id} does not run on {', '.join(named[:jobhome.HOMES])} "
+                      "after all: asking every node")
         return None
 
     def _fan_out(self, job_id: str) -> _Round:
