@@ -8,7 +8,8 @@ node2 and node3, asks node2 "which job owns this connection?" with `adoptctl who
 logins: bob, who has no job on node2, is refused; alice's jobs ssh to node2 and each
 session lands in the job it came from; ending a job on node2 ends its ssh sessions.
 Then ssh-to-job: a command inside a running job (its directory, environment, pids and
-cgroup), from another node too, scp and rsync of its files, and bob refused. Finally
+cgroup), from another node too without naming the job's node, scp and rsync of its
+files, and bob refused. Finally
 the jobs end and nothing of them is left. Tears the lab down at the end (unless --keep),
 also after a failure. Every command is printed as it would be typed on the node.
 """
@@ -120,9 +121,11 @@ def ssh_to_job(lab: lab_mod.Lab, work: Path) -> None:
     show(lab, "node1", [stj, "44", "hostname; pwd; echo OMP_NUM_THREADS=$OMP_NUM_THREADS "
                         "CALLERID_JOB_PIDS=$CALLERID_JOB_PIDS; grep ^0:: /proc/self/cgroup"],
          user="alice")
-    banner("from another node (-name), with the remote command's exit status")
-    show(lab, "node2", ["sh", "-c", f"{stj} -name node1 44 'exit 7'; echo exit status $?"],
+    banner("from another node, without naming node1 (the job's homes among `nodes` say "
+           "where it runs), with the remote command's exit status")
+    show(lab, "node2", ["sh", "-c", f"{stj} 44 'hostname; exit 7'; echo exit status $?"],
          user="alice")
+    show(lab, "node3", [adoptctl, "jobs", "--all"], user="alice")
     banner("copy the job's files out: scp with any host name, rsync with the job id as host")
     out = work / "alice-out"
     out.mkdir(mode=0o777)
