@@ -2,14 +2,18 @@
 
     node_agent/
       agent/      the daemon (`node-agent`, root, one per node): server, service,
-                  admission, sessions (ssh-to-job), limits, warmup, metrics
+                  admission, sessions (ssh-to-job), limits, warmup, metrics, jobindex
+                  (the job's homes: where other nodes' jobs run)
       jobs/       job backends behind one protocol (base.JobBackend): native (the
-                  registry, the default); the daemon uses nothing else of them
-      cli/        the tools: adoptctl, ssh_to_job (+ fdpass, its ProxyCommand),
-                  daemon (the `node-agent` entry point), common (one error handler)
+                  registry, the default), slurm (+ stepd, slurmconf, slurmctl); the
+                  daemon uses nothing else of them
+      cli/        the tools: adoptctl, ssh_to_job (+ fdpass, its ProxyCommand; ssh_proxy,
+                  `ssh job.42`), locate (finding a job's node, for every CLI), daemon
+                  (the `node-agent` entry point), common (one error handler)
       config      agent.toml              auth      MUNGE credentials, both ways
       dial        reaching an agent       client    typed calls to an agent
       errors      the error catalog       jobenv    the variables a job's processes get
+      jobhome     a job's homes among `nodes` (rendezvous hashing)
       jobids      job ids as users write them (CLUSTER.PROC) -> the backend's
       pamcontract the contract with pam_adopt (options, socket, messages, wire format)
       pbconv      callerid's types to and from the gRPC messages, in one place
