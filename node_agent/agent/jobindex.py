@@ -120,13 +120,13 @@ class Announcer:
     `running()` lists this node's running jobs as (job id, uid); `send(home, share)`
     announces a share to a home (raises on failure)."""
 
-    def __init__(self, node: str, nodes: Sequence[str],
+    def __init__(self, nodes: Sequence[str],
                  running: Callable[[], list[tuple[str, int]]],
                  send: Callable[[str, Share], None], *, interval: float = INTERVAL,
                  refresh: float = REFRESH, retry: float = RETRY,
                  clock: Callable[[], float] = time.monotonic,
                  pool: futures.Executor | None = None) -> None:
-        self.node, self.nodes = node, list(nodes)
+        self.nodes = list(nodes)
         self._running, self._send = running, send
         self.interval, self.refresh, self.retry = interval, refresh, retry
         self._clock = clock

@@ -277,7 +277,7 @@ def announcer_of(config: AgentConfig, jobs: JobBackend, index: JobIndex,
         else:
             peers.announce_jobs(home, config.node_name, share, timeout=SEND_TIMEOUT)
 
-    return Announcer(config.node_name, config.node_names(), running, send)
+    return Announcer(config.node_names(), running, send)
 
 
 def run(config: AgentConfig, authenticator: Authenticator | None = None) -> None:

@@ -233,20 +233,15 @@ def ssh_config_block(program: Sequence[str], ssh_dir: str | None = None,
     # ssh expands %-tokens in these commands: '%' of a path is written '%%'; %n is the
     # host name as typed (ssh lower-cases %h; job ids are case-sensitive), %p the port.
     command = shlex.join(proxy).replace("%", "%%") + " -proxy %n -port %p"
-    head = ["Host job.*"]
     if via is None:
         return "\n".join([
             "# ssh job.ID / job.ID--NODE: a session inside a running job (ssh-to-job "
             "-ssh-config).",
             "# Put it above any 'Host *' section: ssh keeps the first value it gets for an "
             "option.",
-            *head,
+            "Host job.*",
             f"    ProxyCommand {command}",
-            f"    IdentityFile {_config_value(base + '/' + KEY)}",
-            "    IdentitiesOnly yes",
-            "    PreferredAuthentications publickey",
-            f"    UserKnownHostsFile {_config_value(base + '/' + KNOWN_HOSTS)}",
-            *_STRICT,
+            *_keys(_config_value(base + '/' + KEY), _config_value(base + '/' + KNOWN_HOSTS)),
         ])
     remote = remote_dir or base
     known = shlex.join(["cat", f"{remote}/{KNOWN_HOSTS}"]).replace("%", "%%")
@@ -259,22 +254,22 @@ def ssh_config_block(program: Sequence[str], ssh_dir: str | None = None,
         f"< {DEFAULT_DIR}/{KEY}.pub",
         "# (a ControlMaster for the login node saves a connection per ssh job.ID).",
         "# KnownHostsCommand needs the absolute path of this machine's ssh.",
-        *head,
+        "Host job.*",
         # The remote commands quoted for the local shell (ProxyCommand) or ssh's own
         # argument splitting (KnownHostsCommand); ssh substitutes %n and %p first.
         f"    ProxyCommand ssh {via} {shlex.quote(command)}",
         f"    KnownHostsCommand {LOCAL_SSH} {via} {shlex.quote(known)}",
-        f"    IdentityFile {DEFAULT_DIR}/{KEY}",
-        "    IdentitiesOnly yes",
-        "    PreferredAuthentications publickey",
-        "    UserKnownHostsFile /dev/null",
-        *_STRICT,
+        *_keys(f"{DEFAULT_DIR}/{KEY}", "/dev/null"),
     ])
 
 
-# Host key checking in both blocks: only the session's key, from the proxy.
-_STRICT = ["    GlobalKnownHostsFile /dev/null", "    StrictHostKeyChecking yes",
-           "    UpdateHostKeys no", "    CheckHostIP no", ""]
+def _keys(identity: str, known_hosts: str) -> list[str]:
+    """The end of both blocks: the dedicated key only, and host key checking that
+    accepts only the session's key, from the proxy."""
+    return [f"    IdentityFile {identity}", "    IdentitiesOnly yes",
+            "    PreferredAuthentications publickey", f"    UserKnownHostsFile {known_hosts}",
+            "    GlobalKnownHostsFile /dev/null", "    StrictHostKeyChecking yes",
+            "    UpdateHostKeys no", "    CheckHostIP no", ""]
 
 
 # -- the key directory -------------------------------------------------------------------

@@ -109,35 +109,37 @@ class Driver:
             self.proc.wait()
 
 
-def rss_by_kind(lab: lab_mod.Lab) -> dict[str, tuple[int, float]]:
-    """Daemon kind -> (processes, MiB of RSS), from the lab's pid files."""
-    out: dict[str, tuple[int, float]] = {}
+def daemons(lab: lab_mod.Lab, kinds: tuple[str, ...] = ()) -> list[tuple[str, psutil.Process]]:
+    """(kind, process) of the lab's daemons that run now (of `kinds` only, if given), from
+    their pid files."""
+    out = []
     for kind in lab.daemons:
-        n, rss = 0, 0
+        if kinds and kind.name not in kinds:
+            continue
         for pidfile in kind.pidfiles():
             try:
-                pid = int(pidfile.read_text().split()[0])
-                rss += psutil.Process(pid).memory_info().rss
-                n += 1
-            except (OSError, ValueError, IndexError, psutil.Error):  # Race: it is gone
+                out.append((kind.name, psutil.Process(int(pidfile.read_text().split()[0]))))
+            except (OSError, ValueError, IndexError, psutil.Error):  # stopped, or gone
                 continue
-        if n:
-            out[kind.name] = (n, rss / 2**20)
+    return out
+
+
+def rss_by_kind(lab: lab_mod.Lab) -> dict[str, tuple[int, float]]:
+    """Daemon kind -> (processes, MiB of RSS)."""
+    out: dict[str, tuple[int, float]] = {}
+    for kind, p in daemons(lab):
+        try:
+            rss = p.memory_info().rss
+        except psutil.Error:  # Race: it is gone
+            continue
+        n, mib = out.get(kind, (0, 0.0))
+        out[kind] = (n + 1, mib + rss / 2**20)
     return out
 
 
 def server_processes(lab: lab_mod.Lab) -> list[psutil.Process]:
     """The lab's agents and munged that run now."""
-    out = []
-    for kind in lab.daemons:
-        if kind.name not in ("agent", "munged"):
-            continue
-        for pidfile in kind.pidfiles():
-            try:
-                out.append(psutil.Process(int(pidfile.read_text().split()[0])))
-            except (OSError, ValueError, IndexError, psutil.Error):  # stopped
-                continue
-    return out
+    return [p for _, p in daemons(lab, ("agent", "munged"))]
 
 
 def interleaved(variants: dict[str, Any], rounds: int, rng: random.Random,

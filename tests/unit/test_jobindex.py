@@ -268,7 +268,7 @@ def ann() -> Iterator[Fixture]:
     jobs: list[tuple[str, int]] = []
     sends, clock = Sends(), Clock()
     pool = futures.ThreadPoolExecutor(max_workers=4)
-    announcer = Announcer("n01", NODES, lambda: list(jobs), sends, refresh=30, retry=5,
+    announcer = Announcer(NODES, lambda: list(jobs), sends, refresh=30, retry=5,
                           clock=clock, pool=pool)
     try:
         yield Fixture(jobs, sends, clock, announcer)
